@@ -1,0 +1,112 @@
+"""Defaults shared by every experiment config, and the config-string argument parser.
+
+Each config file's `get_config(arg)` starts from `base()` and changes what its experiment needs.
+Every field here can be overridden from the command line, e.g. ``--config.optimizer.name=adam``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from kdjax import distill
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """big_vision-style config-string argument: 'smoke,method=at' -> {smoke: True, method: 'at'}.
+
+    Keys must be among `defaults`; values are converted to the default's type.
+    """
+    out = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r}; choose from: {', '.join(sorted(defaults))}")
+        default = defaults[key]
+        if not sep:
+            value = True
+        elif isinstance(default, bool):
+            value = value.strip().lower() in ("1", "true", "yes")
+        elif default is not None:
+            value = type(default)(value)
+        out[key] = value
+    return ml_collections.ConfigDict(out)
+
+
+def base(method: str = "kd") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.stages = "teacher,student,student_scratch"  # which of the three models to train, in order
+    c.batch_size = 64  # global batch (split over all devices and processes)
+    c.eval_batch_size = 500
+    c.throughput_batch = 256  # batch for the inference images/s figure in summary.json
+    c.parallel = "jit"  # 'jit' (jax.jit over a ('data',) mesh, shard_map body) or 'pmap'
+    c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
+    c.log_every_steps = 50
+
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = "digits"
+    c.dataset.data_dir = config_dict.placeholder(str)  # a prepared tfds data_dir
+    c.dataset.manual_dir = config_dict.placeholder(str)  # a folder of the original archives
+    c.dataset.val_size = 0.0  # fraction (or count) of train held out for checkpoint selection
+    c.dataset.download = True  # let tfds try to download when the data is not prepared
+    c.dataset.mock_examples = 0  # > 0: use tfds.testing.mock_data with this many examples
+
+    c.augment = ml_collections.ConfigDict()
+    c.augment.crop_padding = 0  # random crop after zero padding by this many pixels
+    c.augment.flip = False  # random horizontal flip
+    c.augment.mixup_alpha = 0.0
+    c.augment.cutmix_alpha = 0.0
+
+    for role in ("teacher", "student"):
+        m = ml_collections.ConfigDict()
+        m.model = ""
+        m.kwargs = ml_collections.ConfigDict()  # extra constructor arguments of the model
+        m.epochs = 1
+        m.learning_rate = config_dict.placeholder(float)  # None: optimizer.learning_rate
+        c[role] = m
+    # Path to an earlier run's workdir whose teacher is reused instead of training one.
+    c.teacher.checkpoint = config_dict.placeholder(str)
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "sgd"  # sgd, adam, adamw, rmsprop, adagrad, adadelta
+    c.optimizer.learning_rate = 0.05
+    c.optimizer.momentum = 0.9
+    c.optimizer.nesterov = False
+    c.optimizer.weight_decay = 5e-4  # coupled L2 (torch semantics); decoupled for adamw
+    c.optimizer.grad_clip_norm = config_dict.placeholder(float)
+    c.optimizer.schedule = "constant"  # constant, cosine, step, multistep, linear
+    c.optimizer.warmup_epochs = 0.0
+    c.optimizer.decay_epochs = (150, 180, 210)  # multistep boundaries
+    c.optimizer.decay_factor = 0.1
+    c.optimizer.step_epochs = 30.0  # 'step' schedule period
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.label_smoothing = 0.0  # on the hard-label cross-entropy term
+    c.loss.l1 = 0.0  # weight of sum|w| over the student's kernels
+    c.loss.l2 = 0.0  # weight of 0.5*sum w^2 over the student's kernels (besides weight decay)
+
+    c.distill = distill.get_config(method)
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.keep = 2  # latest checkpoints kept (the best one is always kept too)
+    c.checkpoint.every_steps = 0  # 0: at the end of every epoch only
+    c.checkpoint.every_minutes = 0.0
+    return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> None:
+    """Shrinks a config in place to a few steps per stage on `tfds.testing.mock_data`.
+
+    Same models, same pipeline (tfds loading, augmentation, distillation, checkpoints, summary);
+    only the data (random mock examples) and the run length change.
+    """
+    c.dataset.mock_examples = 64
+    c.batch_size = 16
+    c.eval_batch_size = 32
+    c.throughput_batch = 16
+    c.log_every_steps = 1
+    for role in ("teacher", "student"):
+        c[role].epochs = 1
+    c.optimizer.schedule = "constant"

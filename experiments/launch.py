@@ -1,0 +1,65 @@
+"""Shared command-line plumbing of the experiment entry points (cifar.py, digits.py).
+
+Flags: --config (a config file, with an optional ':arg' string and --config.x.y=value overrides),
+--workdir (default: runs/<config name>-<hash of the resolved config>, so the same command resumes
+and a changed config never lands in an old run's directory), and the multi-host flags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, summary.json).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator host:port.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+
+
+def default_workdir(config, config_path: str) -> str:
+    name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
+    digest = hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:8]
+    return os.path.join("runs", f"{name}-{digest}")
+
+
+def _init_distributed() -> None:
+    import jax
+
+    if _COORDINATOR.value or _NUM_PROCESSES.value:
+        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
+    elif any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")):
+        jax.distributed.initialize()  # TPU pods: everything comes from the environment
+
+
+def run_main(config_flag) -> None:
+    """absl main: runs kdjax.train.run and prints the comparison table; user errors -> one line."""
+
+    def main(argv):
+        # Orbax logs every save at INFO; keep the run's own log readable.
+        logging.get_absl_handler().addFilter(lambda r: "/orbax/" not in r.pathname)
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        from kdjax import train
+
+        try:
+            config = config_flag.value
+            workdir = _WORKDIR.value or default_workdir(config, flags.FLAGS["config"].config_filename)
+            _init_distributed()
+            logging.info("workdir: %s", os.path.abspath(workdir))
+            summary = train.run(config, workdir)
+        except ValueError as e:  # user mistakes: one clear line, non-zero exit
+            logging.debug("error details", exc_info=True)
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        print(train.format_table(summary))
+        print(f"summary: {os.path.join(workdir, 'summary.json')}")
+
+    app.run(main)

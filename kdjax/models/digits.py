@@ -1,0 +1,60 @@
+"""Small models for the 8x8 digits data set (also run on 28x28x1 / 32x32x3 inputs)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+from .layers import batch_norm, conv, global_avg_pool, sow_feature
+
+
+class MLP(nn.Module):
+    """flatten -> [Dense(h) -> ReLU] * len(hidden) -> Dense(num_classes).
+
+    Features: ``hidden1`` .. ``hidden{len(hidden)}`` (post-ReLU), ``embedding`` (the last
+    hidden activation, or the flattened input if ``hidden`` is empty), ``logits``.
+    ``bn_axis_name`` is accepted for interface uniformity (there is no BatchNorm)."""
+    num_classes: int
+    hidden: Sequence[int] = (32,)
+    dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x.reshape((x.shape[0], -1))
+        for i, h in enumerate(self.hidden):
+            x = nn.relu(nn.Dense(h, dtype=self.dtype, name=f"fc{i + 1}")(x))
+            sow_feature(self, f"hidden{i + 1}", x)
+        sow_feature(self, "embedding", x)
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+        sow_feature(self, "logits", logits)
+        return logits
+
+
+class SmallCNN(nn.Module):
+    """Plain conv net: stage s = [conv3x3 -> BN -> ReLU] * layers_per_stage at ``channels[s]``
+    (first conv of stages after the first has stride 2), then global average pool -> Dense.
+
+    Features: ``stage1`` .. ``stage{len(channels)}`` (post-ReLU maps), ``embedding`` (B, channels[-1]),
+    ``logits``. On 8x8 digits with two stages the maps are 8x8 and 4x4."""
+    num_classes: int
+    channels: Sequence[int] = (32, 64)
+    layers_per_stage: Sequence[int] = (2, 2)
+    dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        for s, (c, n) in enumerate(zip(self.channels, self.layers_per_stage)):
+            for k in range(n):
+                stride = 2 if (s > 0 and k == 0) else 1
+                x = conv(c, 3, stride, dtype=self.dtype, name=f"conv{s + 1}_{k}")(x)
+                x = batch_norm(train, self.bn_axis_name, self.dtype, name=f"bn{s + 1}_{k}")(x)
+                x = nn.relu(x)
+            sow_feature(self, f"stage{s + 1}", x)
+        x = global_avg_pool(x)
+        sow_feature(self, "embedding", x)
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+        sow_feature(self, "logits", logits)
+        return logits

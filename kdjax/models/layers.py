@@ -1,0 +1,100 @@
+"""Shared building blocks: PyTorch-equivalent BatchNorm / conv presets, feature sowing,
+and a depthwise 3x3 convolution whose implementation is chosen per backend."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from jax import lax
+
+# torchvision-style kaiming normal, fan_out (also RepDistiller's normal(0, sqrt(2 / (k*k*out)))).
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def batch_norm(train: bool, axis_name: str | None, dtype: Any, name: str | None = None) -> nn.BatchNorm:
+    """BatchNorm with PyTorch defaults (momentum 0.1 there = 0.9 here, eps 1e-5).
+
+    ``axis_name`` (e.g. 'data' under shard_map/pmap) averages the batch statistics over that
+    axis, i.e. SyncBN over the global batch."""
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        axis_name=axis_name, dtype=dtype, name=name)
+
+
+def conv(features: int, kernel: int, stride: int = 1, *, dtype: Any, use_bias: bool = False,
+         name: str | None = None) -> nn.Conv:
+    """kxk convolution with PyTorch padding (k // 2 on every side, so stride 2 matches torch
+    exactly; flax 'SAME' would pad (0, 1) for even sizes), no bias by default."""
+    p = kernel // 2
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)),
+                   use_bias=use_bias, kernel_init=conv_init, dtype=dtype, name=name)
+
+
+def _overwrite(_, x):
+    return x
+
+
+def sow_feature(module: nn.Module, name: str, x: jax.Array) -> None:
+    """Record ``x`` as feature ``name`` in the 'features' collection (stored as the bare array,
+    overwritten on repeated calls). A no-op unless 'features' is mutable, and skipped during
+    ``init`` so initial variables hold only params / batch_stats."""
+    if module.is_initializing():
+        return
+    module.sow("features", name, x, reduce_fn=_overwrite, init_fn=lambda: None)
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+    return jnp.mean(x, axis=(1, 2))
+
+
+def _depthwise_xla(x, kernel, stride):
+    c = x.shape[-1]
+    return lax.conv_general_dilated(
+        x, kernel, window_strides=(stride, stride), padding=((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+
+
+def _depthwise_shift(x, kernel, stride):
+    """The same 3x3 depthwise conv as nine shifted (strided) slices times per-channel weights.
+    XLA:CPU's grouped convolution (and especially its gradient) is very slow; this is not."""
+    n, h, w, c = x.shape
+    ho, wo = (h + 2 - 3) // stride + 1, (w + 2 - 3) // stride + 1
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = None
+    for i in range(3):
+        for j in range(3):
+            patch = lax.slice(xp, (0, i, j, 0),
+                              (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+                              (1, stride, stride, 1))
+            term = patch * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
+class DepthwiseConv(nn.Module):
+    """3x3 depthwise convolution (groups = channels), stride 1 or 2, padding 1, no bias.
+
+    ``impl``: 'xla' (native grouped conv; right on GPU/TPU), 'shift' (nine shifted
+    multiply-adds; much faster on XLA:CPU) or 'auto' ('shift' on the CPU backend, else 'xla').
+    Both use one parameter ``kernel`` of shape (3, 3, 1, C) with the same init, so
+    checkpoints move freely between backends."""
+    stride: int = 1
+    impl: str = "auto"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        if self.stride not in (1, 2):
+            raise ValueError(f"DepthwiseConv stride must be 1 or 2, got {self.stride}")
+        impl = self.impl
+        if impl == "auto":
+            impl = "shift" if jax.default_backend() == "cpu" else "xla"
+        if impl not in ("shift", "xla"):
+            raise ValueError(f"DepthwiseConv impl must be 'auto', 'shift' or 'xla', got {self.impl!r}")
+        c = x.shape[-1]
+        kernel = self.param("kernel", conv_init, (3, 3, 1, c), self.param_dtype)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        fn = _depthwise_shift if impl == "shift" else _depthwise_xla
+        return fn(x, kernel, self.stride)

@@ -1,0 +1,99 @@
+"""MobileNetV2 for 32x32 inputs: the kuangliu CIFAR layout (``mobilenetv2``, exactly the
+MobileNetV2 in shared/bench/torch_kd_step.py) and RepDistiller's ``mobile_half``
+(``mobilenetv2_half``: width 0.5, stride-2 stem, identity-only residuals)."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+from .layers import DepthwiseConv, batch_norm, conv, global_avg_pool, sow_feature
+
+# (expansion t, out channels c, repeats n, first stride s)
+CFG = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+# Index of the cfg group that ends each resolution stage (RepDistiller's f1..f4).
+STAGE_ENDS = (1, 2, 4, 6)
+
+
+class InvertedResidual(nn.Module):
+    """1x1 expand -> BN -> ReLU -> 3x3 depthwise(stride) -> BN -> ReLU -> 1x1 project -> BN
+    (linear bottleneck; the expand conv is present even for t = 1, as in both references).
+    Residual only when stride == 1: identity if channels match, otherwise conv1x1 -> BN when
+    ``conv_shortcut`` (kuangliu) or none (RepDistiller)."""
+    features: int
+    expansion: int
+    stride: int
+    conv_shortcut: bool = True
+    depthwise_impl: str = "auto"
+    dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        bn = lambda name: batch_norm(train, self.bn_axis_name, self.dtype, name=name)
+        hidden = x.shape[-1] * self.expansion
+        y = nn.relu(bn("bn1")(conv(hidden, 1, dtype=self.dtype, name="conv1")(x)))
+        y = DepthwiseConv(self.stride, self.depthwise_impl, self.dtype, name="conv2")(y)
+        y = nn.relu(bn("bn2")(y))
+        y = bn("bn3")(conv(self.features, 1, dtype=self.dtype, name="conv3")(y))
+        if self.stride != 1:
+            return y
+        if x.shape[-1] == self.features:
+            return y + x
+        if self.conv_shortcut:
+            return y + bn("shortcut_bn")(conv(self.features, 1, dtype=self.dtype, name="shortcut_conv")(x))
+        return y
+
+
+class MobileNetV2(nn.Module):
+    """Stem conv3x3(stride ``stem_stride``) -> BN -> ReLU, the 17 inverted-residual blocks of
+    ``CFG`` (channels ``int(c * width_mult)``), conv1x1 -> BN -> ReLU to ``last_channel``
+    (1280, or ``int(1280 * width_mult)`` if width_mult > 1), global average pool, Dense.
+
+    Features (one per resolution stage, taken after cfg groups 1, 2, 4, 6 as RepDistiller's
+    f1..f4; block outputs are linear bottlenecks, so these are not post-ReLU):
+    ``stage1`` .. ``stage4`` (32, 16, 8, 4 px for kuangliu on 32x32; 16, 8, 4, 2 px for
+    mobile_half), ``embedding`` (B, 1280), ``logits``.
+
+    ``depthwise_impl``: see :class:`kdjax.models.layers.DepthwiseConv`."""
+    num_classes: int
+    width_mult: float = 1.0
+    stem_stride: int = 1
+    conv_shortcut: bool = True
+    depthwise_impl: str = "auto"
+    dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        bn = lambda name: batch_norm(train, self.bn_axis_name, self.dtype, name=name)
+        x = conv(int(32 * self.width_mult), 3, self.stem_stride, dtype=self.dtype, name="conv1")(x)
+        x = nn.relu(bn("bn1")(x))
+        stage = 0
+        for g, (t, c, n, s) in enumerate(CFG):
+            for k in range(n):
+                x = InvertedResidual(int(c * self.width_mult), t, s if k == 0 else 1, self.conv_shortcut,
+                                     self.depthwise_impl, self.dtype, self.bn_axis_name,
+                                     name=f"block{g}_{k}")(x, train)
+            if g in STAGE_ENDS:
+                stage += 1
+                sow_feature(self, f"stage{stage}", x)
+        last = int(1280 * self.width_mult) if self.width_mult > 1.0 else 1280
+        x = nn.relu(bn("bn2")(conv(last, 1, dtype=self.dtype, name="conv2")(x)))
+        x = global_avg_pool(x)
+        sow_feature(self, "embedding", x)
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x).astype(jnp.float32)
+        sow_feature(self, "logits", logits)
+        return logits
+
+
+def mobilenetv2(**kw) -> MobileNetV2:
+    """kuangliu CIFAR MobileNetV2 (stride-1 stem, conv shortcuts), 2.30M params for 10 classes."""
+    return MobileNetV2(**kw)
+
+
+def mobilenetv2_half(**kw) -> MobileNetV2:
+    """RepDistiller ``mobile_half``: width 0.5, stride-2 stem, no conv shortcuts."""
+    kw = {"width_mult": 0.5, "stem_stride": 2, "conv_shortcut": False, **kw}
+    return MobileNetV2(**kw)

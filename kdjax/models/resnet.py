@@ -1,0 +1,76 @@
+"""ResNets for 32x32 inputs: RepDistiller's CIFAR ResNets (depth 6n+2, 3 stages) and the
+kuangliu ResNet-18/34 (4 stages, 64..512 channels). 3x3 stride-1 stem, no max-pool."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+from .layers import batch_norm, conv, global_avg_pool, sow_feature
+
+
+class BasicBlock(nn.Module):
+    """conv3x3(stride) -> BN -> ReLU -> conv3x3 -> BN, + shortcut, ReLU. The shortcut is
+    conv1x1(stride) -> BN when the stride or channel count changes, else identity."""
+    features: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        bn = lambda name: batch_norm(train, self.bn_axis_name, self.dtype, name=name)
+        y = nn.relu(bn("bn1")(conv(self.features, 3, self.stride, dtype=self.dtype, name="conv1")(x)))
+        y = bn("bn2")(conv(self.features, 3, 1, dtype=self.dtype, name="conv2")(y))
+        if self.stride != 1 or x.shape[-1] != self.features:
+            x = bn("shortcut_bn")(conv(self.features, 1, self.stride, dtype=self.dtype, name="shortcut_conv")(x))
+        return nn.relu(y + x)
+
+
+class ResNet(nn.Module):
+    """Basic-block ResNet: stem conv3x3(``stem_channels``) -> BN -> ReLU, then one stage per
+    entry of ``stage_channels`` with ``blocks[i]`` blocks (stride 2 at the start of every stage
+    but the first), global average pool, Dense.
+
+    Features: ``stage1`` .. ``stage{len(stage_channels)}`` (each stage's output, after its last
+    block's ReLU), ``embedding`` (pooled, (B, stage_channels[-1])), ``logits``.
+    For 32x32 inputs the stage maps are 32x32, 16x16, 8x8(, 4x4)."""
+    num_classes: int
+    stem_channels: int = 16
+    stage_channels: Sequence[int] = (16, 32, 64)
+    blocks: Sequence[int] = (3, 3, 3)
+    dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = conv(self.stem_channels, 3, 1, dtype=self.dtype, name="conv1")(x)
+        x = nn.relu(batch_norm(train, self.bn_axis_name, self.dtype, name="bn1")(x))
+        for s, (c, n) in enumerate(zip(self.stage_channels, self.blocks)):
+            for b in range(n):
+                stride = 2 if (s > 0 and b == 0) else 1
+                x = BasicBlock(c, stride, self.dtype, self.bn_axis_name, name=f"layer{s + 1}_{b}")(x, train)
+            sow_feature(self, f"stage{s + 1}", x)
+        x = global_avg_pool(x)
+        sow_feature(self, "embedding", x)
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x).astype(jnp.float32)
+        sow_feature(self, "logits", logits)
+        return logits
+
+
+def cifar_resnet(depth: int, widths: Sequence[int] = (16, 16, 32, 64), **kw) -> ResNet:
+    """RepDistiller ``ResNet(depth, num_filters=widths, 'basicblock')``: depth = 6n + 2."""
+    if (depth - 2) % 6:
+        raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+    n = (depth - 2) // 6
+    return ResNet(stem_channels=widths[0], stage_channels=tuple(widths[1:]), blocks=(n, n, n), **kw)
+
+
+def resnet18(**kw) -> ResNet:
+    """kuangliu / torch_kd_step.py ResNet18 (11.17M params for 10 classes)."""
+    return ResNet(stem_channels=64, stage_channels=(64, 128, 256, 512), blocks=(2, 2, 2, 2), **kw)
+
+
+def resnet34(**kw) -> ResNet:
+    return ResNet(stem_channels=64, stage_channels=(64, 128, 256, 512), blocks=(3, 4, 6, 3), **kw)

@@ -1,0 +1,61 @@
+"""Wide ResNets (RepDistiller ``models/wrn.py``, pre-activation, dropout 0)."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+from .layers import batch_norm, conv, global_avg_pool, sow_feature
+
+
+class WideBasic(nn.Module):
+    """Pre-activation block: BN -> ReLU -> conv3x3(stride) -> BN -> ReLU -> conv3x3, plus the
+    input (identity) or, when channels change, conv1x1(stride) of the *pre-activated* input."""
+    features: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        bn = lambda name: batch_norm(train, self.bn_axis_name, self.dtype, name=name)
+        equal = x.shape[-1] == self.features
+        a = nn.relu(bn("bn1")(x))
+        y = conv(self.features, 3, self.stride, dtype=self.dtype, name="conv1")(a)
+        y = conv(self.features, 3, 1, dtype=self.dtype, name="conv2")(nn.relu(bn("bn2")(y)))
+        if equal:
+            return x + y  # RepDistiller: equal in/out channels implies stride 1 here
+        return conv(self.features, 1, self.stride, dtype=self.dtype, name="shortcut_conv")(a) + y
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-k: conv3x3(16), three stages of (depth-4)/6 blocks at 16k, 32k, 64k channels
+    (strides 1, 2, 2), final BN -> ReLU, global average pool, Dense.
+
+    Features: ``stage1`` .. ``stage3`` (raw stage outputs as RepDistiller's f1..f3: the blocks are
+    pre-activation, so these are *before* the next BN/ReLU), ``embedding`` (B, 64k), ``logits``."""
+    num_classes: int
+    depth: int = 40
+    widen_factor: int = 2
+    dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if (self.depth - 4) % 6:
+            raise ValueError(f"WRN depth must be 6n+4, got {self.depth}")
+        n = (self.depth - 4) // 6
+        x = conv(16, 3, 1, dtype=self.dtype, name="conv1")(x)
+        for s, c in enumerate((16, 32, 64)):
+            for b in range(n):
+                stride = 2 if (s > 0 and b == 0) else 1
+                x = WideBasic(c * self.widen_factor, stride, self.dtype, self.bn_axis_name,
+                              name=f"block{s + 1}_{b}")(x, train)
+            sow_feature(self, f"stage{s + 1}", x)
+        x = nn.relu(batch_norm(train, self.bn_axis_name, self.dtype, name="bn1")(x))
+        x = global_avg_pool(x)
+        sow_feature(self, "embedding", x)
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x).astype(jnp.float32)
+        sow_feature(self, "logits", logits)
+        return logits

@@ -1,0 +1,378 @@
+"""Optimizers and learning-rate schedules: plain keyword arguments -> optax objects.
+
+Nothing here reads a config object; the trainer unpacks its config and passes plain
+arguments to :func:`make_schedule` and :func:`make_optimizer`.
+
+Conventions (chosen to match PyTorch / RepDistiller, which most KD baselines use):
+
+* A schedule is called with the number of updates already applied (optax's ``count``),
+  so update number ``k`` (0-indexed) uses ``schedule(k)``.  Epoch arguments are converted
+  to steps with ``round(epochs * steps_per_epoch)``.
+* Weight decay is *coupled* L2 (added to the gradient before the optimizer, like
+  ``torch.optim.SGD(weight_decay=...)``) for every optimizer except ``'adamw'``, where it
+  is *decoupled* (``optax.adamw`` / ``torch.optim.AdamW``).
+* By default only kernels (leaves with ``ndim > 1``) are decayed; biases and BatchNorm
+  scale/bias are not (``decay_all=True`` decays every leaf, which is what a plain
+  ``torch.optim.SGD(model.parameters(), weight_decay=...)`` does).
+* Gradient clipping by global norm, when requested, is the first transformation in the
+  chain (on the raw gradients, like ``torch.nn.utils.clip_grad_norm_`` before ``step()``).
+
+When weight decay is used, ``optimizer.update(grads, opt_state, params)`` must be given
+``params``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = [
+    'OPTIMIZERS',
+    'SCHEDULES',
+    'make_schedule',
+    'make_optimizer',
+    'weight_decay_mask',
+    'learning_rate_at',
+]
+
+OPTIMIZERS = ('sgd', 'adam', 'adamw', 'rmsprop', 'adagrad', 'adadelta')
+SCHEDULES = ('constant', 'cosine', 'step', 'multistep', 'linear')
+
+# eps used when ``eps=None`` (PyTorch defaults; note optax's adagrad default is 1e-7).
+_DEFAULT_EPS = {
+    'adam': 1e-8,
+    'adamw': 1e-8,
+    'rmsprop': 1e-8,
+    'adagrad': 1e-10,
+    'adadelta': 1e-6,
+}
+
+
+def _choices_error(kind: str, name: Any, valid: Sequence[str]) -> ValueError:
+    return ValueError(f'unknown {kind} {name!r}; choose one of: {", ".join(sorted(valid))}')
+
+
+def _normalize_name(name: Any, kind: str, valid: Sequence[str]) -> str:
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key not in valid:
+        raise _choices_error(kind, name, valid)
+    return key
+
+
+def _epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
+    return int(round(float(epochs) * steps_per_epoch))
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def make_schedule(
+    name: str,
+    *,
+    base_lr: float,
+    total_steps: int,
+    steps_per_epoch: int,
+    warmup_epochs: float = 0.0,
+    decay_epochs: Sequence[float] = (),
+    decay_factor: float = 0.1,
+    step_epochs: float = 30,
+    end_lr_factor: float = 0.0,
+) -> optax.Schedule:
+    """Build an optax schedule ``step -> learning rate``.
+
+    Args:
+      name: one of :data:`SCHEDULES` (case-insensitive):
+
+        * ``'constant'``: ``base_lr``.
+        * ``'cosine'``: cosine decay from ``base_lr`` (at the end of warmup) to
+          ``end_lr_factor * base_lr`` at ``total_steps`` (and flat after).
+        * ``'linear'``: linear decay from ``base_lr`` to ``end_lr_factor * base_lr`` at
+          ``total_steps``.
+        * ``'multistep'``: ``base_lr * decay_factor**k`` where ``k`` is the number of
+          entries of ``decay_epochs`` that are ``<= step / steps_per_epoch``; e.g.
+          RepDistiller's CIFAR recipe is ``base_lr=0.05, decay_epochs=(150, 180, 210),
+          decay_factor=0.1`` over 240 epochs (epoch 150 counted from 0 is the first
+          decayed epoch, like ``torch.optim.lr_scheduler.MultiStepLR``).
+        * ``'step'``: ``base_lr * decay_factor**floor(step / (step_epochs *
+          steps_per_epoch))`` (``torch.optim.lr_scheduler.StepLR``).
+      base_lr: peak learning rate (>= 0).
+      total_steps: total number of updates of the run (used by cosine/linear, must
+        exceed the warmup steps for them).
+      steps_per_epoch: updates per epoch (> 0); converts all ``*_epochs`` arguments.
+      warmup_epochs: optional linear warmup from 0 to ``base_lr`` over this many epochs
+        (may be fractional), joined in front of the main schedule with
+        ``optax.join_schedules``.  Epoch boundaries of ``'multistep'`` and ``'step'`` stay
+        absolute (counted from step 0, not from the end of warmup) and must not fall
+        inside the warmup; cosine and linear decay over the remaining
+        ``total_steps - warmup_steps`` steps.
+      decay_epochs: strictly increasing, positive epochs for ``'multistep'``.
+      decay_factor: multiplicative factor (> 0) for ``'multistep'`` and ``'step'``.
+      step_epochs: period (> 0) of ``'step'``.
+      end_lr_factor: final LR as a fraction of ``base_lr`` for cosine/linear (>= 0).
+
+    Returns:
+      A callable ``step -> lr`` usable as an optax learning rate.
+
+    Raises:
+      ValueError: unknown name or inconsistent arguments.
+    """
+    key = _normalize_name(name, 'schedule', SCHEDULES)
+    base_lr = float(base_lr)
+    if not math.isfinite(base_lr) or base_lr < 0:
+        raise ValueError(f'base_lr must be a finite number >= 0, got {base_lr}')
+    if int(steps_per_epoch) <= 0:
+        raise ValueError(f'steps_per_epoch must be > 0, got {steps_per_epoch}')
+    steps_per_epoch = int(steps_per_epoch)
+    if warmup_epochs < 0:
+        raise ValueError(f'warmup_epochs must be >= 0, got {warmup_epochs}')
+    warmup_steps = _epochs_to_steps(warmup_epochs, steps_per_epoch)
+    if decay_factor <= 0:
+        raise ValueError(f'decay_factor must be > 0, got {decay_factor}')
+    if end_lr_factor < 0:
+        raise ValueError(f'end_lr_factor must be >= 0, got {end_lr_factor}')
+
+    if key == 'constant':
+        main = optax.constant_schedule(base_lr)
+    elif key in ('cosine', 'linear'):
+        decay_steps = int(total_steps) - warmup_steps
+        if decay_steps <= 0:
+            raise ValueError(
+                f'{key} schedule needs total_steps ({total_steps}) > warmup steps ({warmup_steps})'
+            )
+        end_lr = end_lr_factor * base_lr
+        if key == 'cosine':
+            main = optax.cosine_decay_schedule(base_lr, decay_steps, alpha=end_lr_factor)
+        else:
+            main = optax.linear_schedule(base_lr, end_lr, decay_steps)
+    elif key == 'multistep':
+        epochs = [float(e) for e in decay_epochs]
+        if not epochs:
+            raise ValueError("multistep schedule needs non-empty decay_epochs, e.g. (150, 180, 210)")
+        if any(not math.isfinite(e) or e <= 0 for e in epochs):
+            raise ValueError(f'decay_epochs must be positive, got {tuple(decay_epochs)}')
+        if any(b <= a for a, b in zip(epochs, epochs[1:])):
+            raise ValueError(f'decay_epochs must be strictly increasing, got {tuple(decay_epochs)}')
+        boundaries = [_epochs_to_steps(e, steps_per_epoch) for e in epochs]
+        if any(b <= a for a, b in zip(boundaries, boundaries[1:])):
+            raise ValueError(
+                f'decay_epochs {tuple(decay_epochs)} collide after rounding to steps '
+                f'(steps_per_epoch={steps_per_epoch})'
+            )
+        if boundaries[0] < warmup_steps:
+            raise ValueError(
+                f'decay epoch {epochs[0]} falls inside the warmup ({warmup_epochs} epochs)'
+            )
+        # join_schedules feeds ``step - warmup_steps`` to the main schedule: shift back.
+        main = optax.piecewise_constant_schedule(
+            base_lr, {b - warmup_steps: decay_factor for b in boundaries}
+        )
+    else:  # 'step'
+        if step_epochs <= 0:
+            raise ValueError(f'step_epochs must be > 0, got {step_epochs}')
+        period = _epochs_to_steps(step_epochs, steps_per_epoch)
+        if period <= 0:
+            raise ValueError(
+                f'step_epochs={step_epochs} is less than one step at steps_per_epoch={steps_per_epoch}'
+            )
+        if period < warmup_steps:
+            raise ValueError(
+                f'step_epochs ({step_epochs}) is shorter than the warmup ({warmup_epochs} epochs)'
+            )
+        offset = warmup_steps
+
+        def main(count):
+            k = jnp.floor_divide(jnp.asarray(count) + offset, period)
+            return base_lr * jnp.power(decay_factor, k.astype(jnp.float32))
+
+    if warmup_steps == 0:
+        return main
+    warmup = optax.linear_schedule(0.0, base_lr, warmup_steps)
+    return optax.join_schedules([warmup, main], [warmup_steps])
+
+
+def learning_rate_at(learning_rate: float | optax.Schedule, step: int) -> float:
+    """Learning rate (Python float) used by update number ``step`` (0-indexed).
+
+    ``learning_rate`` is a constant or a schedule as given to :func:`make_optimizer`.
+    For logging: ``learning_rate_at(schedule, int(step))``.
+    """
+    if callable(learning_rate):
+        return float(learning_rate(jnp.asarray(step, dtype=jnp.int32)))
+    return float(learning_rate)
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """Pytree of bools: ``True`` for leaves that are decayed (``ndim > 1``: conv/dense kernels).
+
+    Biases, BatchNorm/LayerNorm scale and bias (1-D) and scalars are excluded.  Used as
+    the ``mask`` of ``optax.add_decayed_weights`` unless ``decay_all=True``.
+    """
+    return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+
+
+def _check_nonneg(name: str, value: float) -> None:
+    if not math.isfinite(float(value)) or float(value) < 0:
+        raise ValueError(f'{name} must be a finite number >= 0, got {value}')
+
+
+def make_optimizer(
+    name: str,
+    learning_rate: float | optax.Schedule,
+    *,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool | None = None,
+    decay_all: bool = False,
+    grad_clip_norm: float | None = None,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float | None = None,
+    rmsprop_decay: float = 0.9,
+    rmsprop_momentum: float = 0.0,
+    rmsprop_centered: bool = False,
+    adagrad_initial_accumulator: float = 0.0,
+    adadelta_rho: float = 0.9,
+) -> optax.GradientTransformation:
+    """Build an optax optimizer from plain arguments (PyTorch semantics).
+
+    The chain is::
+
+        clip_by_global_norm(grad_clip_norm)            # if grad_clip_norm
+        add_decayed_weights(weight_decay, mask)        # coupled L2 (default, non-adamw)
+        <scale_by_{sgd-momentum,adam,rms,rss,adadelta}>
+        add_decayed_weights(weight_decay, mask)        # decoupled (adamw, or decoupled_weight_decay=True)
+        scale_by_learning_rate(learning_rate)
+
+    Args:
+      name: one of :data:`OPTIMIZERS` (case-insensitive):
+
+        * ``'sgd'``: ``torch.optim.SGD`` (dampening 0): ``buf = momentum*buf + g``;
+          ``g = g + momentum*buf`` if ``nesterov`` else ``g = buf``; ``p -= lr*g``.
+          ``momentum=0`` is plain SGD.
+        * ``'adam'`` / ``'adamw'``: bias-corrected Adam with ``b1, b2, eps``;
+          ``nesterov=True`` gives the NAdam variant (``optax.scale_by_adam(nesterov=True)``).
+        * ``'rmsprop'``: ``torch.optim.RMSprop``-style: ``v = decay*v + (1-decay)*g**2``,
+          ``u = g / (sqrt(v) + eps)`` (eps outside the sqrt, ``v`` starts at 0), optional
+          momentum ``rmsprop_momentum`` (``nesterov`` applies to it) and ``centered``.
+          Note torch's default ``alpha`` is 0.99; the default ``rmsprop_decay`` here is 0.9
+          (TF/optax); pass 0.99 to match torch.
+        * ``'adagrad'``: ``u = g / sqrt(sum g**2 + eps)``, accumulator starts at
+          ``adagrad_initial_accumulator`` (0, like torch; optax's default is 0.1).
+        * ``'adadelta'``: ``torch.optim.Adadelta`` / Zeiler (2012).  The update is already
+          unit-scaled (ratio of RMS of past updates to RMS of gradients), and
+          ``learning_rate`` multiplies it exactly as in torch, so use ``learning_rate=1.0``
+          (torch default; optionally with a decaying schedule).  SGD-sized rates such as
+          0.05 make it crawl.
+      learning_rate: a non-negative float or an optax schedule (e.g. from
+        :func:`make_schedule`).
+      momentum: SGD momentum in ``[0, 1)``; ignored by the other optimizers.
+      nesterov: Nesterov momentum (sgd; rmsprop with ``rmsprop_momentum > 0``) or NAdam
+        (adam/adamw).  Requires ``momentum > 0`` for sgd, like torch.  Rejected for
+        adagrad/adadelta.
+      weight_decay: L2 coefficient (>= 0).  For sgd/adam/rmsprop/adagrad/adadelta it is
+        coupled (``g += weight_decay * p`` before the optimizer; torch ``weight_decay``,
+        e.g. RepDistiller's SGD ``5e-4``).  For adamw it is decoupled:
+        ``p -= lr * (adam_update + weight_decay * p)`` (``optax.adamw``/``torch.optim.AdamW``).
+      decoupled_weight_decay: ``None`` (default) picks the above.  ``True`` with a
+        non-adamw optimizer adds ``weight_decay * p`` after the optimizer's scaling, i.e.
+        ``p -= lr * (update + weight_decay * p)`` (SGDW-style, decay scaled by the LR as in
+        torch's AdamW).  ``False`` with ``'adamw'`` is an error (use ``'adam'``).
+      decay_all: ``False`` (default) decays only leaves with ``ndim > 1`` (kernels) — see
+        :func:`weight_decay_mask`; ``True`` decays every leaf (biases and BatchNorm
+        parameters too, like a plain ``model.parameters()`` torch optimizer).
+      grad_clip_norm: if set (> 0), clip gradients by global norm first in the chain.
+      b1, b2: Adam moment decays.
+      eps: numerical epsilon; ``None`` uses the torch default of the optimizer
+        (adam/adamw/rmsprop 1e-8, adagrad 1e-10, adadelta 1e-6).
+      rmsprop_decay: RMSprop squared-gradient decay (torch ``alpha``).
+      rmsprop_momentum: RMSprop momentum (torch ``momentum``, default 0).
+      rmsprop_centered: centered RMSprop (torch ``centered``).
+      adagrad_initial_accumulator: Adagrad initial sum of squares.
+      adadelta_rho: Adadelta decay (torch ``rho``).
+
+    Returns:
+      An ``optax.GradientTransformation``.  Call ``update(grads, state, params)`` with
+      ``params`` whenever ``weight_decay > 0``.
+
+    Raises:
+      ValueError: unknown name or invalid hyper-parameter.
+    """
+    key = _normalize_name(name, 'optimizer', OPTIMIZERS)
+
+    if not callable(learning_rate):
+        _check_nonneg('learning_rate', learning_rate)
+        learning_rate = float(learning_rate)
+    _check_nonneg('weight_decay', weight_decay)
+    if grad_clip_norm is not None and not (float(grad_clip_norm) > 0):
+        raise ValueError(f'grad_clip_norm must be > 0 or None, got {grad_clip_norm}')
+    if eps is None:
+        eps = _DEFAULT_EPS.get(key, 1e-8)
+    _check_nonneg('eps', eps)
+
+    if decoupled_weight_decay is None:
+        decoupled = key == 'adamw'
+    elif key == 'adamw' and not decoupled_weight_decay:
+        raise ValueError(
+            "'adamw' always uses decoupled weight decay; use 'adam' for coupled L2 weight decay"
+        )
+    else:
+        decoupled = bool(decoupled_weight_decay)
+
+    if key == 'sgd':
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f'sgd momentum must be in [0, 1), got {momentum}')
+        if nesterov and momentum <= 0:
+            raise ValueError('sgd nesterov=True requires momentum > 0 (as in torch.optim.SGD)')
+        core = optax.trace(decay=momentum, nesterov=nesterov) if momentum > 0 else optax.identity()
+    elif key in ('adam', 'adamw'):
+        for n, v in (('b1', b1), ('b2', b2)):
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f'{n} must be in [0, 1), got {v}')
+        core = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, nesterov=nesterov)
+    elif key == 'rmsprop':
+        if not 0.0 <= rmsprop_decay < 1.0:
+            raise ValueError(f'rmsprop_decay must be in [0, 1), got {rmsprop_decay}')
+        if not 0.0 <= rmsprop_momentum < 1.0:
+            raise ValueError(f'rmsprop_momentum must be in [0, 1), got {rmsprop_momentum}')
+        if nesterov and rmsprop_momentum <= 0:
+            raise ValueError('rmsprop nesterov=True requires rmsprop_momentum > 0')
+        scale = optax.scale_by_stddev if rmsprop_centered else optax.scale_by_rms
+        parts = [scale(decay=rmsprop_decay, eps=eps, initial_scale=0.0, eps_in_sqrt=False)]
+        if rmsprop_momentum > 0:
+            # torch order: buf = m*buf + g/(sqrt(v)+eps); p -= lr*buf.
+            parts.append(optax.trace(decay=rmsprop_momentum, nesterov=nesterov))
+        core = optax.chain(*parts)
+    elif key == 'adagrad':
+        if nesterov:
+            raise ValueError("nesterov=True is not supported by 'adagrad'")
+        _check_nonneg('adagrad_initial_accumulator', adagrad_initial_accumulator)
+        core = optax.scale_by_rss(initial_accumulator_value=adagrad_initial_accumulator, eps=eps)
+    else:  # adadelta
+        if nesterov:
+            raise ValueError("nesterov=True is not supported by 'adadelta'")
+        if not 0.0 <= adadelta_rho < 1.0:
+            raise ValueError(f'adadelta_rho must be in [0, 1), got {adadelta_rho}')
+        core = optax.scale_by_adadelta(rho=adadelta_rho, eps=eps)
+
+    mask = None if decay_all else weight_decay_mask
+    decay = optax.add_decayed_weights(weight_decay, mask=mask) if weight_decay > 0 else None
+
+    chain = []
+    if grad_clip_norm is not None:
+        chain.append(optax.clip_by_global_norm(float(grad_clip_norm)))
+    if decay is not None and not decoupled:
+        chain.append(decay)
+    chain.append(core)
+    if decay is not None and decoupled:
+        chain.append(decay)
+    chain.append(optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(*chain)

@@ -1,0 +1,218 @@
+"""The distillation train step and eval step, written once per device, wrapped two ways.
+
+The per-device functions use `axis_name='data'` collectives (gradients, BatchNorm statistics and
+metrics are averaged over devices; BatchNorm in the models is SyncBN over the same axis). They are
+wrapped by `DataParallel` either as ``jax.jit(jax.shard_map(...))`` over a ("data",) mesh (batch
+sharded, state replicated) or by ``jax.pmap``: both give the same numbers as one device.
+
+Device-count invariance: augmentation keys are derived from each example's position in the
+*global* batch, BatchNorm statistics are global, and the loss is a mean over the local batch whose
+gradient is then averaged over devices = the gradient of the global mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from kdjax import data as kdata
+from kdjax import distill
+from kdjax import losses
+from kdjax import models
+
+AXIS = "data"
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue bit-exactly: checkpoint this whole object."""
+
+    step: jax.Array  # int32 scalar: optimizer steps taken in this stage
+    params: Any  # {'student': ..., 'distiller': ...}
+    model_state: Any  # non-parameter collections, e.g. {'student': {'batch_stats': ...}}
+    opt_state: Any
+    rng: jax.Array  # uint32[2] base key of this stage; step keys are fold_in(rng, step)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static (hashable) settings of the train step."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    steps_per_epoch: int
+    crop_padding: int = 0
+    flip: bool = False
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    l1: float = 0.0
+    l2: float = 0.0
+    dtype: Any = jnp.float32
+
+
+def _apply_distiller(distiller, params, model_state, s_feats, t_feats, ctx):
+    variables = {"params": params, **model_state}
+    mutable = list(model_state)
+    if mutable:
+        return distiller.apply(variables, s_feats, t_feats, ctx, mutable=mutable)
+    return distiller.apply(variables, s_feats, t_feats, ctx), {}
+
+
+def make_train_step(
+    student, distiller: distill.Distiller, teacher, tx: optax.GradientTransformation,
+    schedule: Callable[[jax.Array], jax.Array], cfg: StepConfig,
+):
+    """Returns the per-device step fn(state, teacher_variables, batch) -> (state, metrics).
+
+    `batch` holds this device's slice: 'image' uint8 (b,H,W,C), 'label' int32 (b,), 'index' int32
+    (b,) (data-set index of each example). `teacher` is a Linen model or None.
+    """
+    terms = distiller.terms
+
+    def step_fn(state: TrainState, teacher_vars, batch):
+        step_key = jax.random.fold_in(state.rng, state.step)
+        aug_key, mix_key, term_key = jax.random.split(step_key, 3)
+        b = batch["label"].shape[0]
+        position = jax.lax.axis_index(AXIS) * b + jnp.arange(b)
+        keys = jax.vmap(lambda i: jax.random.fold_in(aug_key, i))(position)
+        x = kdata.augment(keys, batch["image"], crop_padding=cfg.crop_padding, flip=cfg.flip)
+        x = kdata.normalize(x, cfg.mean, cfg.std, dtype=cfg.dtype)
+        perm = lam = None
+        if cfg.mixup_alpha > 0:
+            x, perm, lam = kdata.mixup(mix_key, x, cfg.mixup_alpha)
+        elif cfg.cutmix_alpha > 0:
+            x, perm, lam = kdata.cutmix(mix_key, x, cfg.cutmix_alpha)
+
+        # Teacher: eval mode, the very same augmented batch, no gradient.
+        t_feats = {}
+        if teacher is not None:
+            _, t_feats, _ = models.apply_model(teacher, teacher_vars, x, train=False)
+            t_feats = jax.lax.stop_gradient(t_feats)
+
+        ctx = distill.Context(
+            labels=batch["label"], train=True, mix_perm=perm, mix_lam=lam,
+            indices=batch["index"], rng=term_key,
+        )
+        epoch = state.step.astype(jnp.float32) / cfg.steps_per_epoch
+
+        def loss_fn(params):
+            s_vars = {"params": params["student"], **state.model_state["student"]}
+            logits, s_feats, s_stats = models.apply_model(student, s_vars, x, train=True)
+            values, d_state = _apply_distiller(
+                distiller, params["distiller"], state.model_state["distiller"], s_feats, t_feats, ctx
+            )
+            total = sum(t.weight_at(epoch) * values[t.name] for t in terms)
+            if cfg.l1:
+                values["l1"] = losses.l1_penalty(params["student"], kernels_only=True)
+                total = total + cfg.l1 * values["l1"]
+            if cfg.l2:
+                values["l2"] = losses.l2_penalty(params["student"], kernels_only=True)
+                total = total + cfg.l2 * values["l2"]
+            s_state = {"batch_stats": s_stats} if s_stats is not None else {}
+            return total, (values, logits, {"student": s_state, "distiller": d_state})
+
+        (total, (values, logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        grads = jax.lax.pmean(grads, AXIS)
+        model_state = jax.lax.pmean(model_state, AXIS)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+
+        metrics = {f"loss/{k}": v for k, v in values.items()}
+        metrics["loss"] = total
+        metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        metrics = jax.lax.pmean(metrics, AXIS)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["param_norm"] = optax.global_norm(params["student"])
+        metrics["update_norm"] = optax.global_norm(updates)
+        metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+        new_state = state.replace(
+            step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
+        )
+        return new_state, metrics
+
+    return step_fn
+
+
+def make_eval_step(model, cfg: StepConfig):
+    """Per-device fn(variables, batch) -> {'correct', 'count', 'loss_sum'}, summed over devices."""
+
+    def eval_fn(variables, batch):
+        x = kdata.normalize(batch["image"], cfg.mean, cfg.std, dtype=cfg.dtype)
+        logits, _, _ = models.apply_model(model, variables, x, train=False)
+        mask = batch["mask"].astype(jnp.float32)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+        nll = -jnp.take_along_axis(logp, batch["label"][:, None], axis=-1)[:, 0]
+        out = {
+            "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
+            "count": jnp.sum(mask),
+            "loss_sum": jnp.sum(nll * mask),
+        }
+        return jax.lax.psum(out, AXIS)
+
+    return eval_fn
+
+
+class DataParallel:
+    """Runs a per-device function over all devices: ``jit`` (shard_map over a mesh) or ``pmap``.
+
+    Arguments of the wrapped function are either replicated (state, variables) or sharded along
+    the batch (the last argument, a dict of arrays whose leading axis is the per-process batch).
+    """
+
+    MODES = ("jit", "pmap")
+
+    def __init__(self, mode: str = "jit", num_devices: int | None = None):
+        """`num_devices`: use only the first n devices (single-process only; default all)."""
+        if mode not in self.MODES:
+            raise ValueError(f"unknown parallel mode {mode!r}; choose one of: {', '.join(self.MODES)}")
+        self.mode = mode
+        devices = jax.devices()
+        if num_devices is not None:
+            if jax.process_count() > 1 or not 0 < num_devices <= len(devices):
+                raise ValueError(f"num_devices={num_devices}: this process has {len(devices)} devices")
+            devices = devices[:num_devices]
+        self.devices = devices
+        self.num_devices = len(devices)
+        self.num_local = len([d for d in devices if d.process_index == jax.process_index()])
+        self.mesh = jax.make_mesh((self.num_devices,), (AXIS,), devices=devices)
+        self._replicated = NamedSharding(self.mesh, P())
+        self._sharded = NamedSharding(self.mesh, P(AXIS))
+
+    def wrap(self, fn, donate_first: bool = False):
+        donate = (0,) if donate_first else ()
+        if self.mode == "pmap":
+            local = [d for d in self.devices if d.process_index == jax.process_index()]
+            return jax.pmap(fn, axis_name=AXIS, donate_argnums=donate, devices=local)
+        # Replicated arguments except the last (the sharded batch); replicated outputs.
+        def sharded(*args):
+            specs = tuple(P() for _ in args[:-1]) + (P(AXIS),)
+            return jax.shard_map(fn, mesh=self.mesh, in_specs=specs, out_specs=P())(*args)
+
+        return jax.jit(sharded, donate_argnums=donate)
+
+    def replicate(self, tree):
+        if self.mode == "pmap":
+            return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (self.num_local,) + np.shape(x)), tree)
+        return jax.device_put(tree, self._replicated)
+
+    def unreplicate(self, tree):
+        """Back to host numpy, one copy."""
+        if self.mode == "pmap":
+            return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+        return jax.device_get(tree)
+
+    def shard(self, batch):
+        """This process's slice of the global batch -> the wrapped function's batch argument."""
+        if self.mode == "pmap":
+            return jax.tree.map(lambda x: x.reshape((self.num_local, -1) + x.shape[1:]), batch)
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self._sharded, x), batch)

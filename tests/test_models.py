@@ -1,0 +1,251 @@
+"""Tests for kdjax.models. Big models are only traced (jax.eval_shape); real compute uses
+tiny inputs (8x8, batch 2) to keep XLA:CPU compile times low."""
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from kdjax.models import (MODELS, DepthwiseConv, apply_model, batch_norm, feature_names,
+                          feature_shapes, get_model, num_params)
+
+STAGES3 = ["stage1", "stage2", "stage3", "embedding", "logits"]
+STAGES4 = ["stage1", "stage2", "stage3", "stage4", "embedding", "logits"]
+
+
+def _init(model, shape, seed=0):
+    return model.init(jax.random.key(seed), jnp.zeros(shape), train=False)
+
+
+def _x(shape, seed=1):
+    return jax.random.normal(jax.random.key(seed), shape)
+
+
+# ---------------------------------------------------------------- registry
+
+def test_registry_names_and_error():
+    expected = {"mlp", "cnn_small", "cnn_tiny", "resnet8", "resnet14", "resnet20", "resnet32", "resnet44",
+                "resnet56", "resnet110", "resnet8x4", "resnet32x4", "resnet18", "resnet34", "mobilenetv2",
+                "mobilenetv2_half", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg11", "vgg13",
+                "vgg16", "vgg19"}
+    assert set(MODELS) == expected
+    for name in MODELS:
+        m = get_model(name, 7)
+        assert m.num_classes == 7 and m.dtype == jnp.float32 and m.bn_axis_name is None
+    with pytest.raises(ValueError) as e:
+        get_model("foo", 10)
+    msg = str(e.value)
+    assert msg == "unknown model 'foo'; choose one of: " + ", ".join(sorted(MODELS))
+    assert "\n" not in msg
+
+
+# ------------------------------------------- param counts + features (traced only)
+
+# Exact counts, checked against the PyTorch reference models (RepDistiller models/*.py and
+# shared/bench/torch_kd_step.py) built with torch: 100 classes for RepDistiller, 10 for kuangliu.
+CASES = {
+    # name: (num_classes, params, feature names, stage spatial sizes at 32x32, stage channels, embedding dim)
+    "resnet8x4": (100, 1_233_540, STAGES3, (32, 16, 8), (64, 128, 256), 256),
+    "resnet32x4": (100, 7_433_860, STAGES3, (32, 16, 8), (64, 128, 256), 256),
+    "resnet20": (100, 278_324, STAGES3, (32, 16, 8), (16, 32, 64), 64),
+    "resnet18": (10, 11_173_962, STAGES4, (32, 16, 8, 4), (64, 128, 256, 512), 512),
+    "mobilenetv2": (10, 2_296_922, STAGES4, (32, 16, 8, 4), (24, 32, 96, 320), 1280),
+    "mobilenetv2_half": (100, 812_836, STAGES4, (16, 8, 4, 2), (12, 16, 48, 160), 1280),
+    "wrn_40_2": (100, 2_255_156, STAGES3, (32, 16, 8), (32, 64, 128), 128),
+    "wrn_16_2": (100, 703_284, STAGES3, (32, 16, 8), (32, 64, 128), 128),
+    "vgg13": (100, 9_462_180, ["stage1", "stage2", "stage3", "stage4", "stage5", "embedding", "logits"],
+              (32, 16, 8, 4, 4), (64, 128, 256, 512, 512), 512),
+    "vgg8": (100, 3_965_028, ["stage1", "stage2", "stage3", "stage4", "stage5", "embedding", "logits"],
+             (32, 16, 8, 4, 4), (64, 128, 256, 512, 512), 512),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_param_count_and_feature_shapes(name):
+    nc, n_params, names, sizes, chans, emb = CASES[name]
+    model = get_model(name, nc)
+    x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+
+    def run(x):
+        v = model.init(jax.random.key(0), x, train=False)
+        return v, apply_model(model, v, x, train=True)
+
+    v, (logits, feats, stats) = jax.eval_shape(run, x)
+    assert set(v) == {"params", "batch_stats"}  # nothing sown at init
+    assert num_params(v["params"]) == n_params
+    assert logits.shape == (2, nc) and logits.dtype == jnp.float32
+    assert list(feats) == names
+    for i, (s, c) in enumerate(zip(sizes, chans)):
+        assert feats[f"stage{i + 1}"].shape == (2, s, s, c)
+    assert feats["embedding"].shape == (2, emb)
+    assert feats["logits"].shape == (2, nc)
+    assert jax.tree.structure(stats) == jax.tree.structure(v["batch_stats"])
+
+
+def test_feature_helpers_and_other_sizes():
+    m = get_model("resnet32", 100)
+    assert feature_names(m, (2, 32, 32, 3)) == STAGES3
+    assert feature_shapes(m, (32, 32, 3))["stage3"] == (1, 8, 8, 64)  # 3-tuple -> batch 1
+    m = get_model("wrn_40_1", 100)
+    assert feature_shapes(m, (2, 32, 32, 3))["stage2"] == (2, 16, 16, 32)
+    # Digits models also run on 28x28x1 and 32x32x3 inputs.
+    for shape in [(2, 8, 8, 1), (2, 28, 28, 1), (2, 32, 32, 3)]:
+        for name in ("cnn_small", "cnn_tiny"):
+            fs = feature_shapes(get_model(name, 10), shape)
+            assert list(fs) == ["stage1", "stage2", "embedding", "logits"]
+            assert fs["stage1"][:3] == shape[:3] and fs["logits"] == (2, 10)
+        assert feature_names(get_model("mlp", 10, hidden=(16, 8)), shape) == [
+            "hidden1", "hidden2", "embedding", "logits"]
+
+
+def test_digits_param_counts():
+    p = lambda n, **kw: num_params(jax.eval_shape(lambda: _init(get_model(n, 10, **kw), (1, 8, 8, 1)))["params"])
+    assert p("mlp") == 64 * 32 + 32 + 32 * 10 + 10
+    assert 50_000 <= p("cnn_small") <= 100_000
+    assert 5_000 <= p("cnn_tiny") <= 10_000
+
+
+# ------------------------------------------------------------ real compute
+
+@pytest.mark.parametrize("name", ["cnn_tiny", "mlp", "resnet8", "wrn_16_1", "vgg8", "mobilenetv2_half"])
+def test_tiny_forward(name):
+    model = get_model(name, 10)
+    x = _x((2, 8, 8, 3))
+    v = _init(model, x.shape)
+    logits, feats, stats = apply_model(model, v, x, train=True)
+    assert logits.shape == (2, 10) and bool(jnp.all(jnp.isfinite(logits)))
+    assert feature_names(model, x.shape) == list(feats)
+    np.testing.assert_allclose(feats["logits"], logits, rtol=1e-6)
+    if "batch_stats" in v:
+        assert jax.tree.structure(stats) == jax.tree.structure(v["batch_stats"])
+    else:
+        assert stats is None
+
+
+def test_batchnorm_train_vs_eval():
+    model = get_model("cnn_tiny", 10)
+    x = _x((2, 8, 8, 1))
+    v = _init(model, x.shape)
+    # train: batch statistics, running averages updated
+    y_tr, _, stats = apply_model(model, v, x, train=True)
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), stats, v["batch_stats"])
+    assert all(jax.tree.leaves(changed))
+    # mutable_stats=False: still batch statistics, but no update returned
+    y_tr2, _, none = apply_model(model, v, x, train=True, mutable_stats=False)
+    assert none is None
+    np.testing.assert_allclose(y_tr, y_tr2, rtol=1e-6)
+    # eval: running averages, deterministic, no update, per-example (batch-independent)
+    v2 = {"params": v["params"], "batch_stats": stats}
+    y_ev, _, s_ev = apply_model(model, v2, x, train=False)
+    assert s_ev is None
+    np.testing.assert_array_equal(y_ev, apply_model(model, v2, x, train=False)[0])
+    x_other = x.at[1].set(_x((8, 8, 1), seed=5))
+    np.testing.assert_allclose(apply_model(model, v2, x_other, train=False)[0][0], y_ev[0], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(apply_model(model, v2, x_other, train=True)[0][0], y_tr[0], atol=1e-4)
+    assert not np.allclose(y_ev, y_tr, atol=1e-4)
+
+
+def test_batchnorm_pytorch_defaults():
+    bn = batch_norm(True, None, jnp.float32)
+    x = _x((4, 3, 3, 5)) * 2 + 1
+    v = bn.init(jax.random.key(0), x)
+    y, upd = bn.apply(v, x, mutable=["batch_stats"])
+    mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.1 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], 0.9 + 0.1 * var, rtol=1e-5)
+    np.testing.assert_allclose(y, (x - mean) / jnp.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4)
+
+
+def test_sow_is_free_without_features_collection():
+    model = get_model("cnn_tiny", 10)
+    x = _x((2, 8, 8, 1))
+    v = _init(model, x.shape)
+    out = model.apply(v, x)  # nothing mutable: sow is a no-op, plain array comes back
+    assert isinstance(out, jax.Array) and out.shape == (2, 10)
+    _, state = model.apply(v, x, train=True, mutable=["batch_stats"])
+    assert set(state) == {"batch_stats"}
+    # identical computation either way
+    jaxpr_plain = str(jax.make_jaxpr(lambda v, x: model.apply(v, x))(v, x))
+    jaxpr_feats = str(jax.make_jaxpr(lambda v, x: model.apply(v, x, mutable=["features"])[0])(v, x))
+    assert jaxpr_plain == jaxpr_feats
+    # stale 'features' in variables are ignored by apply_model
+    _, f1, _ = apply_model(model, v, x, train=False)
+    _, f2, _ = apply_model(model, {**v, "features": f1}, x, train=False)
+    assert jax.tree.structure(f1) == jax.tree.structure(f2)
+
+
+def test_bf16_model_returns_float32_logits():
+    model = get_model("cnn_tiny", 10, dtype=jnp.bfloat16)
+    x = _x((2, 8, 8, 1))
+    v = _init(model, x.shape)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(v))
+    logits, feats, stats = apply_model(model, v, x, train=True)
+    assert logits.dtype == jnp.float32 and feats["stage1"].dtype == jnp.bfloat16
+    assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(stats))
+    ref, _, _ = apply_model(get_model("cnn_tiny", 10), v, x, train=True)
+    np.testing.assert_allclose(logits, ref, atol=0.1, rtol=0.1)
+
+
+def test_sync_bn_under_shard_map():
+    mesh = jax.make_mesh((1,), ("data",))
+    model = get_model("cnn_tiny", 10, bn_axis_name="data")
+    plain = get_model("cnn_tiny", 10)
+    x = _x((2, 8, 8, 1))
+    v = _init(plain, x.shape)
+
+    def step(v, x):
+        logits, _, stats = apply_model(model, v, x, train=True)
+        return logits, stats
+
+    f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P("data")), out_specs=(P("data"), P())))
+    logits, stats = f(v, x)
+    ref_logits, _, ref_stats = apply_model(plain, v, x, train=True)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats, ref_stats)
+
+
+# ------------------------------------------------------------ depthwise conv
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_impls_agree(stride):
+    x = _x((2, 9 if stride == 2 else 8, 8, 6))  # odd size too: torch padding, floor division
+    mods = {impl: DepthwiseConv(stride=stride, impl=impl) for impl in ("shift", "xla")}
+    v = mods["xla"].init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, v) == {"params": {"kernel": (3, 3, 1, 6)}}
+    v_shift = mods["shift"].init(jax.random.key(0), x)
+    np.testing.assert_array_equal(v_shift["params"]["kernel"], v["params"]["kernel"])  # same init
+    out, grads = {}, {}
+    for impl, m in mods.items():
+        loss = lambda v, x, m=m: jnp.sum(jnp.sin(m.apply(v, x)))
+        out[impl] = m.apply(v, x)
+        grads[impl] = jax.grad(loss, argnums=(0, 1))(v, x)
+    ho = (x.shape[1] - 1) // stride + 1
+    assert out["shift"].shape == (2, ho, (8 - 1) // stride + 1, 6)
+    np.testing.assert_allclose(out["shift"], out["xla"], rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads["shift"], grads["xla"])
+
+
+def test_depthwise_auto_and_timing():
+    x = _x((16, 16, 16, 96))
+    auto = DepthwiseConv(impl="auto")
+    v = auto.init(jax.random.key(0), x)
+    jaxpr = str(jax.make_jaxpr(lambda v, x: auto.apply(v, x))(v, x))
+    if jax.default_backend() == "cpu":
+        assert "conv_general_dilated" not in jaxpr
+    else:
+        assert "conv_general_dilated" in jaxpr
+    with pytest.raises(ValueError):
+        DepthwiseConv(impl="bogus").init(jax.random.key(0), x)
+    times = {}
+    for impl in ("shift", "xla"):
+        m = DepthwiseConv(impl=impl)
+        g = jax.jit(jax.grad(lambda v, x, m=m: jnp.sum(m.apply(v, x) ** 2), argnums=(0, 1)))
+        jax.block_until_ready(g(v, x))
+        t = time.perf_counter()
+        for _ in range(3):
+            jax.block_until_ready(g(v, x))
+        times[impl] = (time.perf_counter() - t) / 3
+    print(f"\ndepthwise grad {x.shape} on {jax.default_backend()}: "
+          f"shift {times['shift'] * 1e3:.1f} ms, xla {times['xla'] * 1e3:.1f} ms")

@@ -1,0 +1,314 @@
+"""Tests for kdjax.optim: optimizers (torch semantics), weight-decay mask, schedules, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from kdjax.optim import (
+    OPTIMIZERS,
+    SCHEDULES,
+    learning_rate_at,
+    make_optimizer,
+    make_schedule,
+    weight_decay_mask,
+)
+
+# ----------------------------------------------------------------------------- helpers
+
+_rng = np.random.default_rng(0)
+_X = _rng.normal(size=(64, 8)).astype(np.float32)
+_W_TRUE = _rng.normal(size=(8, 2)).astype(np.float32)
+_Y = _X @ _W_TRUE + np.array([0.5, -1.0], np.float32)
+
+
+def _init_params():
+    return {'dense': {'kernel': jnp.zeros((8, 2)), 'bias': jnp.zeros((2,))}}
+
+
+def _loss(params):
+    pred = _X @ params['dense']['kernel'] + params['dense']['bias']
+    return jnp.mean((pred - _Y) ** 2)
+
+
+def _train(opt, steps=20):
+    params = _init_params()
+    state = opt.init(params)
+
+    @jax.jit
+    def step(p, s):
+        grads = jax.grad(_loss)(p)
+        updates, s = opt.update(grads, s, p)
+        return optax.apply_updates(p, updates), s
+
+    for _ in range(steps):
+        params, state = step(params, state)
+    return float(_loss(_init_params())), float(_loss(params)), params
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+# Per-optimizer settings for a 20-step linear regression.  Adadelta is used with the
+# torch learning rate 1.0; its default eps=1e-6 makes the first updates ~1e-3 in size
+# (it "warms itself up"), so a short test run uses eps=1e-2.
+_SETTINGS = {
+    'sgd': (0.1, {}),
+    'adam': (0.1, {}),
+    'adamw': (0.1, {}),
+    'rmsprop': (0.05, {}),
+    'adagrad': (0.5, {}),
+    'adadelta': (1.0, {'eps': 1e-2}),
+}
+
+
+def test_settings_cover_all_optimizers():
+    assert set(_SETTINGS) == set(OPTIMIZERS)
+
+
+@pytest.mark.parametrize('name', OPTIMIZERS)
+@pytest.mark.parametrize('weight_decay', [0.0, 1e-4])
+def test_every_optimizer_lowers_loss(name, weight_decay):
+    lr, kw = _SETTINGS[name]
+    start, end, params = _train(make_optimizer(name, lr, weight_decay=weight_decay, **kw))
+    assert np.isfinite(end)
+    assert end < 0.5 * start, (name, start, end)
+    assert jax.tree.structure(params) == jax.tree.structure(_init_params())
+
+
+def test_optimizer_with_schedule_and_clipping():
+    sched = make_schedule('cosine', base_lr=0.1, total_steps=20, steps_per_epoch=5, warmup_epochs=1)
+    start, end, _ = _train(make_optimizer('sgd', sched, grad_clip_norm=5.0, nesterov=True))
+    assert end < 0.5 * start
+
+
+def _torch_sgd_reference(params, grads_fn, lr, mu, wd, steps, nesterov=True, decay_all=True):
+    """Hand-written torch.optim.SGD (dampening=0) on a dict of numpy arrays."""
+    p = {k: np.array(v, np.float64) for k, v in params.items()}
+    buf = {k: None for k in p}
+    for _ in range(steps):
+        grads = grads_fn(p)
+        for k in p:
+            g = grads[k].astype(np.float64)
+            if decay_all or p[k].ndim > 1:
+                g = g + wd * p[k]
+            buf[k] = g.copy() if buf[k] is None else mu * buf[k] + g
+            g = g + mu * buf[k] if nesterov else buf[k]
+            p[k] = p[k] - lr * g
+    return p
+
+
+@pytest.mark.parametrize('decay_all', [True, False])
+def test_sgd_nesterov_matches_torch_formula(decay_all):
+    rng = np.random.default_rng(1)
+    params = {'w': rng.normal(size=(3, 4)), 'b': rng.normal(size=(4,))}
+    target = rng.normal(size=(3, 4))
+
+    def grads_np(p):  # gradient of 0.5*|w - target|^2 + 0.5*sum(b^3)/3-ish nonlinearity
+        return {'w': (p['w'] - target) * np.cos(p['w']), 'b': p['b'] ** 2 - 0.3}
+
+    lr, mu, wd = 0.05, 0.9, 5e-2
+    ref = _torch_sgd_reference(params, grads_np, lr, mu, wd, 3, nesterov=True, decay_all=decay_all)
+
+    opt = make_optimizer('sgd', lr, momentum=mu, nesterov=True, weight_decay=wd, decay_all=decay_all)
+    p = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+    state = opt.init(p)
+    for _ in range(3):
+        g = {k: jnp.asarray(v, jnp.float32) for k, v in grads_np({k: np.asarray(v, np.float64) for k, v in p.items()}).items()}
+        u, state = opt.update(g, state, p)
+        p = optax.apply_updates(p, u)
+    for k in params:
+        np.testing.assert_allclose(np.asarray(p[k]), ref[k], rtol=1e-5, atol=1e-6)
+    if not decay_all:  # the bias really is not decayed: differs from the decay_all reference
+        ref_all = _torch_sgd_reference(params, grads_np, lr, mu, wd, 3, decay_all=True)
+        assert not np.allclose(ref_all['b'], ref['b'])
+
+
+def test_plain_sgd_momentum_zero():
+    opt = make_optimizer('sgd', 0.1, momentum=0.0)
+    p = {'w': jnp.ones((2, 2))}
+    u, _ = opt.update({'w': jnp.full((2, 2), 2.0)}, opt.init(p), p)
+    np.testing.assert_allclose(np.asarray(u['w']), -0.2)
+
+
+def test_adamw_matches_optax_adamw_with_mask():
+    p = {'k': jnp.linspace(-1, 1, 6).reshape(2, 3), 'b': jnp.array([0.3, -0.2, 0.1])}
+    g = {'k': jnp.full((2, 3), 0.5), 'b': jnp.array([1.0, -1.0, 0.5])}
+    ours = make_optimizer('adamw', 1e-2, weight_decay=0.1)
+    ref = optax.adamw(1e-2, weight_decay=0.1, mask=weight_decay_mask)
+    u1, _ = ours.update(g, ours.init(p), p)
+    u2, _ = ref.update(g, ref.init(p), p)
+    for k in p:
+        np.testing.assert_allclose(np.asarray(u1[k]), np.asarray(u2[k]), rtol=1e-6)
+
+
+def test_coupled_weight_decay_for_adam_is_before_the_optimizer():
+    # Coupled L2 goes through Adam's normalisation: with zero gradient the first Adam step
+    # on a decayed kernel is ~ -lr * sign(p) (not -lr*wd*p as decoupled decay would give).
+    p = {'k': jnp.full((2, 2), 2.0), 'b': jnp.full((2,), 2.0)}
+    g = jax.tree.map(jnp.zeros_like, p)
+    opt = make_optimizer('adam', 0.01, weight_decay=1e-3)
+    u, _ = opt.update(g, opt.init(p), p)
+    np.testing.assert_allclose(np.asarray(u['k']), -0.01, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(u['b']), 0.0)
+    dec = make_optimizer('adam', 0.01, weight_decay=1e-3, decoupled_weight_decay=True)
+    u, _ = dec.update(g, dec.init(p), p)
+    np.testing.assert_allclose(np.asarray(u['k']), -0.01 * 1e-3 * 2.0, rtol=1e-5)
+
+
+def test_grad_clip_is_first():
+    p = {'w': jnp.zeros((2, 2))}
+    g = {'w': jnp.full((2, 2), 100.0)}  # global norm 200
+    opt = make_optimizer('sgd', 1.0, momentum=0.0, grad_clip_norm=1.0)
+    u, _ = opt.update(g, opt.init(p), p)
+    np.testing.assert_allclose(float(optax.tree.norm(u)), 1.0, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- mask
+
+
+def test_weight_decay_mask_excludes_1d_leaves():
+    params = {
+        'conv': {'kernel': jnp.ones((3, 3, 4, 8)), 'bias': jnp.ones((8,))},
+        'bn': {'scale': jnp.ones((8,)), 'bias': jnp.ones((8,))},
+        'dense': {'kernel': jnp.ones((8, 10)), 'bias': jnp.ones((10,))},
+        'temperature': jnp.ones(()),
+    }
+    mask = weight_decay_mask(params)
+    assert mask == {
+        'conv': {'kernel': True, 'bias': False},
+        'bn': {'scale': False, 'bias': False},
+        'dense': {'kernel': True, 'bias': False},
+        'temperature': False,
+    }
+    # And the optimizer uses it: with zero grads only kernels move under coupled decay + SGD.
+    opt = make_optimizer('sgd', 0.1, momentum=0.0, weight_decay=0.5)
+    u, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+    assert float(jnp.abs(u['conv']['kernel']).max()) > 0
+    assert float(jnp.abs(u['dense']['kernel']).max()) > 0
+    for leaf in (u['conv']['bias'], u['bn']['scale'], u['bn']['bias'], u['dense']['bias'], u['temperature']):
+        assert float(jnp.abs(leaf).max()) == 0.0
+    opt_all = make_optimizer('sgd', 0.1, momentum=0.0, weight_decay=0.5, decay_all=True)
+    u, _ = opt_all.update(jax.tree.map(jnp.zeros_like, params), opt_all.init(params), params)
+    np.testing.assert_allclose(np.asarray(u['bn']['scale']), -0.05)
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def test_multistep_boundaries_repdistiller():
+    s = make_schedule('multistep', base_lr=0.05, total_steps=2400, steps_per_epoch=10,
+                      decay_epochs=(150, 180, 210), decay_factor=0.1)
+    expect = {0: 0.05, 1499: 0.05, 1500: 0.005, 1799: 0.005, 1800: 5e-4, 2099: 5e-4,
+              2100: 5e-5, 2399: 5e-5}
+    for step, v in expect.items():
+        assert learning_rate_at(s, step) == pytest.approx(v, rel=1e-5), step
+
+
+def test_multistep_with_warmup_keeps_absolute_boundaries():
+    s = make_schedule('multistep', base_lr=0.1, total_steps=300, steps_per_epoch=10,
+                      warmup_epochs=2, decay_epochs=(10, 20))
+    assert learning_rate_at(s, 0) == 0.0
+    assert learning_rate_at(s, 10) == pytest.approx(0.05)
+    assert learning_rate_at(s, 20) == pytest.approx(0.1)
+    assert learning_rate_at(s, 99) == pytest.approx(0.1)
+    assert learning_rate_at(s, 100) == pytest.approx(0.01)
+    assert learning_rate_at(s, 200) == pytest.approx(0.001)
+
+
+def test_warmup_ramps_linearly():
+    s = make_schedule('constant', base_lr=0.4, total_steps=100, steps_per_epoch=10, warmup_epochs=1)
+    vals = [learning_rate_at(s, i) for i in range(12)]
+    np.testing.assert_allclose(vals[:11], 0.04 * np.arange(11), rtol=1e-5, atol=1e-8)
+    assert vals[11] == pytest.approx(0.4)
+
+
+def test_cosine_ends_at_end_lr_factor():
+    s = make_schedule('cosine', base_lr=0.2, total_steps=100, steps_per_epoch=10,
+                      warmup_epochs=1, end_lr_factor=0.01)
+    assert learning_rate_at(s, 10) == pytest.approx(0.2)
+    assert learning_rate_at(s, 55) == pytest.approx(0.2 * (0.01 + 0.99 * 0.5), rel=1e-4)
+    assert learning_rate_at(s, 100) == pytest.approx(0.002, rel=1e-4)
+    assert learning_rate_at(s, 150) == pytest.approx(0.002, rel=1e-4)
+    vals = [learning_rate_at(s, i) for i in range(10, 101)]
+    assert all(a >= b - 1e-9 for a, b in zip(vals, vals[1:]))
+
+
+def test_linear_and_step_and_constant():
+    lin = make_schedule('linear', base_lr=1.0, total_steps=100, steps_per_epoch=10, end_lr_factor=0.1)
+    assert learning_rate_at(lin, 0) == pytest.approx(1.0)
+    assert learning_rate_at(lin, 50) == pytest.approx(0.55)
+    assert learning_rate_at(lin, 100) == pytest.approx(0.1)
+    st = make_schedule('step', base_lr=1.0, total_steps=1000, steps_per_epoch=10, step_epochs=30, decay_factor=0.5)
+    assert [learning_rate_at(st, i) for i in (0, 299, 300, 599, 600)] == pytest.approx([1, 1, 0.5, 0.5, 0.25])
+    st_w = make_schedule('step', base_lr=1.0, total_steps=1000, steps_per_epoch=10, step_epochs=30,
+                         decay_factor=0.5, warmup_epochs=5)
+    assert [learning_rate_at(st_w, i) for i in (25, 50, 299, 300)] == pytest.approx([0.5, 1, 1, 0.5])
+    c = make_schedule('constant', base_lr=0.3, total_steps=10, steps_per_epoch=1)
+    assert learning_rate_at(c, 7) == pytest.approx(0.3)
+    assert learning_rate_at(0.25, 1000) == 0.25
+
+
+def test_schedule_works_under_jit():
+    for name in SCHEDULES:
+        s = make_schedule(name, base_lr=0.1, total_steps=100, steps_per_epoch=10, warmup_epochs=1,
+                          decay_epochs=(5,), step_epochs=3)
+        v = jax.jit(s)(jnp.asarray(50))
+        assert np.isfinite(float(v)) and 0 <= float(v) <= 0.1 + 1e-6, name
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_unknown_optimizer_message():
+    with pytest.raises(ValueError) as e:
+        make_optimizer('adamax', 0.1)
+    assert str(e.value) == ("unknown optimizer 'adamax'; choose one of: "
+                            "adadelta, adagrad, adam, adamw, rmsprop, sgd")
+
+
+def test_unknown_schedule_message():
+    with pytest.raises(ValueError) as e:
+        make_schedule('exp', base_lr=0.1, total_steps=10, steps_per_epoch=1)
+    assert str(e.value) == ("unknown schedule 'exp'; choose one of: "
+                            "constant, cosine, linear, multistep, step")
+
+
+def test_names_are_case_insensitive():
+    make_optimizer('SGD', 0.1)
+    make_schedule('Cosine', base_lr=0.1, total_steps=10, steps_per_epoch=1)
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(name='sgd', learning_rate=-0.1), 'learning_rate'),
+    (dict(name='sgd', learning_rate=0.1, weight_decay=-1.0), 'weight_decay'),
+    (dict(name='sgd', learning_rate=0.1, momentum=0.0, nesterov=True), 'nesterov'),
+    (dict(name='sgd', learning_rate=0.1, grad_clip_norm=0.0), 'grad_clip_norm'),
+    (dict(name='adamw', learning_rate=0.1, decoupled_weight_decay=False), "use 'adam'"),
+    (dict(name='adagrad', learning_rate=0.1, nesterov=True), 'nesterov'),
+])
+def test_bad_optimizer_args(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_optimizer(**kwargs)
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(base_lr=-0.1), 'base_lr'),
+    (dict(decay_epochs=()), 'non-empty'),
+    (dict(decay_epochs=(180, 150)), 'increasing'),
+    (dict(decay_epochs=(150, 150)), 'increasing'),
+    (dict(decay_epochs=(-5, 150)), 'positive'),
+    (dict(decay_epochs=(1, 150), warmup_epochs=5), 'warmup'),
+    (dict(steps_per_epoch=0), 'steps_per_epoch'),
+    (dict(decay_factor=0.0), 'decay_factor'),
+])
+def test_bad_schedule_args(kwargs, match):
+    base = dict(base_lr=0.1, total_steps=2400, steps_per_epoch=10, decay_epochs=(150, 180))
+    base.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        make_schedule('multistep', **base)
+
+
+def test_cosine_needs_steps_after_warmup():
+    with pytest.raises(ValueError, match='total_steps'):
+        make_schedule('cosine', base_lr=0.1, total_steps=10, steps_per_epoch=10, warmup_epochs=1)
