@@ -52,9 +52,10 @@ class StageCheckpoints:
             force=True,
         )
 
-    def restore(self, step: int, target: Any) -> tuple[Any, dict]:
-        """Restores `step` into the structure (and dtypes) of `target`; returns (state, meta)."""
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    def restore(self, step: int, target: Any = None) -> tuple[Any, dict]:
+        """Restores `step` into the structure (and dtypes) of `target` (None: as saved, as host
+        arrays in nested dicts); returns (state, meta)."""
+        abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         out = self._mgr.restore(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),

@@ -10,32 +10,56 @@ needs one loss function in `kdjax.losses` and one entry in `METHODS` below; noth
 Config (``config.distill``, built by `get_config`)::
 
     method        'kd'; several joined with '+' combine their terms ('kd+at'); 'ce' = labels only
-    temperature   softening temperature shared by the logit methods (kd, dkd, ...)
-    ce_weight     weight of the hard-label cross-entropy; None -> the method's reference weight
-    <method>      one sub-dict per method with its hyper-parameters, e.g. distill.kd.weight
+    temperature   softening temperature shared by the logit methods whose own ``temperature``
+                  is None (kd, dkd, dist); lskd and fm carry their reference temperature
+    ce_weight     weight of the hard-label cross-entropy; None -> the largest reference CE weight
+                  of the chosen methods
+    <method>      one sub-dict per method with its hyper-parameters, e.g. distill.kd.weight;
+                  every method has weight, warmup_epochs, student, teacher (feature names)
     terms         extra custom terms: name -> dict(loss=<kdjax.losses function name>, weight=...,
-                  student=<feature name or tuple>, teacher=<...>, warmup_epochs=0, kwargs={...})
+                  student=<feature name(s)>, teacher=<...>, warmup_epochs=0, kwargs={...})
 
-Weight naming. RepDistiller writes ``gamma*CE + alpha*KD + beta*feature``, mdistiller writes
-``ce_weight*CE + kd_weight*KD``; here every term carries its own ``weight`` and the CE weight is
-``distill.ce_weight``, so "alpha" never has to be interpreted.
+Feature names (``student`` / ``teacher``) are comma-separated strings (or tuples) of the names a
+model sows (`kdjax.models.feature_names`); two patterns keep one default valid for every model
+family: ``stage*`` = all ``stage<N>`` features in forward order (RepDistiller's ``feat[1:-1]``),
+``stage[-1]`` = the last one (RepDistiller's ``feat[-2]``). E.g. 'stage*,embedding'.
+
+Weight naming. RepDistiller writes ``gamma*CE + alpha*KD + beta*feature`` (flags -r, -a, -b),
+mdistiller writes ``ce_weight*CE + kd_weight*KD``; here every term carries its own ``weight`` and
+the CE weight is ``distill.ce_weight``, so "alpha" never has to be interpreted. RepDistiller's
+feature methods run with -r 1 -a 0 -b <weight>: CE weight 1, no KD term, feature weight = -b.
 
 Trainable adapters (regressors, embeddings, ...) are Linen modules created inside a term's
-function; `Distiller` owns them, and the trainer optimises them together with the student.
+function; `Distiller` owns them, and the trainer optimises them together with the student. Their
+BatchNorm statistics and the CRD memory bank are non-parameter collections of the Distiller
+('batch_stats', 'crd_memory'), updated only when ``ctx.train`` is True. ``ctx.train`` True means
+"inside the data-parallel step": the code runs under shard_map/pmap with axis `AXIS`, so adapter
+BatchNorm is synchronised over it and the CRD memory update all-gathers the global batch.
+
+What the trainer passes (`build_terms` keyword arguments): ``num_data`` (training-set size: rows of
+the CRD memory) and ``dataset_labels`` (training labels: CRD draws negatives from other classes,
+as RepDistiller's default 'exact' mode). Only CRD needs them; without them CRD fails at trace
+time with a message saying so.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import re
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from kdjax import losses
+
+AXIS = "data"  # the data-parallel axis name (kdjax.step uses the same)
+CRD_COLLECTION = "crd_memory"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +67,7 @@ class Context:
     """Per-batch inputs that a term may need besides the features."""
 
     labels: jax.Array  # (B,) int
-    train: bool = True
+    train: bool = True  # True: inside the data-parallel step (axis AXIS); adapters in train mode
     mix_perm: jax.Array | None = None  # mixup/cutmix partner of each example
     mix_lam: jax.Array | None = None  # weight of the example itself
     indices: jax.Array | None = None  # global data-set index of each example (CRD)
@@ -55,8 +79,10 @@ class Term:
     """One named, weighted term of the objective.
 
     fn(student, teacher, ctx) -> scalar, where `student`/`teacher` are the feature arrays named by
-    `student`/`teacher` (a single array for one name, a list for several, None for no names).
+    `student`/`teacher` (a single array for one name, a list for several, None for no names;
+    patterns such as 'stage*' are resolved against the model's features first).
     `weight` is multiplied by a linear ramp min(1, epoch / warmup_epochs) when warmup_epochs > 0.
+    `paired`: the i-th student feature goes with the i-th teacher feature (counts must match).
     """
 
     name: str
@@ -65,6 +91,7 @@ class Term:
     student: tuple[str, ...] = ("logits",)
     teacher: tuple[str, ...] = ()
     warmup_epochs: float = 0.0
+    paired: bool = False
 
     def weight_at(self, epoch: jax.Array) -> jax.Array:
         if self.warmup_epochs <= 0:
@@ -72,12 +99,73 @@ class Term:
         return self.weight * jnp.minimum(1.0, epoch / self.warmup_epochs)
 
 
+# ----------------------------------------------------------------------------------------------
+# Feature names and patterns.
+
+_ALL = re.compile(r"^([A-Za-z_/]*[A-Za-z_])\*$")  # 'stage*'
+_INDEX = re.compile(r"^([A-Za-z_/]*[A-Za-z_])\[(-?\d+)\]$")  # 'stage[-1]'
+
+
+def _as_names(value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(n.strip() for n in value.split(",") if n.strip())
+    return tuple(n for v in value for n in _as_names(v))
+
+
+def _numbered(stem: str, available) -> list[str]:
+    found = []
+    for n in available:
+        rest = n[len(stem):]
+        if n.startswith(stem) and rest.isdigit():
+            found.append((int(rest), n))
+    return [n for _, n in sorted(found)]
+
+
+def resolve_features(names: Sequence[str], available) -> tuple[str, ...]:
+    """Expands 'stem*' / 'stem[i]' patterns against the available feature names.
+
+    Raises a one-line ValueError naming the available features when a name or pattern matches
+    nothing."""
+    available = list(available)
+    out: list[str] = []
+    for n in names:
+        if m := _ALL.match(n):
+            found = _numbered(m.group(1), available)
+        elif m := _INDEX.match(n):
+            numbered = _numbered(m.group(1), available)
+            i = int(m.group(2))
+            found = [numbered[i]] if -len(numbered) <= i < len(numbered) else []
+        else:
+            found = [n] if n in available else []
+        if not found:
+            raise ValueError(f"feature {n!r} matches none of: {', '.join(sorted(available))}")
+        out.extend(found)
+    return tuple(out)
+
+
 def _pick(features: Mapping[str, jax.Array], names: tuple[str, ...]):
     if not names:
         return None
+    names = resolve_features(names, features)
     if len(names) == 1:
         return features[names[0]]
     return [features[n] for n in names]
+
+
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _pairs(term: str, student, teacher) -> list[tuple[jax.Array, jax.Array]]:
+    s, t = _as_list(student), _as_list(teacher)
+    if len(s) != len(t):
+        raise ValueError(
+            f"term {term!r} pairs student and teacher features one to one, got {len(s)} student "
+            f"and {len(t)} teacher features; set distill.{term}.student / .teacher"
+        )
+    return list(zip(s, t))
 
 
 class Distiller(nn.Module):
@@ -91,6 +179,210 @@ class Distiller(nn.Module):
             t.name: t.fn(_pick(student_features, t.student), _pick(teacher_features, t.teacher), ctx)
             for t in self.terms
         }
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapter building blocks (NHWC). PyTorch default initialisation where the reference relies on
+# it: weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+_torch_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _torch_bias(fan_in: int):
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _batch_norm(ctx: Context, name: str) -> nn.BatchNorm:
+    """PyTorch-default BatchNorm; batch statistics synchronised over AXIS when training."""
+    return nn.BatchNorm(use_running_average=not ctx.train, momentum=0.9, epsilon=1e-5,
+                        axis_name=AXIS if ctx.train else None, name=name)
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+    """x / max(||x||, 1e-12) along the last axis."""
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+
+
+def _flat(x: jax.Array) -> jax.Array:
+    return x.reshape(x.shape[0], -1).astype(jnp.float32)
+
+
+def _resize_nearest(x: jax.Array, hw: tuple[int, int]) -> jax.Array:
+    """torch F.interpolate(mode='nearest') of an NHWC map: source index floor(i * in / out)."""
+    h, w = x.shape[1:3]
+    rows = (np.arange(hw[0]) * h) // hw[0]
+    cols = (np.arange(hw[1]) * w) // hw[1]
+    return x[:, rows][:, :, cols]
+
+
+class Embed(nn.Module):
+    """Linear projection of flattened features, optionally l2-normalised.
+
+    RepDistiller ``LinearEmbed`` (normalize=False; torchdistill ``Linear4CCKD``) and ``Embed``
+    (normalize=True; CRD)."""
+
+    dim: int = 128
+    normalize: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        x = _flat(x)
+        x = nn.Dense(self.dim, kernel_init=_torch_kernel, bias_init=_torch_bias(x.shape[-1]))(x)
+        return _l2_normalize(x) if self.normalize else x
+
+
+class ConvReg(nn.Module):
+    """RepDistiller ``ConvReg`` (FitNets regressor): student map -> teacher's (H, W, C).
+
+    conv 3x3 stride 2 when the student is twice as large, transposed conv 4x4 stride 2 when half
+    as large, else a 'valid' conv of kernel (1 + Hs - Ht, 1 + Ws - Wt); then BatchNorm and ReLU."""
+
+    teacher_shape: tuple[int, ...]  # (B, H, W, C) of the target
+    use_relu: bool = True
+
+    @nn.compact
+    def __call__(self, x, ctx: Context):
+        _, sh, sw, sc = x.shape
+        _, th, tw, tc = self.teacher_shape
+        if sh == 2 * th:
+            conv = nn.Conv(tc, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
+                           kernel_init=_torch_kernel, bias_init=_torch_bias(9 * sc), name="conv")
+        elif 2 * sh == th:  # torch ConvTranspose2d(k=4, s=2, p=1) == flax padding k - 1 - p = 2
+            conv = nn.ConvTranspose(tc, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
+                                    kernel_init=_torch_kernel, bias_init=_torch_bias(16 * sc),
+                                    name="conv")
+        elif sh >= th and sw >= tw:
+            k = (1 + sh - th, 1 + sw - tw)
+            conv = nn.Conv(tc, k, padding="VALID", kernel_init=_torch_kernel,
+                           bias_init=_torch_bias(k[0] * k[1] * sc), name="conv")
+        else:
+            raise ValueError(f"fitnet: cannot regress a student map of size {sh}x{sw} to a teacher "
+                             f"map of size {th}x{tw}; choose other distill.fitnet features")
+        y = _batch_norm(ctx, "bn")(conv(x.astype(jnp.float32)))
+        if y.shape[1:] != tuple(self.teacher_shape[1:]):
+            raise ValueError(f"fitnet: regressed student map has shape {y.shape[1:]}, the teacher "
+                             f"map {tuple(self.teacher_shape[1:])}; choose other features")
+        return nn.relu(y) if self.use_relu else y
+
+
+class VIDRegressor(nn.Module):
+    """RepDistiller ``VIDLoss`` adapter: 1x1 convs (no bias) in->mid->mid->out with ReLUs give the
+    mean; variance = softplus(log_scale) + eps per channel, initialised to init_pred_var."""
+
+    mid: int
+    out: int
+    init_pred_var: float = 5.0
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.astype(jnp.float32)
+        for i, c in enumerate((self.mid, self.mid, self.out)):
+            if i:
+                x = nn.relu(x)
+            x = nn.Conv(c, (1, 1), use_bias=False, kernel_init=_torch_kernel, name=f"conv{i}")(x)
+        raw = math.log(math.expm1(self.init_pred_var - self.eps))
+        log_scale = self.param("log_scale", nn.initializers.constant(raw), (self.out,))
+        return x, jax.nn.softplus(log_scale) + self.eps
+
+
+class ABF(nn.Module):
+    """ReviewKD attention-based fusion (mdistiller ``ABF``), NHWC.
+
+    conv1x1 + BN to `mid` channels; if `fuse`, mix with the upsampled residual of the deeper level
+    by a 2-channel sigmoid attention; resize (nearest) to the teacher's size; conv3x3 + BN to
+    `out` channels. Returns (output, residual for the next shallower level)."""
+
+    mid: int
+    out: int
+    fuse: bool
+
+    @nn.compact
+    def __call__(self, x, residual, out_hw: tuple[int, int], ctx: Context):
+        kaiming_a1 = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")  # kaiming_uniform(a=1)
+        x = nn.Conv(self.mid, (1, 1), use_bias=False, kernel_init=kaiming_a1, name="conv1")(
+            x.astype(jnp.float32))
+        x = _batch_norm(ctx, "bn1")(x)
+        if self.fuse:
+            y = _resize_nearest(residual, x.shape[1:3])
+            z = nn.Conv(2, (1, 1), kernel_init=_torch_kernel, bias_init=_torch_bias(2 * self.mid),
+                        name="att_conv")(jnp.concatenate([x, y], axis=-1))
+            z = jax.nn.sigmoid(z)
+            x = x * z[..., 0:1] + y * z[..., 1:2]
+        if tuple(x.shape[1:3]) != tuple(out_hw):
+            x = _resize_nearest(x, out_hw)
+        y = nn.Conv(self.out, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                    kernel_init=kaiming_a1, name="conv2")(x)
+        return _batch_norm(ctx, "bn2")(y), x
+
+
+class CRD(nn.Module):
+    """CRD head: student/teacher ``Embed`` (linear + l2 norm) and the memory bank.
+
+    The memory (two (num_data, dim) banks and the normalisers Z, `losses.crd_init_memory`) lives in
+    the non-parameter collection 'crd_memory'. Per example, negatives are drawn with a key folded
+    from ctx.rng and the example's position in the global batch (device-count invariant). Scores use
+    the bank before this batch's update (as RepDistiller); when ``ctx.train`` the banks are then
+    updated with the all-gathered global batch, and Z (set once, from the first batch) is the
+    global-batch mean, so the memory stays identical on every device."""
+
+    num_data: int
+    dim: int = 128
+    num_negatives: int = 16384
+    temperature: float = 0.07
+    momentum: float = 0.5
+    exclude_same_class: bool = True
+
+    @nn.compact
+    def __call__(self, student, teacher, ctx: Context, dataset_labels=None):
+        if ctx.indices is None or ctx.rng is None:
+            raise ValueError("crd needs ctx.indices (data-set index of each example) and ctx.rng")
+        s = Embed(self.dim, normalize=True, name="embed_s")(student)
+        t = Embed(self.dim, normalize=True, name="embed_t")(teacher)
+        n, k = self.num_data, self.num_negatives
+        init = None
+        if not self.has_variable(CRD_COLLECTION, "bank_s"):
+            init = losses.crd_init_memory(self.make_rng("params"), n, self.dim)
+        state = {key: self.variable(CRD_COLLECTION, key, lambda key=key: init[key])
+                 for key in ("bank_s", "bank_t", "z_s", "z_t")}
+        memory = {key: v.value for key, v in state.items()}
+
+        idx = jnp.asarray(ctx.indices, jnp.int32)
+        b = idx.shape[0]
+        offset = jax.lax.axis_index(AXIS) * b if ctx.train else 0
+        keys = jax.vmap(lambda i: jax.random.fold_in(ctx.rng, i))(offset + jnp.arange(b))
+        if self.exclude_same_class:
+            if dataset_labels is None:
+                raise ValueError("crd.exclude_same_class needs the training labels: pass "
+                                 "build_terms(..., dataset_labels=train_labels), or set "
+                                 "distill.crd.exclude_same_class=False")
+            labels = jnp.asarray(dataset_labels, jnp.int32)
+            neg = jax.vmap(lambda key, i, y: losses.crd_sample_negatives(
+                key, i[None], n, k, labels=y[None], dataset_labels=labels)[0])(keys, idx, ctx.labels)
+        else:
+            neg = jax.vmap(lambda key, i: losses.crd_sample_negatives(key, i[None], n, k)[0])(keys, idx)
+
+        if ctx.train:  # Z from the global batch, so that every device sets the same value
+            full = jnp.concatenate([idx[:, None], neg], axis=1)
+
+            def first_z(bank, emb):
+                rows = bank[full]
+                out = jnp.exp(jnp.einsum("bkd,bd->bk", rows, jax.lax.stop_gradient(emb),
+                                         precision=jax.lax.Precision.HIGHEST) / self.temperature)
+                return jax.lax.pmean(jnp.mean(out), AXIS) * n
+
+            for z, bank, emb in (("z_s", "bank_t", s), ("z_t", "bank_s", t)):
+                memory[z] = jax.lax.cond(memory[z] < 0, lambda bank=bank, emb=emb: first_z(memory[bank], emb),
+                                         lambda z=z: memory[z])
+        loss, memory = losses.crd_nce(s, t, memory, idx, neg, self.temperature)
+
+        if ctx.train and self.is_mutable_collection(CRD_COLLECTION) and not self.is_initializing():
+            gather = lambda x: jax.lax.all_gather(jax.lax.stop_gradient(x), AXIS, tiled=True)
+            memory = losses.crd_update_memory(memory, gather(s), gather(t), gather(idx), self.momentum)
+            for key, v in state.items():
+                v.value = memory[key]
+        return loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,12 +401,9 @@ def _loss_term(loss_fn, student, teacher, _ctx, **kwargs):
     return loss_fn(student, teacher, **kwargs)
 
 
-def _as_names(value) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    return tuple(value)
+def _pairs_term(name, loss_fn, student, teacher, _ctx, **kwargs):
+    """Sum of `loss_fn` over paired student/teacher features (RepDistiller sums the groups)."""
+    return sum(loss_fn(s, t, **kwargs) for s, t in _pairs(name, student, teacher))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,31 +414,275 @@ def _as_names(value) -> tuple[str, ...]:
 class Method:
     """A ready-made method: its default hyper-parameters and how they become terms.
 
-    `build(h, temperature)` returns the method's terms (without the hard-label CE term, which the
-    trainer adds with weight `ce_weight`). `h` is the method's sub-dict of the config.
+    `build(h, temperature, data)` returns the method's terms (without the hard-label CE term, which
+    the trainer adds with weight `ce_weight`). `h` is the method's sub-dict of the config merged
+    over `defaults` (its keys are the only ones allowed); `temperature` the shared temperature;
+    `data` = {'num_data': int | None, 'dataset_labels': array | None} from the trainer.
     """
 
     paper: str
     ce_weight: float
     defaults: Mapping[str, Any]
-    build: Callable[[Mapping[str, Any], float], list[Term]]
+    build: Callable[[Mapping[str, Any], float, Mapping[str, Any]], list[Term]]
 
 
-def _kd_terms(h, temperature):
-    fn = functools.partial(_loss_term, losses.kd, temperature=temperature)
-    return [Term("kd", fn, h["weight"], ("logits",), ("logits",), h.get("warmup_epochs", 0.0))]
+def _defaults(weight, student="logits", teacher="logits", warmup_epochs=0.0, **extra):
+    return {"weight": weight, "warmup_epochs": warmup_epochs, "student": student,
+            "teacher": teacher, **extra}
+
+
+def _term(name: str, fn, h, paired: bool = False) -> Term:
+    return Term(name, fn, float(h["weight"]), _as_names(h["student"]), _as_names(h["teacher"]),
+                float(h["warmup_epochs"]), paired)
+
+
+def _temp(h, temperature: float) -> float:
+    return float(temperature if h.get("temperature") is None else h["temperature"])
+
+
+# --- logits -----------------------------------------------------------------------------------
+
+# KD: Hinton, Vinyals, Dean 2015. RepDistiller `-r 0.1 -a 0.9 -b 0` (CE 0.1, KD 0.9), T = 4.
+def _kd(h, temperature, data):
+    return [_term("kd", functools.partial(_loss_term, losses.kd, temperature=_temp(h, temperature)), h)]
+
+
+# DKD: Zhao et al. CVPR 2022; mdistiller configs/cifar100/dkd (CE_WEIGHT 1, ALPHA 1, BETA 8 for
+# res32x4->res8x4, 2 for res56->res20 / res110->res32, 6 for wrn40_2/vgg13 pairs; T 4; the DKD
+# weight warms up linearly over WARMUP = 20 epochs). alpha/beta are DKD's TCKD/NCKD weights.
+def _dkd_fn(student, teacher, ctx, **kw):
+    return losses.dkd(student, teacher, ctx.labels, **kw)
+
+
+def _dkd(h, temperature, data):
+    fn = functools.partial(_dkd_fn, alpha=float(h["alpha"]), beta=float(h["beta"]),
+                           temperature=_temp(h, temperature))
+    return [_term("dkd", fn, h)]
+
+
+# DIST: Huang et al. NeurIPS 2022; hunto/image_classification_sota dist_cifar.yaml: CE 1
+# (ori_loss_weight), DIST 2 (kd_loss_weight), 'dist_t4' = DIST(beta=1, gamma=1, tau=4).
+def _dist(h, temperature, data):
+    fn = functools.partial(_loss_term, losses.dist, beta=float(h["beta"]), gamma=float(h["gamma"]),
+                           temperature=_temp(h, temperature))
+    return [_term("dist", fn, h)]
+
+
+# Logit standardisation: Sun et al. CVPR 2024; sunshangquan/logit-standardization-KD README
+# (KD + --logit-stand --base-temp 2 --kd-weight 9, CE_WEIGHT 0.1 from its KD config).
+def _lskd(h, temperature, data):
+    fn = functools.partial(_loss_term, losses.logit_standardized_kd,
+                           temperature=_temp(h, temperature))
+    return [_term("lskd", fn, h)]
+
+
+# Function matching, Beyer et al. CVPR 2022 (big_vision proj/distill): no labels (CE 0).
+# mse_logits = big_vision distance 'l2'; fm = distance 'kl' with t=1 (bit_i1k.py), i.e. KL of the
+# softened distributions without kd's T^2 factor (identical to kd at T = 1).
+def _mse_logits(h, temperature, data):
+    return [_term("mse_logits", functools.partial(_loss_term, losses.mse_logits), h)]
+
+
+def _fm_fn(student, teacher, _ctx, temperature):
+    return losses.kd(student, teacher, temperature) / temperature**2
+
+
+def _fm(h, temperature, data):
+    return [_term("fm", functools.partial(_fm_fn, temperature=_temp(h, temperature)), h)]
+
+
+# --- feature maps -----------------------------------------------------------------------------
+
+# FitNets: Romero et al. ICLR 2015; RepDistiller `--distill hint -a 0 -b 100`, hint_layer 2
+# (= stage2), regressor ConvReg (trained with the student).
+def _fitnet_fn(name, student, teacher, ctx, use_relu):
+    s = ConvReg(tuple(teacher.shape), use_relu, name=f"{name}_regressor")(student, ctx)
+    return losses.fitnet(s, teacher)
+
+
+def _fitnet(h, temperature, data):
+    return [_term("fitnet", functools.partial(_fitnet_fn, "fitnet", use_relu=bool(h["use_relu"])), h)]
+
+
+# AT: Zagoruyko & Komodakis ICLR 2017; RepDistiller `--distill attention -a 0 -b 1000`, p = 2,
+# summed over feat[1:-1] (every stage).
+def _at(h, temperature, data):
+    fn = functools.partial(_pairs_term, "at", losses.attention_transfer, p=float(h["p"]))
+    return [_term("at", fn, h, paired=True)]
+
+
+# SP: Tung & Mori ICCV 2019; RepDistiller `--distill similarity -a 0 -b 3000` on feat[-2] (last stage).
+def _sp(h, temperature, data):
+    return [_term("sp", functools.partial(_pairs_term, "sp", losses.similarity_preserving), h, paired=True)]
+
+
+# NST: Huang & Wang 2017; RepDistiller `--distill nst -a 0 -b 50`, summed over feat[1:-1].
+def _nst(h, temperature, data):
+    return [_term("nst", functools.partial(_pairs_term, "nst", losses.nst), h, paired=True)]
+
+
+# VID: Ahn et al. CVPR 2019; RepDistiller `--distill vid -a 0 -b 1`, one VIDLoss(s, t, t) per
+# stage in feat[1:-1] (mid channels = teacher channels, init_pred_var 5), summed. The larger map
+# is average-pooled to the smaller one before the regressor, as in the reference.
+def _vid_fn(name, student, teacher, ctx, init_pred_var, eps):
+    total = 0.0
+    for i, (s, t) in enumerate(_pairs(name, student, teacher)):
+        s, t = losses._pool_to_common(s.astype(jnp.float32), t.astype(jnp.float32))
+        c = t.shape[-1]
+        mean, var = VIDRegressor(c, c, init_pred_var, eps, name=f"{name}_regressor{i}")(s)
+        total = total + losses.vid(mean, t, var)
+    return total
+
+
+def _vid(h, temperature, data):
+    fn = functools.partial(_vid_fn, "vid", init_pred_var=float(h["init_pred_var"]), eps=float(h["eps"]))
+    return [_term("vid", fn, h, paired=True)]
+
+
+# ReviewKD: Chen et al. CVPR 2021; mdistiller ReviewKD (CE_WEIGHT 1, REVIEWKD_WEIGHT 1, linear
+# warm-up over 20 epochs; levels = stages + pooled embedding as a 1x1 map, fused deepest first by
+# ABF modules with mid channels min(512, student embedding dim); loss hcl).
+def _reviewkd_fn(name, student, teacher, ctx, mid_channels):
+    as_map = lambda f: f.reshape(f.shape[0], 1, 1, -1) if f.ndim == 2 else f
+    pairs = [(as_map(s), as_map(t)) for s, t in _pairs(name, student, teacher)]
+    mid = int(mid_channels or min(512, pairs[-1][0].shape[-1]))
+    outs, residual = [], None
+    for level in reversed(range(len(pairs))):
+        s, t = pairs[level]
+        abf = ABF(mid, t.shape[-1], fuse=residual is not None, name=f"{name}_abf{level}")
+        out, residual = abf(s, residual, t.shape[1:3], ctx)
+        outs.insert(0, out)
+    return losses.hcl(outs, [t for _, t in pairs])
+
+
+def _reviewkd(h, temperature, data):
+    fn = functools.partial(_reviewkd_fn, "reviewkd", mid_channels=h["mid_channels"])
+    return [_term("reviewkd", fn, h, paired=True)]
+
+
+# --- embeddings -------------------------------------------------------------------------------
+
+# RKD: Park et al. CVPR 2019; RepDistiller `--distill rkd -a 0 -b 1` on feat[-1] (pooled
+# embedding), RKDLoss(w_d=25, w_a=50).
+def _rkd(h, temperature, data):
+    fn = functools.partial(_loss_term, losses.rkd, distance_weight=float(h["distance_weight"]),
+                           angle_weight=float(h["angle_weight"]))
+    return [_term("rkd", fn, h)]
+
+
+# PKT: Passalis & Tefas ECCV 2018; RepDistiller `--distill pkt -a 0 -b 30000` on feat[-1].
+def _pkt(h, temperature, data):
+    return [_term("pkt", functools.partial(_loss_term, losses.pkt), h)]
+
+
+# CC: Peng et al. ICCV 2019, as torchdistill CCKDLoss (configs/sample/ilsvrc2012/cckd: trainable
+# Linear(D, 128) on the student's and the teacher's pooled embedding, gaussian kernel gamma 0.4,
+# max_p 2, weight 0.003, CE 1). RepDistiller's CC (-b 0.02) uses a different loss formula, so its
+# weight does not apply to `losses.correlation_congruence`.
+def _cc_fn(name, student, teacher, ctx, dim, gamma, order, normalize):
+    s = Embed(dim, name=f"{name}_embed_s")(student)
+    t = Embed(dim, name=f"{name}_embed_t")(teacher)
+    return losses.correlation_congruence(s, t, gamma=gamma, order=order, normalize=normalize)
+
+
+def _cc(h, temperature, data):
+    fn = functools.partial(_cc_fn, "cc", dim=int(h["dim"]), gamma=float(h["gamma"]),
+                           order=int(h["order"]), normalize=bool(h["normalize"]))
+    return [_term("cc", fn, h)]
+
+
+# CRD: Tian et al. ICLR 2020; RepDistiller `--distill crd -a 0 -b 0.8` (CRD+KD: -a 1), feat_dim
+# 128, nce_k 16384, nce_t 0.07, nce_m 0.5, mode 'exact' (negatives from other classes). Combine
+# with KD as 'crd+kd' and distill.kd.weight=1.0 for RepDistiller's CRD+KD.
+def _crd_fn(name, student, teacher, ctx, *, head_kwargs, dataset_labels):
+    if head_kwargs["num_data"] is None:
+        raise ValueError("crd needs the training-set size: pass build_terms(..., num_data=N) "
+                         "or set distill.crd.num_data")
+    return CRD(**head_kwargs, name=name)(student, teacher, ctx, dataset_labels)
+
+
+def _crd(h, temperature, data):
+    labels = data.get("dataset_labels")
+    labels = None if labels is None else np.asarray(labels, np.int32)
+    num_data = h["num_data"] if h["num_data"] is not None else data.get("num_data")
+    if num_data is None and labels is not None:
+        num_data = len(labels)
+    k = h["num_negatives"]
+    if num_data is not None:
+        allowed = int(num_data) - 1
+        if h["exclude_same_class"] and labels is not None:
+            allowed = int(num_data) - int(np.bincount(labels).max())
+        k = min(int(k), allowed)
+    head = {"num_data": None if num_data is None else int(num_data), "dim": int(h["dim"]),
+            "num_negatives": int(k), "temperature": float(h["temperature"]),
+            "momentum": float(h["momentum"]), "exclude_same_class": bool(h["exclude_same_class"])}
+    fn = functools.partial(_crd_fn, "crd", head_kwargs=head, dataset_labels=labels)
+    return [_term("crd", fn, h)]
 
 
 METHODS: dict[str, Method] = {
-    # Hinton et al. 2015. Reference weights: RepDistiller (-r 0.1 -a 0.9), T=4.
     "kd": Method(
         paper="Hinton, Vinyals, Dean. Distilling the Knowledge in a Neural Network (2015)",
-        ce_weight=0.1,
-        defaults={"weight": 0.9, "warmup_epochs": 0.0},
-        build=_kd_terms,
-    ),
+        ce_weight=0.1, defaults=_defaults(0.9, temperature=None), build=_kd),
+    "dkd": Method(
+        paper="Zhao, Cui, Song, Qiu, Liang. Decoupled Knowledge Distillation (CVPR 2022)",
+        ce_weight=1.0, defaults=_defaults(1.0, warmup_epochs=20.0, alpha=1.0, beta=8.0, temperature=None),
+        build=_dkd),
+    "dist": Method(
+        paper="Huang, You, Wang, Qian, Xu. Knowledge Distillation from A Stronger Teacher (NeurIPS 2022)",
+        ce_weight=1.0, defaults=_defaults(2.0, beta=1.0, gamma=1.0, temperature=None), build=_dist),
+    "lskd": Method(
+        paper="Sun, Ren, Li, Wang, Cao. Logit Standardization in Knowledge Distillation (CVPR 2024)",
+        ce_weight=0.1, defaults=_defaults(9.0, temperature=2.0), build=_lskd),
+    "mse_logits": Method(
+        paper="Beyer et al. Knowledge distillation: A good teacher is patient and consistent (CVPR 2022)",
+        ce_weight=0.0, defaults=_defaults(1.0), build=_mse_logits),
+    "fm": Method(
+        paper="Beyer et al. Knowledge distillation: A good teacher is patient and consistent (CVPR 2022)",
+        ce_weight=0.0, defaults=_defaults(1.0, temperature=1.0), build=_fm),
+    "fitnet": Method(
+        paper="Romero et al. FitNets: Hints for Thin Deep Nets (ICLR 2015)",
+        ce_weight=1.0, defaults=_defaults(100.0, "stage2", "stage2", use_relu=True), build=_fitnet),
+    "at": Method(
+        paper="Zagoruyko, Komodakis. Paying More Attention to Attention (ICLR 2017)",
+        ce_weight=1.0, defaults=_defaults(1000.0, "stage*", "stage*", p=2.0), build=_at),
+    "sp": Method(
+        paper="Tung, Mori. Similarity-Preserving Knowledge Distillation (ICCV 2019)",
+        ce_weight=1.0, defaults=_defaults(3000.0, "stage[-1]", "stage[-1]"), build=_sp),
+    "nst": Method(
+        paper="Huang, Wang. Like What You Like: Knowledge Distill via Neuron Selectivity Transfer (2017)",
+        ce_weight=1.0, defaults=_defaults(50.0, "stage*", "stage*"), build=_nst),
+    "vid": Method(
+        paper="Ahn et al. Variational Information Distillation for Knowledge Transfer (CVPR 2019)",
+        ce_weight=1.0, defaults=_defaults(1.0, "stage*", "stage*", init_pred_var=5.0, eps=1e-5),
+        build=_vid),
+    "reviewkd": Method(
+        paper="Chen, Liu, Zhao, Jia. Distilling Knowledge via Knowledge Review (CVPR 2021)",
+        ce_weight=1.0,
+        defaults=_defaults(1.0, "stage*,embedding", "stage*,embedding", warmup_epochs=20.0,
+                           mid_channels=None),
+        build=_reviewkd),
+    "rkd": Method(
+        paper="Park, Kim, Lu, Cho. Relational Knowledge Distillation (CVPR 2019)",
+        ce_weight=1.0,
+        defaults=_defaults(1.0, "embedding", "embedding", distance_weight=25.0, angle_weight=50.0),
+        build=_rkd),
+    "pkt": Method(
+        paper="Passalis, Tefas. Learning Deep Representations with Probabilistic Knowledge Transfer (ECCV 2018)",
+        ce_weight=1.0, defaults=_defaults(30000.0, "embedding", "embedding"), build=_pkt),
+    "cc": Method(
+        paper="Peng et al. Correlation Congruence for Knowledge Distillation (ICCV 2019)",
+        ce_weight=1.0,
+        defaults=_defaults(0.003, "embedding", "embedding", dim=128, gamma=0.4, order=2, normalize=False),
+        build=_cc),
+    "crd": Method(
+        paper="Tian, Krishnan, Isola. Contrastive Representation Distillation (ICLR 2020)",
+        ce_weight=1.0,
+        defaults=_defaults(0.8, "embedding", "embedding", dim=128, num_negatives=16384,
+                           temperature=0.07, momentum=0.5, exclude_same_class=True, num_data=None),
+        build=_crd),
     # Labels only: the teacher / from-scratch objective.
-    "ce": Method(paper="(no distillation)", ce_weight=1.0, defaults={}, build=lambda h, t: []),
+    "ce": Method(paper="(no distillation)", ce_weight=1.0, defaults={}, build=lambda h, t, d: []),
 }
 
 
@@ -179,8 +712,29 @@ def method_names(method: str) -> list[str]:
     return names
 
 
-def build_terms(distill: Mapping[str, Any], *, label_smoothing: float = 0.0) -> tuple[Term, ...]:
-    """Turns the `config.distill` block (as a plain dict) into the tuple of terms to optimise."""
+_TERM_KEYS = ("loss", "weight", "student", "teacher", "warmup_epochs", "kwargs")
+
+
+def _check_keys(where: str, given, allowed) -> None:
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _check_weight(where: str, value) -> float:
+    value = float(value)
+    if value < 0 or not math.isfinite(value):
+        raise ValueError(f"{where} must be a finite number >= 0, got {value}")
+    return value
+
+
+def build_terms(distill: Mapping[str, Any], *, label_smoothing: float = 0.0,
+                num_data: int | None = None, dataset_labels=None) -> tuple[Term, ...]:
+    """Turns the `config.distill` block (as a plain dict) into the tuple of terms to optimise.
+
+    `num_data` (training-set size) and `dataset_labels` ((num_data,) training labels) are only
+    used by CRD (memory rows; negatives from other classes); distill.crd.num_data overrides
+    `num_data`."""
     temperature = float(distill.get("temperature", 4.0))
     if temperature <= 0:
         raise ValueError(f"distill.temperature must be > 0, got {temperature}")
@@ -188,15 +742,23 @@ def build_terms(distill: Mapping[str, Any], *, label_smoothing: float = 0.0) -> 
     ce_weight = distill.get("ce_weight")
     if ce_weight is None:
         ce_weight = max(METHODS[n].ce_weight for n in names)
+    ce_weight = _check_weight("distill.ce_weight", ce_weight)
+    data = {"num_data": num_data, "dataset_labels": dataset_labels}
     terms: list[Term] = []
     if ce_weight:
         ce = functools.partial(_ce_term, label_smoothing=label_smoothing)
-        terms.append(Term("ce", ce, float(ce_weight), ("logits",), ()))
+        terms.append(Term("ce", ce, ce_weight, ("logits",), ()))
     for n in names:
-        h = {**METHODS[n].defaults, **dict(distill.get(n) or {})}
-        terms.extend(METHODS[n].build(h, temperature))
+        given = dict(distill.get(n) or {})
+        _check_keys(f"distill.{n}", given, METHODS[n].defaults)
+        h = {**METHODS[n].defaults, **given}
+        if "weight" in h:
+            _check_weight(f"distill.{n}.weight", h["weight"])
+            _check_weight(f"distill.{n}.warmup_epochs", h["warmup_epochs"])
+        terms.extend(METHODS[n].build(h, temperature, data))
     for name, spec in dict(distill.get("terms") or {}).items():
         spec = dict(spec)
+        _check_keys(f"distill.terms.{name}", spec, _TERM_KEYS)
         loss_name = spec.get("loss", name)
         loss_fn = getattr(losses, loss_name, None)
         if loss_name not in losses.__all__ or loss_fn is None:
@@ -209,10 +771,10 @@ def build_terms(distill: Mapping[str, Any], *, label_smoothing: float = 0.0) -> 
             Term(
                 name,
                 fn,
-                float(spec.get("weight", 1.0)),
+                _check_weight(f"distill.terms.{name}.weight", spec.get("weight", 1.0)),
                 _as_names(spec.get("student", "logits")),
                 _as_names(spec.get("teacher", "logits")),
-                float(spec.get("warmup_epochs", 0.0)),
+                _check_weight(f"distill.terms.{name}.warmup_epochs", spec.get("warmup_epochs", 0.0)),
             )
         )
     seen = set()
@@ -228,12 +790,24 @@ def needs_teacher(terms: Sequence[Term]) -> bool:
 
 
 def check_features(terms: Sequence[Term], student_names, teacher_names) -> None:
-    """Raises a one-line ValueError when a term reads a feature a model does not expose."""
+    """Raises a one-line ValueError when a term reads a feature a model does not expose, or when a
+    paired term's student and teacher features do not pair up one to one."""
     for t in terms:
+        found = {}
         for who, wanted, have in (("student", t.student, student_names), ("teacher", t.teacher, teacher_names)):
+            have = list(have)
             for n in wanted:
-                if n not in have:
+                try:
+                    resolve_features((n,), have)
+                except ValueError:
                     raise ValueError(
                         f"term {t.name!r} reads {who} feature {n!r}, which the {who} model does not "
                         f"have; it has: {', '.join(sorted(have))}"
-                    )
+                    ) from None
+            found[who] = resolve_features(wanted, have) if wanted else ()
+        if t.paired and len(found["student"]) != len(found["teacher"]):
+            raise ValueError(
+                f"term {t.name!r} pairs student features ({', '.join(found['student'])}) with teacher "
+                f"features ({', '.join(found['teacher'])}) one to one; set distill.{t.name}.student / "
+                f".teacher to lists of equal length"
+            )

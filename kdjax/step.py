@@ -119,9 +119,11 @@ def make_train_step(
             s_state = {"batch_stats": s_stats} if s_stats is not None else {}
             return total, (values, logits, {"student": s_state, "distiller": d_state})
 
-        (total, (values, logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
-        )
+        # Differentiate w.r.t. a per-device ("varying") view of the replicated parameters, so the
+        # gradients are this device's own and the explicit pmean below is the only reduction
+        # (otherwise shard_map's autodiff would already psum them).
+        local_params = jax.lax.pcast(state.params, AXIS, to="varying")
+        (total, (values, logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(local_params)
         grads = jax.lax.pmean(grads, AXIS)
         model_state = jax.lax.pmean(model_state, AXIS)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -131,9 +133,9 @@ def make_train_step(
         metrics["loss"] = total
         metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
         metrics = jax.lax.pmean(metrics, AXIS)
-        metrics["grad_norm"] = optax.global_norm(grads)
-        metrics["param_norm"] = optax.global_norm(params["student"])
-        metrics["update_norm"] = optax.global_norm(updates)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["param_norm"] = optax.tree.norm(params["student"])
+        metrics["update_norm"] = optax.tree.norm(updates)
         metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
         new_state = state.replace(
             step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state

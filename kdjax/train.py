@@ -75,7 +75,7 @@ def validate(config) -> None:
     """One-line errors for settings that cannot work, before anything is loaded or written."""
     if config.batch_size <= 0:
         raise ValueError(f"config.batch_size must be a positive integer, got {config.batch_size}")
-    n = jax.device_count()
+    n = config.num_devices or jax.device_count()
     if config.batch_size % n:
         raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {n} devices")
     if config.parallel not in kstep.DataParallel.MODES:
@@ -361,7 +361,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("data %s: %d train / %s val / %d test, %s, %d classes", dataset.name, len(dataset.train.labels),
                  len(dataset.val.labels) if dataset.val is not None else 0, len(dataset.test.labels),
                  dataset.image_shape, dataset.num_classes)
-    par = kstep.DataParallel(config.parallel)
+    par = kstep.DataParallel(config.parallel, num_devices=config.num_devices)
     summary_path = os.path.join(workdir, "summary.json")
     summary = _read_json(summary_path, {})
     teacher = teacher_vars = None

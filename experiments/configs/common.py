@@ -42,6 +42,7 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
     c.eval_batch_size = 500
     c.throughput_batch = 256  # batch for the inference images/s figure in summary.json
     c.parallel = "jit"  # 'jit' (jax.jit over a ('data',) mesh, shard_map body) or 'pmap'
+    c.num_devices = config_dict.placeholder(int)  # None: all devices; n: the first n (one process)
     c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
     c.log_every_steps = 50
 

@@ -58,7 +58,11 @@ def apply_model(model: nn.Module, variables, x, *, train: bool, mutable_stats: b
     Returns ``(logits, features, new_batch_stats)``: float32 logits, a flat dict
     name -> array of the features, and the updated batch_stats when ``train`` and the model has
     batch_stats (else None). ``mutable_stats=False`` in train mode still normalises with batch
-    statistics but discards the running-average update (returns None)."""
+    statistics but discards the running-average update (returns None).
+
+    ``features`` is built in forward order (hidden*/stage* by number, embedding, logits), but
+    note that a dict passing through a JAX transform (jit, eval_shape, ...) comes back with
+    sorted keys; use ``feature_names`` for the canonical order."""
     has_stats = "batch_stats" in variables
     if mutable_stats is None:
         mutable_stats = train and has_stats
@@ -113,7 +117,8 @@ def feature_shapes(model: nn.Module, input_shape) -> dict[str, tuple]:
         variables = model.init(jax.random.key(0), x, train=False)
         return apply_model(model, variables, x, train=False)[1]
 
-    return {k: tuple(v.shape) for k, v in jax.eval_shape(run, x).items()}
+    shapes = jax.eval_shape(run, x)
+    return {k: tuple(shapes[k].shape) for k in sorted(shapes, key=_order)}
 
 
 def feature_names(model: nn.Module, input_shape) -> list[str]:

@@ -1,0 +1,172 @@
+"""End-to-end tests of the real trainer (kdjax.train.run) on tiny models.
+
+They run the same code path as `python -m experiments.digits` / `experiments.cifar`, shrunk:
+tiny models, one or two epochs, so that the trainer cannot silently drift from the library.
+"""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import cifar10_resnet18_mobilenetv2 as cifar_cfg
+from experiments.configs import digits as digits_cfg
+from kdjax import checkpoint as kckpt
+from kdjax import data as kdata
+from kdjax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_digits_config(**overrides):
+    c = digits_cfg.get_config()
+    c.teacher.model = "cnn_tiny"  # has BatchNorm: exercises the synchronised batch statistics
+    c.teacher.epochs = 1
+    c.student.model = "mlp"
+    c.student.epochs = 1
+    c.stages = "teacher,student"
+    c.log_every_steps = 1
+    c.throughput_batch = 16
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return c
+
+
+def read_metrics(workdir, role, kind="train"):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [r for r in rows if r["role"] == role and r["kind"] == kind]
+
+
+def final_params(workdir, role):
+    ckpts = kckpt.StageCheckpoints(os.path.join(workdir, role, "checkpoints"))
+    step = ckpts.latest_step()
+    state, _ = ckpts.restore(step)  # no target: the saved arrays as they are
+    ckpts.close()
+    return step, state["params"]
+
+
+def test_offline_default_shrunk_writes_summary(tmp_path):
+    workdir = str(tmp_path / "run")
+    summary = train.run(tiny_digits_config(stages="teacher,student,student_scratch"), workdir)
+    assert set(summary) == {"teacher", "student", "student_scratch"}
+    on_disk = json.load(open(os.path.join(workdir, "summary.json")))
+    for role, r in on_disk.items():
+        assert 0.0 <= r["test_accuracy"] <= 1.0
+        assert r["num_params"] > 0 and r["images_per_sec"] > 0
+    assert on_disk["teacher"]["test_accuracy"] > 0.5  # one epoch of a CNN on digits
+    assert os.path.exists(os.path.join(workdir, "config.json"))
+    table = train.format_table(summary)
+    assert "student_scratch" in table and "cnn_tiny" in table
+
+
+def test_jit_and_pmap_on_two_devices_match_one_device(tmp_path):
+    assert jax.device_count() >= 2, "tests/conftest.py forces 2 host devices"
+    losses = {}
+    for name, overrides in {
+        "one_device": {"parallel": "jit", "num_devices": 1},
+        "jit_2": {"parallel": "jit", "num_devices": 2},
+        "pmap_2": {"parallel": "pmap", "num_devices": 2},
+    }.items():
+        workdir = str(tmp_path / name)
+        train.run(tiny_digits_config(**overrides), workdir)
+        losses[name] = {
+            role: np.array([[r["loss"], r["accuracy"], r["grad_norm"]] for r in read_metrics(workdir, role)])
+            for role in ("teacher", "student")
+        }
+        assert len(losses[name]["student"]) == 22  # 1437 // 64 steps
+    for name in ("jit_2", "pmap_2"):
+        for role in ("teacher", "student"):
+            np.testing.assert_allclose(losses[name][role], losses["one_device"][role], rtol=2e-4, atol=1e-5)
+
+
+def test_resume_after_crash_continues_from_saved_step(tmp_path, monkeypatch, caplog):
+    overrides = {"teacher.epochs": 2, "checkpoint.every_steps": 7}
+    ref_dir = str(tmp_path / "uninterrupted")
+    train.run(tiny_digits_config(**overrides), ref_dir)
+
+    # Crash in the middle of the student stage (teacher: 44 steps; then 10 student steps).
+    calls = {"n": 0}
+    real = kdata.batch_indices
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 44 + 10:
+            raise KeyboardInterrupt("simulated crash")
+        return real(*args, **kwargs)
+
+    workdir = str(tmp_path / "crashed")
+    monkeypatch.setattr(kdata, "batch_indices", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(tiny_digits_config(**overrides), workdir)
+    monkeypatch.setattr(kdata, "batch_indices", real)
+    assert os.path.exists(os.path.join(workdir, "teacher", "result.json"))
+    assert not os.path.exists(os.path.join(workdir, "student", "result.json"))
+
+    with caplog.at_level(logging.INFO, logger="absl"):
+        train.run(tiny_digits_config(**overrides), workdir)
+    text = caplog.text
+    assert "stage 'teacher' already finished" in text
+    assert "resuming stage 'student' from step 7" in text
+
+    ref_rows, rows = read_metrics(ref_dir, "student"), read_metrics(workdir, "student")
+    assert [r["step"] for r in rows] == list(range(1, 10)) + list(range(8, 23))
+    assert rows[-1] == ref_rows[-1]  # the same final step, bit for bit
+    ref_step, ref_params = final_params(ref_dir, "student")
+    step, params = final_params(workdir, "student")
+    assert step == ref_step == 22
+    jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+
+
+def test_reuses_teacher_from_another_run(tmp_path):
+    first = str(tmp_path / "first")
+    train.run(tiny_digits_config(stages="teacher"), first)
+    second = str(tmp_path / "second")
+    summary = train.run(tiny_digits_config(**{"teacher.checkpoint": first}), second)
+    assert summary["teacher"]["reused_from"] == os.path.abspath(first)
+    assert not os.path.exists(os.path.join(second, "teacher"))
+    assert "student" in summary
+
+
+def test_workdir_with_another_config_is_refused(tmp_path):
+    workdir = str(tmp_path / "run")
+    train.run(tiny_digits_config(stages="teacher"), workdir)
+    before = open(os.path.join(workdir, "config.json")).read()
+    with pytest.raises(ValueError, match="different config .*distill"):
+        train.run(tiny_digits_config(stages="teacher", **{"distill.temperature": 8.0}), workdir)
+    assert open(os.path.join(workdir, "config.json")).read() == before
+
+
+def test_cifar_smoke_runs_end_to_end_on_mock_data(tmp_path):
+    c = cifar_cfg.get_config("smoke")
+    assert c.dataset.mock_examples > 0 and c.dataset.name == "cifar10"
+    # The smoke config keeps ResNet-18 -> MobileNetV2; compiling those takes minutes on 2 CPU
+    # cores, so this test swaps in the smallest CIFAR models. Everything else is the smoke run.
+    c.teacher.model, c.student.model = "resnet8", "resnet8"
+    summary = train.run(c, str(tmp_path / "smoke"))
+    assert set(summary) == {"teacher", "student", "student_scratch"}
+    assert summary["student"]["distill"] == {"ce": 0.1, "kd": 0.9}
+
+
+def test_cifar_without_data_stops_with_one_line(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.cifar",
+         "--config=experiments/configs/cifar10_resnet18_mobilenetv2.py",
+         f"--workdir={tmp_path / 'run'}", f"--config.dataset.data_dir={tmp_path / 'empty'}",
+         "--config.dataset.download=False"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cifar10" in errors[0] and "data_dir" in errors[0]
+    assert "Traceback" not in proc.stderr
