@@ -128,8 +128,9 @@ def test_digits_param_counts():
 
 # ------------------------------------------------------------ real compute
 
-# MobileNetV2 is covered by eval_shape above and the DepthwiseConv tests (its compile is slow).
-@pytest.mark.parametrize("name", ["cnn_tiny", "mlp", "resnet8", "wrn_16_1", "vgg8"])
+# Real compute for a few cheap families only; the others are traced above (numerics were checked
+# against the PyTorch references offline) and MobileNetV2's depthwise conv is tested below.
+@pytest.mark.parametrize("name", ["cnn_tiny", "mlp", "resnet8", "wrn_16_1"])
 def test_tiny_forward(name):
     model = get_model(name, 10)
     x = _x((2, 8, 8, 3))
@@ -183,19 +184,22 @@ def test_sow_is_free_without_features_collection():
     model = get_model("cnn_tiny", 10)
     x = _x((2, 8, 8, 1))
     v = _init(model, x.shape)
-    out = model.apply(v, x)  # nothing mutable: sow is a no-op, plain array comes back
-    assert isinstance(out, jax.Array) and out.shape == (2, 10)
-    _, state = model.apply(v, x, train=True, mutable=["batch_stats"])
+    assert set(v) == {"params", "batch_stats"}
+    # nothing mutable: sow is a no-op, a plain array comes back (traced only: no compile)
+    out = jax.eval_shape(lambda v, x: model.apply(v, x), v, x)
+    assert isinstance(out, jax.ShapeDtypeStruct) and out.shape == (2, 10)
+    _, state = jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), v, x)
     assert set(state) == {"batch_stats"}
     # identical computation either way
     jaxpr_plain = str(jax.make_jaxpr(lambda v, x: model.apply(v, x))(v, x))
     jaxpr_feats = str(jax.make_jaxpr(lambda v, x: model.apply(v, x, mutable=["features"])[0])(v, x))
     assert jaxpr_plain == jaxpr_feats
-    # stale 'features' in variables are ignored by apply_model; eager calls keep forward order
-    _, f1, _ = apply_model(model, v, x, train=False)
-    assert list(f1) == ["stage1", "stage2", "embedding", "logits"]
-    _, f2, _ = apply_model(model, {**v, "features": f1}, x, train=False)
-    assert jax.tree.structure(f1) == jax.tree.structure(f2)
+    # apply_model builds the dict in forward order and ignores stale 'features' in variables
+    seen = []
+    jax.eval_shape(lambda v, x: seen.append(list(apply_model(model, v, x, train=False)[1])), v, x)
+    stale = {**v, "features": {"stage1": jnp.zeros((2, 8, 8, 16))}}
+    jax.eval_shape(lambda v, x: seen.append(list(apply_model(model, v, x, train=False)[1])), stale, x)
+    assert seen == [["stage1", "stage2", "embedding", "logits"]] * 2
 
 
 def test_bf16_model_returns_float32_logits():
