@@ -238,13 +238,13 @@ class ConvReg(nn.Module):
     conv 3x3 stride 2 when the student is twice as large, transposed conv 4x4 stride 2 when half
     as large, else a 'valid' conv of kernel (1 + Hs - Ht, 1 + Ws - Wt); then BatchNorm and ReLU."""
 
-    teacher_shape: tuple[int, ...]  # (B, H, W, C) of the target
+    teacher_shape: tuple[int, int, int]  # (H, W, C) of the target
     use_relu: bool = True
 
     @nn.compact
     def __call__(self, x, ctx: Context):
         _, sh, sw, sc = x.shape
-        _, th, tw, tc = self.teacher_shape
+        th, tw, tc = self.teacher_shape
         if sh == 2 * th:
             conv = nn.Conv(tc, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
                            kernel_init=_torch_kernel, bias_init=_torch_bias(9 * sc), name="conv")
@@ -260,9 +260,9 @@ class ConvReg(nn.Module):
             raise ValueError(f"fitnet: cannot regress a student map of size {sh}x{sw} to a teacher "
                              f"map of size {th}x{tw}; choose other distill.fitnet features")
         y = _batch_norm(ctx, "bn")(conv(x.astype(jnp.float32)))
-        if y.shape[1:] != tuple(self.teacher_shape[1:]):
+        if y.shape[1:] != tuple(self.teacher_shape):
             raise ValueError(f"fitnet: regressed student map has shape {y.shape[1:]}, the teacher "
-                             f"map {tuple(self.teacher_shape[1:])}; choose other features")
+                             f"map {tuple(self.teacher_shape)}; choose other features")
         return nn.relu(y) if self.use_relu else y
 
 
@@ -496,7 +496,7 @@ def _fm(h, temperature, data):
 # FitNets: Romero et al. ICLR 2015; RepDistiller `--distill hint -a 0 -b 100`, hint_layer 2
 # (= stage2), regressor ConvReg (trained with the student).
 def _fitnet_fn(name, student, teacher, ctx, use_relu):
-    s = ConvReg(tuple(teacher.shape), use_relu, name=f"{name}_regressor")(student, ctx)
+    s = ConvReg(tuple(teacher.shape[1:]), use_relu, name=f"{name}_regressor")(student, ctx)
     return losses.fitnet(s, teacher)
 
 

@@ -40,6 +40,7 @@ class TrainState:
     model_state: Any  # non-parameter collections, e.g. {'student': {'batch_stats': ...}}
     opt_state: Any
     rng: jax.Array  # uint32[2] base key of this stage; step keys are fold_in(rng, step)
+    ema: Any = None  # Mean Teacher: EMA of the student's variables ({'params', 'batch_stats'})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,7 @@ class StepConfig:
     l1: float = 0.0
     l2: float = 0.0
     dtype: Any = jnp.float32
+    ema_decay: float = 0.0  # > 0: the teacher is an EMA of the student (state.ema), decay per step
 
 
 def _apply_distiller(distiller, params, model_state, s_feats, t_feats, ctx):
@@ -66,14 +68,34 @@ def _apply_distiller(distiller, params, model_state, s_feats, t_feats, ctx):
     return distiller.apply(variables, s_feats, t_feats, ctx), {}
 
 
+def teacher_features(teachers, teacher_vars, x) -> dict:
+    """Eval-mode features of one teacher, or of an ensemble (no gradient).
+
+    With several teachers, 'logits' is the log of their averaged class probabilities (so
+    softmax(logits) is the ensemble's prediction at temperature 1); every other feature is the
+    first teacher's.
+    """
+    if not teachers:
+        return {}
+    feats = [models.apply_model(m, v, x, train=False)[1] for m, v in zip(teachers, teacher_vars)]
+    out = dict(feats[0])
+    if len(feats) > 1:
+        probs = jnp.mean(jnp.stack([jax.nn.softmax(f["logits"]) for f in feats]), axis=0)
+        out["logits"] = jnp.log(jnp.maximum(probs, 1e-30))
+    return jax.lax.stop_gradient(out)
+
+
 def make_train_step(
-    student, distiller: distill.Distiller, teacher, tx: optax.GradientTransformation,
+    student, distiller: distill.Distiller, teachers: tuple, tx: optax.GradientTransformation,
     schedule: Callable[[jax.Array], jax.Array], cfg: StepConfig,
 ):
     """Returns the per-device step fn(state, teacher_variables, batch) -> (state, metrics).
 
     `batch` holds this device's slice: 'image' uint8 (b,H,W,C), 'label' int32 (b,), 'index' int32
-    (b,) (data-set index of each example). `teacher` is a Linen model or None.
+    (b,) (data-set index of each example). `teachers` is a tuple of Linen models (empty: none;
+    several: an ensemble) and `teacher_variables` the matching tuple of variables. With
+    `cfg.ema_decay` > 0 the teacher is instead the student itself with the EMA variables
+    `state.ema` (Mean Teacher), updated after every step.
     """
     terms = distiller.terms
 
@@ -92,10 +114,10 @@ def make_train_step(
             x, perm, lam = kdata.cutmix(mix_key, x, cfg.cutmix_alpha)
 
         # Teacher: eval mode, the very same augmented batch, no gradient.
-        t_feats = {}
-        if teacher is not None:
-            _, t_feats, _ = models.apply_model(teacher, teacher_vars, x, train=False)
-            t_feats = jax.lax.stop_gradient(t_feats)
+        if cfg.ema_decay > 0:
+            t_feats = teacher_features((student,), (state.ema,), x)
+        else:
+            t_feats = teacher_features(teachers, teacher_vars, x)
 
         ctx = distill.Context(
             labels=batch["label"], train=True, mix_perm=perm, mix_lam=lam,
@@ -137,8 +159,12 @@ def make_train_step(
         metrics["param_norm"] = optax.tree.norm(params["student"])
         metrics["update_norm"] = optax.tree.norm(updates)
         metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+        ema = state.ema
+        if cfg.ema_decay > 0:
+            current = {"params": params["student"], **model_state["student"]}
+            ema = optax.incremental_update(current, state.ema, 1.0 - cfg.ema_decay)
         new_state = state.replace(
-            step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
+            step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state, ema=ema
         )
         return new_state, metrics
 

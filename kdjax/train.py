@@ -33,7 +33,7 @@ from kdjax import models
 from kdjax import optim
 from kdjax import step as kstep
 
-ROLES = ("teacher", "student", "student_scratch")
+ROLES = ("teacher", "student_init", "student", "student_scratch")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -66,8 +66,20 @@ def _stages(config) -> list[str]:
     for s in stages:
         if s not in ROLES:
             raise ValueError(f"unknown stage {s!r} in config.stages; choose from: {', '.join(ROLES)}")
-    if "student" in stages and "teacher" not in stages and not config.teacher.checkpoint:
-        raise ValueError("stage 'student' needs a teacher: add 'teacher' to config.stages or set config.teacher.checkpoint")
+    source = config.teacher.source
+    if source not in ("trained", "ema"):
+        raise ValueError(f"unknown config.teacher.source {source!r}; choose one of: trained, ema")
+    if source == "ema" and "teacher" in stages:
+        raise ValueError("config.teacher.source='ema' (Mean Teacher) trains no teacher: remove 'teacher' from config.stages")
+    has_teacher = "teacher" in stages or config.teacher.checkpoint or config.teacher.ensemble or source == "ema"
+    if "student" in stages and not has_teacher:
+        raise ValueError("stage 'student' needs a teacher: add 'teacher' to config.stages, or set "
+                         "config.teacher.checkpoint, config.teacher.ensemble or config.teacher.source='ema'")
+    if "student_init" in stages:
+        if "student" not in stages or stages.index("student_init") > stages.index("student"):
+            raise ValueError("stage 'student_init' initialises the student: list it before 'student'")
+        if config.student_init.epochs <= 0:
+            raise ValueError("stage 'student_init' needs config.student_init.epochs > 0")
     return stages
 
 
@@ -130,26 +142,54 @@ def inference_throughput(model, variables, image_shape, mean, std, batch: int = 
 # One stage
 
 
+def _stage_terms(role: str, config) -> tuple[distill.Term, ...]:
+    """The objective of each stage: labels only, the distillation terms, or (student_init) the
+    subset of distillation terms named in config.student_init.terms, without the CE term."""
+    smoothing = config.loss.label_smoothing
+    if role in ("teacher", "student_scratch"):
+        return distill.build_terms({"method": "ce", "ce_weight": 1.0}, label_smoothing=smoothing)
+    terms = distill.build_terms(config.distill.to_dict(), label_smoothing=smoothing)
+    if role == "student":
+        return terms
+    wanted = [n.strip() for n in config.student_init.terms.split(",") if n.strip()]
+    names = [t.name for t in terms]
+    missing = [n for n in wanted if n not in names]
+    if missing or not wanted:
+        raise ValueError(
+            f"config.student_init.terms={config.student_init.terms!r}: name terms of the student's "
+            f"objective; it has: {', '.join(names)}"
+        )
+    return tuple(t for t in terms if t.name in wanted)
+
+
 class Stage:
-    """Trains one model (teacher, student or baseline) to completion, resuming if it can."""
+    """Trains one model (teacher, student or baseline) to completion, resuming if it can.
+
+    `teachers`/`teacher_vars`: tuples of Linen models and their variables (several = an
+    ensemble). `init_from`: a finished stage's host TrainState whose parameters (student and
+    adapters) initialise this one (two-stage methods such as FitNet's hint training).
+    """
 
     def __init__(self, role, config, dataset: kdata.Dataset, par: kstep.DataParallel, workdir: str,
-                 teacher=None, teacher_vars=None):
+                 teachers=(), teacher_vars=(), init_from=None):
         self.role, self.config, self.ds, self.par = role, config, dataset, par
         self.dir = os.path.join(workdir, role)
         self.metrics_path = os.path.join(workdir, "metrics.jsonl")
         model_cfg = config.teacher if role == "teacher" else config.student
+        self.model_name = model_cfg.model
         dtype = _DTYPES[config.dtype]
         self.model = models.get_model(
             model_cfg.model, num_classes=dataset.num_classes, dtype=dtype, bn_axis_name=kstep.AXIS,
             **dict(model_cfg.get("kwargs") or {}),
         )
-        self.eval_model = self.model
-        self.epochs = int(model_cfg.epochs)
+        self.epochs = int(config.student_init.epochs if role == "student_init" else model_cfg.epochs)
         self.lr = model_cfg.learning_rate if model_cfg.learning_rate is not None else config.optimizer.learning_rate
-        distill_cfg = config.distill.to_dict() if role == "student" else {"method": "ce", "ce_weight": 1.0}
-        self.terms = distill.build_terms(distill_cfg, label_smoothing=config.loss.label_smoothing)
-        self.teacher, self.teacher_vars = (teacher, teacher_vars) if distill.needs_teacher(self.terms) else (None, None)
+        self.terms = _stage_terms(role, config)
+        ema = role == "student" and config.teacher.source == "ema"
+        self.teachers, self.teacher_vars = (tuple(teachers), tuple(teacher_vars))
+        if ema or not distill.needs_teacher(self.terms):
+            self.teachers, self.teacher_vars = (), ()
+        self.init_from = init_from
         self.batch_size = config.batch_size
         self.spe = kdata.steps_per_epoch(len(dataset.train.labels), config.batch_size)
         self.total_steps = self.epochs * self.spe
@@ -158,6 +198,7 @@ class Stage:
             crop_padding=config.augment.crop_padding, flip=config.augment.flip,
             mixup_alpha=config.augment.mixup_alpha, cutmix_alpha=config.augment.cutmix_alpha,
             l1=config.loss.l1, l2=config.loss.l2, dtype=dtype,
+            ema_decay=config.teacher.ema_decay if ema else 0.0,
         )
 
     # -- init / restore -------------------------------------------------------------------------
@@ -168,16 +209,25 @@ class Stage:
         x = jnp.zeros((2,) + self.ds.image_shape, jnp.float32)
         variables = self.model.init(key_model, x, train=False)
         s_params = variables.pop("params")
-        _, s_feats, _ = models.apply_model(self.model, {"params": s_params, **variables}, x, train=False)
-        t_feats = {}
-        if self.teacher is not None:
-            _, t_feats, _ = models.apply_model(self.teacher, self.teacher_vars, x, train=False)
+        s_vars = {"params": s_params, **variables}
+        _, s_feats, _ = models.apply_model(self.model, s_vars, x, train=False)
+        if self.step_cfg.ema_decay > 0:
+            t_feats = kstep.teacher_features((self.model,), (s_vars,), x)
+        else:
+            t_feats = kstep.teacher_features(self.teachers, self.teacher_vars, x)
         distill.check_features(self.terms, s_feats, t_feats)
         self.distiller = distill.Distiller(self.terms)
         ctx = distill.Context(labels=jnp.zeros((2,), jnp.int32), train=False, indices=jnp.zeros((2,), jnp.int32),
                               rng=key_distiller)
         d_vars = dict(self.distiller.init(key_distiller, s_feats, t_feats, ctx))
         d_params = d_vars.pop("params", {})
+        params = {"student": s_params, "distiller": d_params}
+        model_state = {"student": dict(variables), "distiller": d_vars}
+        if self.init_from is not None:  # two-stage methods: start from the init stage's result
+            params = {"student": self.init_from.params["student"],
+                      "distiller": {**d_params, **self.init_from.params["distiller"]}}
+            model_state = {"student": self.init_from.model_state["student"],
+                           "distiller": {**d_vars, **self.init_from.model_state["distiller"]}}
         self.schedule = optim.make_schedule(
             c.optimizer.schedule, base_lr=self.lr, total_steps=self.total_steps, steps_per_epoch=self.spe,
             warmup_epochs=c.optimizer.warmup_epochs, decay_epochs=tuple(c.optimizer.decay_epochs),
@@ -187,20 +237,30 @@ class Stage:
             c.optimizer.name, self.schedule, momentum=c.optimizer.momentum, nesterov=c.optimizer.nesterov,
             weight_decay=c.optimizer.weight_decay, grad_clip_norm=c.optimizer.grad_clip_norm,
         )
-        params = {"student": s_params, "distiller": d_params}
+        ema = None
+        if self.step_cfg.ema_decay > 0:
+            ema = {"params": params["student"], **model_state["student"]}
         return kstep.TrainState(
-            step=jnp.zeros((), jnp.int32), params=params,
-            model_state={"student": dict(variables), "distiller": d_vars},
-            opt_state=self.tx.init(params), rng=jax.random.PRNGKey(seed + 1),
+            step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+            opt_state=self.tx.init(params), rng=jax.random.PRNGKey(seed + 1), ema=ema,
         )
 
-    def variables_of(self, state) -> dict:
+    @staticmethod
+    def variables_of(state) -> dict:
         """The trained model's Flax variables (no distiller adapters) from a host TrainState."""
         return {"params": state.params["student"], **state.model_state["student"]}
 
+    def restore_selected(self):
+        """The selected (best) host TrainState of this stage once it has finished."""
+        ckpts = kckpt.StageCheckpoints(os.path.join(self.dir, "checkpoints"))
+        step = ckpts.restore_meta(ckpts.latest_step())["best_step"]
+        state, _ = ckpts.restore(step, jax.device_get(self._init()))
+        ckpts.close()
+        return state
+
     # -- the loop -------------------------------------------------------------------------------
-    def run(self) -> tuple[dict, dict]:
-        """Trains (or resumes) to the end; returns (result dict, selected variables for later stages)."""
+    def run(self) -> tuple[dict, Any]:
+        """Trains (or resumes) to the end; returns (result dict, the selected host TrainState)."""
         c = self.config
         ckpts = kckpt.StageCheckpoints(os.path.join(self.dir, "checkpoints"), keep=c.checkpoint.keep)
         state = self._init()
@@ -211,16 +271,16 @@ class Stage:
             logging.info("resuming stage %r from step %d (epoch %.2f of %d) in %s",
                          self.role, latest, latest / self.spe, self.epochs, ckpts.directory)
         else:
-            logging.info("stage %r: training %s for %d epochs (%d steps of batch %d)",
-                         self.role, self.config.teacher.model if self.role == "teacher" else self.config.student.model,
-                         self.epochs, self.total_steps, self.batch_size)
+            logging.info("stage %r: training %s for %d epochs (%d steps of batch %d), terms: %s",
+                         self.role, self.model_name, self.epochs, self.total_steps, self.batch_size,
+                         ", ".join(f"{t.weight:g}*{t.name}" for t in self.terms))
 
         train_step = self.par.wrap(
-            kstep.make_train_step(self.model, self.distiller, self.teacher, self.tx, self.schedule, self.step_cfg),
+            kstep.make_train_step(self.model, self.distiller, self.teachers, self.tx, self.schedule, self.step_cfg),
             donate_first=True,
         )
-        eval_step = self.par.wrap(kstep.make_eval_step(self.eval_model, self.step_cfg))
-        teacher_vars = self.par.replicate(self.teacher_vars if self.teacher is not None else {})
+        eval_step = self.par.wrap(kstep.make_eval_step(self.model, self.step_cfg))
+        teacher_vars = self.par.replicate(self.teacher_vars)
         state = self.par.replicate(state)
         train = self.ds.train
         step = int(self.par.unreplicate(state.step))
@@ -256,7 +316,7 @@ class Stage:
         hist = meta["history"]
         best = max(hist, key=lambda h: h["score"])
         result = {
-            "model": c.teacher.model if self.role == "teacher" else c.student.model,
+            "model": self.model_name,
             "num_params": models.num_params(best_vars["params"]),
             "test_accuracy": hist[-1]["test_accuracy"],
             "best_test_accuracy": max(h["test_accuracy"] for h in hist),
@@ -266,14 +326,13 @@ class Stage:
             "epochs": self.epochs,
             "steps": self.total_steps,
             "train_seconds_this_session": round(train_seconds, 2),
-            "images_per_sec": inference_throughput(self.eval_model, best_vars, self.ds.image_shape,
+            "images_per_sec": inference_throughput(self.model, best_vars, self.ds.image_shape,
                                                    self.ds.mean, self.ds.std, batch=c.throughput_batch),
+            "terms": {t.name: t.weight for t in self.terms},
         }
         if self.ds.val is not None:
             result["val_accuracy"] = hist[-1]["val_accuracy"]
-        if self.role == "student":
-            result["distill"] = {t.name: t.weight for t in self.terms}
-        return result, best_vars
+        return result, best_state
 
     def _end_of_epoch(self, step, state, eval_step, meta) -> dict:
         variables = {"params": state.params["student"], **state.model_state["student"]}
@@ -321,28 +380,38 @@ def _prepare_workdir(config, workdir: str) -> None:
     _write_json(path, resolved)
 
 
-def _load_teacher(config, dataset, par, workdir) -> tuple[Any, dict, dict]:
-    """Loads the teacher of a previous run (`config.teacher.checkpoint` = that run's workdir)."""
-    src = os.path.abspath(config.teacher.checkpoint)
-    stage = Stage("teacher", config, dataset, par, workdir)
-    state = stage._init()
-    ckpts = kckpt.StageCheckpoints(os.path.join(src, "teacher", "checkpoints"))
-    result = _read_json(os.path.join(src, "teacher", "result.json"))
+def load_trained_model(run_dir: str, role: str, dataset: kdata.Dataset, dtype) -> tuple[Any, dict, dict]:
+    """A model trained by an earlier run: (Linen model, variables, result dict).
+
+    The architecture comes from that run's config.json; the variables from the selected checkpoint
+    of its `role` stage (e.g. 'teacher', or 'student' for born-again self-distillation).
+    """
+    src = os.path.abspath(run_dir)
+    saved = _read_json(os.path.join(src, "config.json"))
+    if saved is None:
+        raise ValueError(f"{src} is not a kdjax run directory (no config.json)")
+    model_cfg = saved["teacher" if role == "teacher" else "student"]
+    model = models.get_model(model_cfg["model"], num_classes=dataset.num_classes, dtype=dtype,
+                             bn_axis_name=kstep.AXIS, **dict(model_cfg.get("kwargs") or {}))
+    ckpt_dir = os.path.join(src, role, "checkpoints")
+    ckpts = kckpt.StageCheckpoints(ckpt_dir)
     latest = ckpts.latest_step()
     if latest is None:
-        raise ValueError(f"config.teacher.checkpoint: no teacher checkpoint under {src}/teacher/checkpoints")
+        raise ValueError(f"no {role} checkpoint in {ckpt_dir}")
     step = ckpts.restore_meta(latest).get("best_step") or latest
-    state, _ = ckpts.restore(step, jax.device_get(state))
+    state, _ = ckpts.restore(step)  # as saved; checked against the architecture below
     ckpts.close()
-    logging.info("teacher: reusing %s step %d (not retraining)", src, step)
-    variables = stage.variables_of(state)
-    if result is None:
-        eval_step = par.wrap(kstep.make_eval_step(stage.model, stage.step_cfg))
-        test = evaluate(eval_step, par, par.replicate(variables), dataset.test, config.eval_batch_size)
-        result = {"model": config.teacher.model, "test_accuracy": test["accuracy"],
-                  "num_params": models.num_params(variables["params"])}
-    result = dict(result, reused_from=src)
-    return stage.model, variables, result
+    variables = {"params": state["params"]["student"], **state["model_state"]["student"]}
+    expected = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+                              jnp.zeros((1,) + dataset.image_shape))
+    shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), dict(tree))  # noqa: E731
+    if shapes(variables) != shapes(expected):
+        raise ValueError(f"the {role} checkpoint in {ckpt_dir} does not fit a {model_cfg['model']} for "
+                         f"{dataset.name} ({dataset.num_classes} classes, {dataset.image_shape} images)")
+    logging.info("%s: reusing %s (%s, step %d), not retraining", role, src, model_cfg["model"], step)
+    result = _read_json(os.path.join(src, role, "result.json")) or {
+        "model": model_cfg["model"], "num_params": models.num_params(variables["params"])}
+    return model, variables, dict(result, reused_from=src, reused_role=role)
 
 
 def _mock_data(num_examples: int):
@@ -368,40 +437,43 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  len(dataset.val.labels) if dataset.val is not None else 0, len(dataset.test.labels),
                  dataset.image_shape, dataset.num_classes)
     par = kstep.DataParallel(config.parallel, num_devices=config.num_devices)
+    dtype = _DTYPES[config.dtype]
     summary_path = os.path.join(workdir, "summary.json")
     summary = _read_json(summary_path, {})
-    teacher = teacher_vars = None
+    teachers, teacher_vars = [], []
+    for run_dir in filter(None, (p.strip() for p in config.teacher.ensemble.split(","))):
+        model, variables, result = load_trained_model(run_dir, "teacher", dataset, dtype)
+        teachers.append(model)
+        teacher_vars.append(variables)
+        summary.setdefault("ensemble", {})[os.path.abspath(run_dir)] = result
+    if config.teacher.checkpoint:  # reuse an earlier run's model as the teacher: no teacher stage
+        model, variables, summary["teacher"] = load_trained_model(
+            config.teacher.checkpoint, config.teacher.checkpoint_role, dataset, dtype)
+        teachers.insert(0, model)
+        teacher_vars.insert(0, variables)
+    init_state = None
     for role in _stages(config):
-        result_path = os.path.join(workdir, role, "result.json")
         if role == "teacher" and config.teacher.checkpoint:
-            teacher, teacher_vars, result = _load_teacher(config, dataset, par, workdir)
+            continue  # loaded above
+        stage = Stage(role, config, dataset, par, workdir, teachers=teachers, teacher_vars=teacher_vars,
+                      init_from=init_state if role == "student" else None)
+        result_path = os.path.join(stage.dir, "result.json")
+        result = _read_json(result_path)
+        if result is not None:
+            logging.info("stage %r already finished (%s); skipping", role, result_path)
+            selected = stage.restore_selected() if role in ("teacher", "student_init") else None
         else:
-            stage = Stage(role, config, dataset, par, workdir, teacher=teacher, teacher_vars=teacher_vars)
-            result = _read_json(result_path)
-            if result is not None:
-                logging.info("stage %r already finished (%s); skipping", role, result_path)
-                if role == "teacher":
-                    teacher, teacher_vars = stage.model, _restore_selected(stage)
-            else:
-                result, variables = stage.run()
-                os.makedirs(os.path.dirname(result_path), exist_ok=True)
-                _write_json(result_path, result)
-                if role == "teacher":
-                    teacher, teacher_vars = stage.model, variables
+            result, selected = stage.run()
+            _write_json(result_path, result)
+        if role == "teacher":
+            teachers.insert(0, stage.model)
+            teacher_vars.insert(0, stage.variables_of(selected))
+        elif role == "student_init":
+            init_state = selected
         summary[role] = result
         _write_json(summary_path, summary)
     logging.info("summary written to %s", summary_path)
     return summary
-
-
-def _restore_selected(stage: Stage) -> dict:
-    """The selected (best) variables of a finished stage, from its checkpoints."""
-    ckpts = kckpt.StageCheckpoints(os.path.join(stage.dir, "checkpoints"))
-    latest = ckpts.latest_step()
-    step = ckpts.restore_meta(latest)["best_step"]
-    state, _ = ckpts.restore(step, jax.device_get(stage._init()))
-    ckpts.close()
-    return stage.variables_of(state)
 
 
 def format_table(summary: dict) -> str:

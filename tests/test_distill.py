@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kdjax import distill, losses
@@ -16,12 +17,13 @@ ALL = [m for m in distill.METHODS if m != "ce"]
 LABELS = np.arange(N) % K  # training labels of the toy data set
 
 
-def _features(key, stages, emb, batch=B):
-    """Random non-negative (post-ReLU-like) stage maps, an embedding and logits."""
-    keys = jax.random.split(key, len(stages) + 2)
-    f = {f"stage{i + 1}": jax.nn.relu(jax.random.normal(k, (batch, *s))) for i, (k, s) in enumerate(zip(keys, stages))}
-    f["embedding"] = jax.random.normal(keys[-2], (batch, emb))
-    f["logits"] = 3.0 * jax.random.normal(keys[-1], (batch, K))
+def _features(rng, stages, emb, batch=B):
+    """Random non-negative (post-ReLU-like) stage maps, an embedding and logits. NumPy inputs:
+    eager jax.random calls would compile a kernel per shape."""
+    f = {f"stage{i + 1}": np.maximum(rng.standard_normal((batch, *s)), 0).astype(np.float32)
+         for i, s in enumerate(stages)}
+    f["embedding"] = rng.standard_normal((batch, emb)).astype(np.float32)
+    f["logits"] = 3.0 * rng.standard_normal((batch, K)).astype(np.float32)
     return f
 
 
@@ -35,9 +37,9 @@ SHAPES = {
 
 def _inputs(case, seed=0, batch=B):
     s_stages, s_emb, t_stages, t_emb = SHAPES[case]
-    ks, kt, kl = jax.random.split(jax.random.key(seed), 3)
-    labels = jax.random.randint(kl, (batch,), 0, K)
-    return _features(ks, s_stages, s_emb, batch), _features(kt, t_stages, t_emb, batch), labels
+    rng = np.random.default_rng(seed)
+    s, t = _features(rng, s_stages, s_emb, batch), _features(rng, t_stages, t_emb, batch)
+    return s, t, rng.integers(0, K, batch).astype(np.int32)
 
 
 def _all_terms():
@@ -45,13 +47,13 @@ def _all_terms():
     return distill.build_terms(cfg, num_data=N, dataset_labels=LABELS)
 
 
-def _ctx(labels, train=False, indices=None, seed=1):
-    indices = jnp.arange(labels.shape[0], dtype=jnp.int32) * 3 if indices is None else indices
-    return distill.Context(labels=labels, train=train, indices=indices, rng=jax.random.key(seed))
+def _ctx(labels, indices=None, train=False):
+    indices = np.arange(labels.shape[0], dtype=np.int32) * 3 if indices is None else indices
+    return distill.Context(labels=labels, train=train, indices=indices, rng=jax.random.key(1))
 
 
 def _finite(tree):
-    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
+    return all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(tree))
 
 
 def test_every_method_builds_with_reference_weights():
@@ -65,10 +67,12 @@ def test_every_method_builds_with_reference_weights():
     assert dkd[0].weight == 1.0 and dkd[1].warmup_epochs == 20.0
 
 
-def _init(distiller, s, t, ctx):
+# Everything enters jitted functions as an argument: closed-over arrays become constants that
+# XLA:CPU constant-folds very slowly.
+def _init(distiller, s, t, labels, indices=None):
     """Jitted init with a cheap-to-compile PRNG (threefry kernels compile slowly on CPU)."""
-    key = jax.random.key(0, impl="rbg")
-    return jax.jit(lambda k: distiller.init(k, s, t, ctx))(key)
+    fn = lambda k, s, t, y, i: distiller.init(k, s, t, _ctx(y, i))
+    return jax.jit(fn)(jax.random.key(0, impl="rbg"), s, t, labels, indices)
 
 
 def _split(variables):
@@ -79,30 +83,37 @@ def test_all_methods_finite_values_and_gradients():
     s, t, labels = _inputs("digits")
     terms = _all_terms()
     distiller = distill.Distiller(terms)
-    ctx = _ctx(labels)
-    params, state = _split(_init(distiller, s, t, ctx))
+    params, state = _split(_init(distiller, s, t, labels))
     assert set(state) == {"batch_stats", "crd_memory"}
 
-    def total(params, s):
-        values = distiller.apply({"params": params, **state}, s, t, ctx)
+    def total(params, s, state, t, labels):
+        values = distiller.apply({"params": params, **state}, s, t, _ctx(labels))
         return sum(values.values()), values
 
-    (_, values), (g_params, g_feats) = jax.jit(jax.value_and_grad(total, argnums=(0, 1), has_aux=True))(params, s)
+    grad_fn = jax.jit(jax.value_and_grad(total, argnums=(0, 1), has_aux=True))
+    (_, values), (g_params, g_feats) = grad_fn(params, s, state, t, labels)
     assert set(values) == {t.name for t in terms}
+    values, g_params, g_feats = jax.device_get((values, g_params, g_feats))
     for name, v in values.items():
-        assert v.shape == () and bool(jnp.isfinite(v)), (name, v)
+        assert v.shape == () and np.isfinite(v), (name, v)
     # NaN/inf in any term's gradient would show in the gradient of the sum.
     assert _finite(g_params) and _finite(g_feats)
     for f in ("stage1", "stage2", "embedding", "logits"):
-        assert float(jnp.abs(g_feats[f]).sum()) > 0, f
+        assert np.abs(g_feats[f]).sum() > 0, f
     # Every adapter is trained (each belongs to one term, named after it).
     assert {m.split("_")[0] for m in params} == {"fitnet", "vid", "reviewkd", "cc", "crd"}
     for module, g in g_params.items():
-        assert all(float(jnp.abs(x).sum()) > 0 for x in jax.tree.leaves(g)), module
+        assert all(np.abs(x).sum() > 0 for x in jax.tree.leaves(g)), module
 
-    # Adapter-free methods equal the direct loss call.
+    # Adapter-free methods equal the direct loss call (jitted: eager ops compile one by one).
+    direct = jax.jit(_direct_losses)(s, t, labels)
+    for name, want in direct.items():
+        np.testing.assert_allclose(values[name], want, rtol=2e-5, atol=1e-6, err_msg=name)
+
+
+def _direct_losses(s, t, labels):
     T = 4.0
-    direct = {
+    return {
         "ce": losses.cross_entropy(s["logits"], labels),
         "kd": losses.kd(s["logits"], t["logits"], T),
         "dkd": losses.dkd(s["logits"], t["logits"], labels, 1.0, 8.0, T),
@@ -116,8 +127,6 @@ def test_all_methods_finite_values_and_gradients():
         "rkd": losses.rkd(s["embedding"], t["embedding"]),
         "pkt": losses.pkt(s["embedding"], t["embedding"]),
     }
-    for name, want in direct.items():
-        np.testing.assert_allclose(values[name], want, rtol=2e-5, atol=1e-6, err_msg=name)
 
 
 def test_feature_methods_with_mismatched_channels_and_sizes():
@@ -126,20 +135,20 @@ def test_feature_methods_with_mismatched_channels_and_sizes():
     s, t, labels = _inputs("mismatch")
     cfg = distill.get_config("fitnet+at+sp+nst+vid+reviewkd+cc").to_dict()
     distiller = distill.Distiller(distill.build_terms(cfg))
-    ctx = _ctx(labels)
-    params, state = _split(_init(distiller, s, t, ctx))
-    values = jax.jit(lambda p: distiller.apply({"params": p, **state}, s, t, ctx))(params)
-    assert all(v.shape == () and bool(jnp.isfinite(v)) for v in values.values()), values
-    np.testing.assert_allclose(
-        values["at"], sum(losses.attention_transfer(s[k], t[k]) for k in ("stage1", "stage2")), rtol=2e-5)
+    variables = _init(distiller, s, t, labels)
+    values = jax.jit(lambda v, s, t, y: distiller.apply(v, s, t, _ctx(y)))(variables, s, t, labels)
+    params = variables["params"]
+    assert all(v.shape == () and np.isfinite(v) for v in jax.device_get(values).values()), values
+    at = jax.jit(lambda s, t: sum(losses.attention_transfer(s[k], t[k]) for k in ("stage1", "stage2")))
+    np.testing.assert_allclose(values["at"], at(s, t), rtol=2e-5)
     assert params["fitnet_regressor"]["conv"]["kernel"].shape == (3, 3, 16, 24)  # stride-2 3x3
 
 
 def test_convreg_upsamples_and_feature_patterns():
-    ctx = _ctx(jnp.zeros((2,), jnp.int32))
-    reg = distill.ConvReg((2, 4, 4, 6))
+    reg = distill.ConvReg((4, 4, 6))
     x = jnp.ones((2, 2, 2, 3))
-    out, _ = jax.jit(lambda k: reg.init_with_output(k, x, ctx))(jax.random.key(0, impl="rbg"))
+    fn = lambda k, x: reg.init_with_output(k, x, _ctx(jnp.zeros((2,), jnp.int32)))
+    out, _ = jax.jit(fn)(jax.random.key(0, impl="rbg"), x)
     assert out.shape == (2, 4, 4, 6)
     names = ["embedding", "stage10", "stage2", "stage1", "logits"]
     assert distill.resolve_features(("stage*",), names) == ("stage1", "stage2", "stage10")
@@ -154,38 +163,79 @@ def test_convreg_upsamples_and_feature_patterns():
     distill.check_features(terms, ["stage1", "stage2", "logits"], ["stage1", "stage2"])
 
 
+@pytest.mark.parametrize("student,teacher,image", [
+    ("cnn_tiny", "cnn_small", (8, 8, 1)),
+    ("resnet8x4", "resnet32x4", (32, 32, 3)),
+    ("mobilenetv2", "resnet18", (32, 32, 3)),
+])
+def test_defaults_fit_real_model_pairs(student, teacher, image):
+    """Every method's default features exist on both models and pair up, and all adapters trace
+    on the real shapes (jax.eval_shape: no compute)."""
+    from kdjax import models
+
+    shapes = {who: models.feature_shapes(models.get_model(name, K), image)
+              for who, name in (("student", student), ("teacher", teacher))}
+    if student == "cnn_tiny":  # the toy shapes of the other tests are the digits models'
+        s_stages, s_emb, t_stages, t_emb = SHAPES["digits"]
+        assert [shapes["student"][f"stage{i + 1}"][1:] for i in range(2)] == list(s_stages)
+        assert [shapes["teacher"][f"stage{i + 1}"][1:] for i in range(2)] == list(t_stages)
+        assert (shapes["student"]["embedding"][1], shapes["teacher"]["embedding"][1]) == (s_emb, t_emb)
+    terms = _all_terms()
+    distill.check_features(terms, shapes["student"], shapes["teacher"])
+    sds = lambda d: {k: jax.ShapeDtypeStruct((2, *v[1:]), jnp.float32) for k, v in d.items()}
+    s, t = sds(shapes["student"]), sds(shapes["teacher"])
+    labels = jax.ShapeDtypeStruct((2,), jnp.int32)
+    distiller = distill.Distiller(terms)
+    variables = jax.eval_shape(lambda s, t, y: distiller.init(jax.random.key(0), s, t, _ctx(y)), s, t, labels)
+    values = jax.eval_shape(lambda v, s, t, y: distiller.apply(v, s, t, _ctx(y)), variables, s, t, labels)
+    assert all(v.shape == () for v in values.values()) and len(values) == len(terms)
+    with pytest.raises(ValueError, match="student model does not have"):  # the digits MLP student
+        distill.check_features(distill.build_terms(distill.get_config("at").to_dict()),
+                               ["hidden1", "embedding", "logits"], shapes["teacher"])
+
+
 def _train_apply(distiller, variables, mesh, s, t, labels, indices):
-    """Train-mode apply under shard_map; returns every device's updated non-param state."""
-    state = {k: v for k, v in variables.items() if k != "params"}
+    """Train-mode value and gradient under shard_map, as kdjax.step does; returns the
+    device-averaged values and parameter gradients and every device's updated non-param state."""
+    params, state = _split(variables)
 
     def per_device(variables, s, t, labels, indices):
+        params, state = _split(variables)
         ctx = distill.Context(labels=labels, train=True, indices=indices, rng=jax.random.key(7))
-        values, new_state = distiller.apply(variables, s, t, ctx, mutable=list(state))
-        values = jax.lax.pmean(values, distill.AXIS)
-        return values, jax.tree.map(lambda x: x[None], new_state)
 
-    fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(distill.AXIS), P(distill.AXIS), P(distill.AXIS), P(distill.AXIS)),
-                       out_specs=(P(), P(distill.AXIS)))
-    return jax.jit(fn)(variables, s, t, labels, indices)
+        def total(params):
+            values, new_state = distiller.apply({"params": params, **state}, s, t, ctx, mutable=list(state))
+            return sum(values.values()), (values, new_state)
+
+        params = jax.lax.pcast(params, distill.AXIS, to="varying")  # per-device grads (see step.py)
+        (_, (values, new_state)), grads = jax.value_and_grad(total, has_aux=True)(params)
+        values, grads = jax.lax.pmean((values, grads), distill.AXIS)
+        return values, grads, jax.tree.map(lambda x: x[None], new_state)
+
+    specs = (P(), P(distill.AXIS), P(distill.AXIS), P(distill.AXIS), P(distill.AXIS))
+    fn = jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=(P(), P(), P(distill.AXIS)))
+    args = [jax.device_put(a, NamedSharding(mesh, spec))
+            for a, spec in zip((variables, s, t, labels, indices), specs)]
+    return jax.jit(fn)(*args)
 
 
 def test_crd_memory_and_adapter_batch_stats_identical_under_data_parallelism():
     assert len(jax.devices()) >= 2, "tests/conftest.py sets 2 host devices"
     s, t, labels = _inputs("digits", seed=3)
-    indices = jnp.asarray([5, 60, 17, 33, 2, 41, 28, 9], jnp.int32)
+    indices = np.asarray([5, 60, 17, 33, 2, 41, 28, 9], np.int32)
     cfg = distill.get_config("crd+fitnet").to_dict()  # crd: memory bank; fitnet: BatchNorm adapter
     cfg["crd"]["num_negatives"] = 16
     terms = distill.build_terms(cfg, num_data=N, dataset_labels=LABELS)
     distiller = distill.Distiller(terms)
-    variables = _init(distiller, s, t, _ctx(labels, indices=indices))
+    variables = _init(distiller, s, t, labels, indices)
     before = variables["crd_memory"]["crd"]
     assert float(before["z_s"]) == -1.0
 
     one = jax.make_mesh((1,), (distill.AXIS,), devices=jax.devices()[:1])
     two = jax.make_mesh((2,), (distill.AXIS,), devices=jax.devices()[:2])
-    v1, m1 = _train_apply(distiller, variables, one, s, t, labels, indices)
-    v2, m2 = _train_apply(distiller, variables, two, s, t, labels, indices)
-    assert _finite(v2) and _finite(m2)
+    v1, g1, m1 = jax.device_get(_train_apply(distiller, variables, one, s, t, labels, indices))
+    v2, g2, m2 = jax.device_get(_train_apply(distiller, variables, two, s, t, labels, indices))
+    assert _finite(v2) and _finite(g2) and _finite(m2)
     m1 = jax.tree.map(lambda x: x[0], m1)
     mem1 = m1["crd_memory"]["crd"]
     # The memory changed: rows of this batch moved (unit norm), Z got set, other rows stayed.
@@ -199,8 +249,12 @@ def test_crd_memory_and_adapter_batch_stats_identical_under_data_parallelism():
         x1 = functools.reduce(lambda d, k: d[k.key], path, m1)
         np.testing.assert_array_equal(x2[0], x2[1], err_msg=str(path))
         np.testing.assert_allclose(x2[0], x1, rtol=1e-5, atol=1e-6, err_msg=str(path))
-    # CRD's loss is a batch mean of per-example terms with device-count-invariant negatives and Z.
-    np.testing.assert_allclose(v2["crd"], v1["crd"], rtol=1e-5)
+    # CRD and FitNet losses are batch means of per-example terms (negatives, Z and BatchNorm
+    # statistics are device-count invariant): values and averaged gradients match one device.
+    for name in ("crd", "fitnet"):
+        np.testing.assert_allclose(v2[name], v1[name], rtol=1e-5, err_msg=name)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g2, g1)
+    assert all(np.abs(x).sum() > 0 for x in jax.tree.leaves(g2))
 
 
 def test_combining_and_validation():
@@ -226,7 +280,7 @@ def test_crd_needs_data_size():
     s, t, labels = _inputs("digits")
     terms = distill.build_terms(distill.get_config("crd").to_dict())  # trainer passed nothing
     with pytest.raises(ValueError, match="num_data"):
-        _init(distill.Distiller(terms), s, t, _ctx(labels))
+        _init(distill.Distiller(terms), s, t, labels)
     terms = distill.build_terms(distill.get_config("crd").to_dict(), num_data=N)
     with pytest.raises(ValueError, match="dataset_labels"):
-        _init(distill.Distiller(terms), s, t, _ctx(labels))
+        _init(distill.Distiller(terms), s, t, labels)

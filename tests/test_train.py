@@ -154,7 +154,7 @@ def test_cifar_smoke_runs_end_to_end_on_mock_data(tmp_path):
     c.teacher.model, c.student.model = "resnet8", "resnet8"
     summary = train.run(c, str(tmp_path / "smoke"))
     assert set(summary) == {"teacher", "student", "student_scratch"}
-    assert summary["student"]["distill"] == {"ce": 0.1, "kd": 0.9}
+    assert summary["student"]["terms"] == {"ce": 0.1, "kd": 0.9}
 
 
 def test_cifar_without_data_stops_with_one_line(tmp_path):
@@ -170,3 +170,60 @@ def test_cifar_without_data_stops_with_one_line(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "cifar10" in errors[0] and "data_dir" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    """One finished teacher+student run that the teacher-variant tests below reuse."""
+    workdir = str(tmp_path_factory.mktemp("teacher_run"))
+    train.run(tiny_digits_config(), workdir)
+    return workdir
+
+
+def test_ensemble_of_teachers(tmp_path, teacher_run):
+    other = str(tmp_path / "other_teacher")
+    train.run(tiny_digits_config(stages="teacher", seed=1, **{"teacher.model": "mlp"}), other)
+    summary = train.run(
+        tiny_digits_config(stages="student", **{"teacher.checkpoint": teacher_run, "teacher.ensemble": other}),
+        str(tmp_path / "ensemble"),
+    )
+    assert set(summary["ensemble"]) == {os.path.abspath(other)}
+    assert summary["teacher"]["reused_from"] == os.path.abspath(teacher_run)
+    assert summary["student"]["test_accuracy"] > 0.3
+
+
+def test_born_again_teacher_is_an_earlier_student(tmp_path, teacher_run):
+    summary = train.run(
+        tiny_digits_config(**{"teacher.checkpoint": teacher_run, "teacher.checkpoint_role": "student"}),
+        str(tmp_path / "born_again"),
+    )
+    assert summary["teacher"]["model"] == "mlp" and summary["teacher"]["reused_role"] == "student"
+
+
+def test_mean_teacher_ema_is_updated_every_step(tmp_path):
+    workdir = str(tmp_path / "ema")
+    train.run(tiny_digits_config(stages="student", **{"teacher.source": "ema", "teacher.ema_decay": 0.9}), workdir)
+    rows = read_metrics(workdir, "student")
+    kd = [r["loss/kd"] for r in rows]
+    assert kd[0] == pytest.approx(0.0, abs=1e-6)  # step 1: the EMA equals the student
+    assert max(kd[1:]) > 1e-4  # afterwards the student moves away from its average
+    ckpts = kckpt.StageCheckpoints(os.path.join(workdir, "student", "checkpoints"))
+    state, _ = ckpts.restore(ckpts.latest_step())
+    ckpts.close()
+    ema, params = state["ema"]["params"], state["params"]["student"]
+    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), ema, params))
+    assert 0 < max(diffs)
+
+
+def test_two_stage_init_then_distill(tmp_path, teacher_run):
+    summary = train.run(
+        tiny_digits_config(stages="student_init,student",
+                           **{"teacher.checkpoint": teacher_run, "student_init.epochs": 1, "student_init.terms": "kd"}),
+        str(tmp_path / "two_stage"),
+    )
+    assert summary["student_init"]["terms"] == {"kd": 0.9}
+    assert summary["student"]["terms"] == {"ce": 0.1, "kd": 0.9}
+    with pytest.raises(ValueError, match="student_init.terms"):
+        train.run(tiny_digits_config(stages="student_init,student", **{
+            "teacher.checkpoint": teacher_run, "student_init.epochs": 1, "student_init.terms": "nope"}),
+            str(tmp_path / "bad"))

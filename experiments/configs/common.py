@@ -37,7 +37,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 def base(method: str = "kd") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.stages = "teacher,student,student_scratch"  # which of the three models to train, in order
+    c.stages = "teacher,student,student_scratch"  # stages to run, in order (+ 'student_init', below)
     c.batch_size = 64  # global batch (split over all devices and processes)
     c.eval_batch_size = 500
     c.throughput_batch = 256  # batch for the inference images/s figure in summary.json
@@ -67,8 +67,23 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
         m.epochs = 1
         m.learning_rate = config_dict.placeholder(float)  # None: optimizer.learning_rate
         c[role] = m
-    # Path to an earlier run's workdir whose teacher is reused instead of training one.
+    # Where the student's teacher comes from:
+    #   'trained': the 'teacher' stage, or the model of an earlier run (teacher.checkpoint = that
+    #              run's workdir; checkpoint_role='student' makes an earlier student the teacher,
+    #              i.e. born-again self-distillation);
+    #   'ema':     Mean Teacher: an exponential moving average of the student, updated every step.
+    c.teacher.source = "trained"
     c.teacher.checkpoint = config_dict.placeholder(str)
+    c.teacher.checkpoint_role = "teacher"
+    c.teacher.ema_decay = 0.999
+    # More teachers (comma-separated workdirs of earlier runs): the student learns from the
+    # ensemble, whose 'logits' are the log of the averaged class probabilities.
+    c.teacher.ensemble = ""
+    # Two-stage methods: stage 'student_init' (list it before 'student' in `stages`) first trains
+    # the student with only these distillation terms (e.g. FitNet's hint: terms='fitnet').
+    c.student_init = ml_collections.ConfigDict()
+    c.student_init.epochs = 0
+    c.student_init.terms = ""
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "sgd"  # sgd, adam, adamw, rmsprop, adagrad, adadelta
