@@ -238,8 +238,8 @@ class Stage:
             weight_decay=c.optimizer.weight_decay, grad_clip_norm=c.optimizer.grad_clip_norm,
         )
         ema = None
-        if self.step_cfg.ema_decay > 0:
-            ema = {"params": params["student"], **model_state["student"]}
+        if self.step_cfg.ema_decay > 0:  # a copy: donated buffers must not appear twice in the state
+            ema = jax.tree.map(jnp.copy, {"params": params["student"], **model_state["student"]})
         return kstep.TrainState(
             step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
             opt_state=self.tx.init(params), rng=jax.random.PRNGKey(seed + 1), ema=ema,
