@@ -59,6 +59,12 @@ def run_main(config_flag) -> None:
             logging.debug("error details", exc_info=True)
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except train.NonFiniteError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        except train.Preempted as e:  # SIGTERM: checkpoint saved; 128 + SIGTERM, as a killed job
+            print(f"preempted: {e}", file=sys.stderr)
+            sys.exit(143)
         print(train.format_table(summary))
         print(f"summary: {os.path.join(workdir, 'summary.json')}")
 

@@ -607,6 +607,8 @@ def _crd(h, temperature, data):
     num_data = h["num_data"] if h["num_data"] is not None else data.get("num_data")
     if num_data is None and labels is not None:
         num_data = len(labels)
+    if labels is not None and len(labels) != num_data:
+        raise ValueError(f"crd: dataset_labels has {len(labels)} entries but num_data is {num_data}")
     k = h["num_negatives"]
     if num_data is not None:
         allowed = int(num_data) - 1

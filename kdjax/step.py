@@ -150,6 +150,12 @@ def make_train_step(
         model_state = jax.lax.pmean(model_state, AXIS)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # NaN/Inf guard: a step whose loss or gradient is not finite changes nothing (the trainer
+        # then stops with a message, or skips the step, as config.nan_policy says).
+        finite = jnp.isfinite(jax.lax.pmean(total, AXIS)) & jnp.isfinite(optax.tree.norm(grads))
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        model_state = keep(model_state, state.model_state)
 
         metrics = {f"loss/{k}": v for k, v in values.items()}
         metrics["loss"] = total
@@ -159,10 +165,11 @@ def make_train_step(
         metrics["param_norm"] = optax.tree.norm(params["student"])
         metrics["update_norm"] = optax.tree.norm(updates)
         metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+        metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
         ema = state.ema
         if cfg.ema_decay > 0:
             current = {"params": params["student"], **model_state["student"]}
-            ema = optax.incremental_update(current, state.ema, 1.0 - cfg.ema_decay)
+            ema = keep(optax.incremental_update(current, state.ema, 1.0 - cfg.ema_decay), state.ema)
         new_state = state.replace(
             step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state, ema=ema
         )

@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -34,6 +36,31 @@ from kdjax import optim
 from kdjax import step as kstep
 
 ROLES = ("teacher", "student_init", "student", "student_scratch")
+
+
+class NonFiniteError(RuntimeError):
+    """A loss term or gradient became NaN/Inf (config.nan_policy='stop')."""
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT arrived: a checkpoint was saved and the run stopped; rerun to resume."""
+
+
+_SIGNALLED: list[int] = []
+
+
+def _on_signal(signum, _frame) -> None:
+    _SIGNALLED.append(signum)
+
+
+def _preemption_requested() -> bool:
+    """True once SIGTERM arrived here (on several processes: anywhere; they stop together)."""
+    flag = bool(_SIGNALLED)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+    return flag
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -92,6 +119,8 @@ def validate(config) -> None:
         raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {n} devices")
     if config.parallel not in kstep.DataParallel.MODES:
         raise ValueError(f"unknown config.parallel {config.parallel!r}; choose one of: jit, pmap")
+    if config.nan_policy not in ("stop", "skip"):
+        raise ValueError(f"unknown config.nan_policy {config.nan_policy!r}; choose one of: stop, skip")
     if config.dtype not in _DTYPES:
         raise ValueError(f"unknown config.dtype {config.dtype!r}; choose one of: {', '.join(_DTYPES)}")
     for role in ("teacher", "student"):
@@ -260,9 +289,18 @@ class Stage:
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> tuple[dict, Any]:
-        """Trains (or resumes) to the end; returns (result dict, the selected host TrainState)."""
+        """Trains (or resumes) to the end; returns (result dict, the selected host TrainState).
+
+        Whatever happens, checkpoints being written are finished before this returns or raises.
+        """
+        ckpts = kckpt.StageCheckpoints(os.path.join(self.dir, "checkpoints"), keep=self.config.checkpoint.keep)
+        try:
+            return self._train(ckpts)
+        finally:
+            ckpts.close()
+
+    def _train(self, ckpts: kckpt.StageCheckpoints) -> tuple[dict, Any]:
         c = self.config
-        ckpts = kckpt.StageCheckpoints(os.path.join(self.dir, "checkpoints"), keep=c.checkpoint.keep)
         state = self._init()
         meta = {"history": [], "best_step": None, "best_score": None}
         latest = ckpts.latest_step()
@@ -286,6 +324,8 @@ class Stage:
         step = int(self.par.unreplicate(state.step))
         t0 = time.time()
         last_ckpt_time = time.time()
+        pending = []  # (step, metrics) not yet checked for NaN/Inf: checked lazily, no per-step sync
+        skipped = meta.get("skipped_steps", 0)
         while step < self.total_steps:
             epoch, i = divmod(step, self.spe)
             idx = kdata.batch_indices(
@@ -295,23 +335,31 @@ class Stage:
             batch = {"image": train.images[idx], "label": train.labels[idx], "index": idx.astype(np.int32)}
             state, metrics = train_step(state, teacher_vars, self.par.shard(batch))
             step += 1
-            if step % c.log_every_steps == 0 or step == self.total_steps:
-                self._log(step, {k: float(v) for k, v in self.par.unreplicate(metrics).items()})
+            pending.append((step, metrics))
             end_of_epoch = step % self.spe == 0
-            if end_of_epoch:
-                meta = self._end_of_epoch(step, state, eval_step, meta)
             periodic = (c.checkpoint.every_steps and step % c.checkpoint.every_steps == 0) or (
                 c.checkpoint.every_minutes and time.time() - last_ckpt_time > 60 * c.checkpoint.every_minutes
             )
-            if end_of_epoch or periodic:
+            preempted = _preemption_requested()
+            if step % c.log_every_steps == 0 or step == self.total_steps:
+                self._log(step, {k: float(v) for k, v in self.par.unreplicate(metrics).items()})
+            if end_of_epoch or periodic or preempted or step % c.log_every_steps == 0:
+                skipped += self._check_finite(pending, ckpts)
+                pending = []
+                meta["skipped_steps"] = skipped
+            if end_of_epoch:
+                meta = dict(self._end_of_epoch(step, state, eval_step, meta), skipped_steps=skipped)
+            if end_of_epoch or periodic or preempted:
                 score = meta["history"][-1]["score"] if end_of_epoch else None
                 ckpts.save(step, self.par.unreplicate(state), meta, score=score)
                 last_ckpt_time = time.time()
+            if preempted:
+                raise Preempted(f"stage {self.role!r} stopped by a termination signal at step {step}; "
+                                f"checkpoint saved in {ckpts.directory}; rerun the same command to resume")
         ckpts.wait()
         train_seconds = time.time() - t0
 
         best_state, _ = ckpts.restore(meta["best_step"], self.par.unreplicate(state))
-        ckpts.close()
         best_vars = self.variables_of(best_state)
         hist = meta["history"]
         best = max(hist, key=lambda h: h["score"])
@@ -332,7 +380,32 @@ class Stage:
         }
         if self.ds.val is not None:
             result["val_accuracy"] = hist[-1]["val_accuracy"]
+        if skipped:
+            result["skipped_nonfinite_steps"] = skipped
         return result, best_state
+
+    def _check_finite(self, pending, ckpts) -> int:
+        """Stops the run at the first non-finite step (nan_policy 'stop'), or counts them ('skip').
+
+        The step itself already left the state unchanged (see kdjax.step), so the latest
+        checkpoint, and anything saved later, holds only finite values.
+        """
+        bad = [(s, m) for s, m in pending if float(self.par.unreplicate(m["nonfinite"])) > 0]
+        if not bad:
+            return 0
+        step, metrics = bad[0]
+        values = {k: float(v) for k, v in self.par.unreplicate(metrics).items()}
+        terms = [k for k, v in values.items() if k.startswith("loss/") and not np.isfinite(v)]
+        what = ", ".join(f"{k}={values[k]}" for k in terms) or f"gradient (grad_norm={values['grad_norm']})"
+        if self.config.nan_policy == "skip":
+            logging.warning("[%s] skipped %d non-finite step(s); first at step %d: %s", self.role, len(bad), step, what)
+            return len(bad)
+        ckpts.wait()
+        raise NonFiniteError(
+            f"non-finite {what} at step {step} (epoch {step / self.spe:.2f}) of stage {self.role!r}; stopped. "
+            f"The last good checkpoint (step {ckpts.latest_step()}) is kept in {ckpts.directory}; "
+            "set --config.nan_policy=skip to skip such steps instead"
+        )
 
     def _end_of_epoch(self, step, state, eval_step, meta) -> dict:
         variables = {"params": state.params["student"], **state.model_state["student"]}
@@ -424,7 +497,22 @@ def _mock_data(num_examples: int):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs every stage of `config` in `workdir`; returns the summary dict."""
+    """Runs every stage of `config` in `workdir`; returns the summary dict.
+
+    On SIGTERM (what TPU VMs and Colab send before they stop a machine) the current stage saves a
+    checkpoint and `Preempted` is raised; rerunning the same command resumes.
+    """
+    _SIGNALLED.clear()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_signal) if in_main_thread else None
+    try:
+        return _run(config, workdir)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validate(config)
     _prepare_workdir(config, workdir)
     ds_cfg = config.dataset

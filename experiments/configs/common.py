@@ -45,6 +45,7 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
     c.num_devices = config_dict.placeholder(int)  # None: all devices; n: the first n (one process)
     c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
     c.log_every_steps = 50
+    c.nan_policy = "stop"  # a NaN/Inf loss or gradient: 'stop' the run (one line, exit 1) or 'skip' the step
 
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = "digits"
