@@ -14,6 +14,8 @@ import sys
 from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, summary.json).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "If --workdir holds a run of another config, move it aside "
+                               "(to <workdir>.replaced-<time>) and start afresh, instead of refusing.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator host:port.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
@@ -54,7 +56,7 @@ def run_main(config_flag) -> None:
             workdir = _WORKDIR.value or default_workdir(config, flags.FLAGS["config"].config_filename)
             _init_distributed()
             logging.info("workdir: %s", os.path.abspath(workdir))
-            summary = train.run(config, workdir)
+            summary = train.run(config, workdir, overwrite=_OVERWRITE.value)
         except ValueError as e:  # user mistakes: one clear line, non-zero exit
             logging.debug("error details", exc_info=True)
             print(f"error: {e}", file=sys.stderr)

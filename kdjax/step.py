@@ -28,7 +28,7 @@ from kdjax import distill
 from kdjax import losses
 from kdjax import models
 
-AXIS = "data"
+AXIS = distill.AXIS  # "data"
 
 
 @flax.struct.dataclass
@@ -147,6 +147,9 @@ def make_train_step(
         local_params = jax.lax.pcast(state.params, AXIS, to="varying")
         (total, (values, logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(local_params)
         grads = jax.lax.pmean(grads, AXIS)
+        # BatchNorm statistics are already global (SyncBN) and CRD's memory is updated from
+        # all-gathered embeddings, so this pmean changes nothing numerically; it is what proves to
+        # shard_map that the state leaving the step is replicated.
         model_state = jax.lax.pmean(model_state, AXIS)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -129,7 +129,11 @@ def validate(config) -> None:
             raise ValueError(f"config.{role}.epochs must be > 0, got {config[role].epochs}")
     if config.dataset.name not in kdata.DATASETS:
         raise ValueError(f"unknown data set {config.dataset.name!r}; choose one of: {', '.join(kdata.DATASETS)}")
-    optim.make_optimizer(config.optimizer.name, 0.1)  # raises on an unknown optimizer
+    opt = config.optimizer
+    optim.make_optimizer(opt.name, 0.1)  # raises on an unknown optimizer
+    optim.make_schedule(opt.schedule, base_lr=opt.learning_rate, total_steps=config.student.epochs, steps_per_epoch=1,
+                        warmup_epochs=opt.warmup_epochs, decay_epochs=tuple(opt.decay_epochs),
+                        decay_factor=opt.decay_factor, step_epochs=opt.step_epochs)
     distill.build_terms(config.distill.to_dict())
     _stages(config)
 
@@ -171,13 +175,14 @@ def inference_throughput(model, variables, image_shape, mean, std, batch: int = 
 # One stage
 
 
-def _stage_terms(role: str, config) -> tuple[distill.Term, ...]:
+def _stage_terms(role: str, config, train: kdata.Split) -> tuple[distill.Term, ...]:
     """The objective of each stage: labels only, the distillation terms, or (student_init) the
     subset of distillation terms named in config.student_init.terms, without the CE term."""
     smoothing = config.loss.label_smoothing
     if role in ("teacher", "student_scratch"):
         return distill.build_terms({"method": "ce", "ce_weight": 1.0}, label_smoothing=smoothing)
-    terms = distill.build_terms(config.distill.to_dict(), label_smoothing=smoothing)
+    terms = distill.build_terms(config.distill.to_dict(), label_smoothing=smoothing,
+                                num_data=len(train.labels), dataset_labels=train.labels)
     if role == "student":
         return terms
     wanted = [n.strip() for n in config.student_init.terms.split(",") if n.strip()]
@@ -213,7 +218,7 @@ class Stage:
         )
         self.epochs = int(config.student_init.epochs if role == "student_init" else model_cfg.epochs)
         self.lr = model_cfg.learning_rate if model_cfg.learning_rate is not None else config.optimizer.learning_rate
-        self.terms = _stage_terms(role, config)
+        self.terms = _stage_terms(role, config, dataset.train)
         ema = role == "student" and config.teacher.source == "ema"
         self.teachers, self.teacher_vars = (tuple(teachers), tuple(teacher_vars))
         if ema or not distill.needs_teacher(self.terms):
@@ -273,6 +278,28 @@ class Stage:
             step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
             opt_state=self.tx.init(params), rng=jax.random.PRNGKey(seed + 1), ema=ema,
         )
+
+    def preflight(self, teacher_models) -> None:
+        """Traces init, features and the terms abstractly (jax.eval_shape): raises a one-line
+        ValueError for a feature a model lacks or shapes a method cannot reconcile."""
+        key = jax.random.PRNGKey(0)
+        ema = self.step_cfg.ema_decay > 0
+        teachers = () if not distill.needs_teacher(self.terms) else tuple(teacher_models)
+
+        def trace(x):
+            s_vars = self.model.init(key, x, train=False)
+            _, s_feats, _ = models.apply_model(self.model, s_vars, x, train=False)
+            if ema:
+                t_feats = kstep.teacher_features((self.model,), (s_vars,), x)
+            else:
+                t_vars = tuple(m.init(key, x, train=False) for m in teachers)
+                t_feats = kstep.teacher_features(teachers, t_vars, x)
+            distill.check_features(self.terms, s_feats, t_feats)
+            ctx = distill.Context(labels=jnp.zeros((2,), jnp.int32), train=False,
+                                  indices=jnp.zeros((2,), jnp.int32), rng=key)
+            return distill.Distiller(self.terms).init(key, s_feats, t_feats, ctx)
+
+        jax.eval_shape(trace, jax.ShapeDtypeStruct((2,) + self.ds.image_shape, jnp.float32))
 
     @staticmethod
     def variables_of(state) -> dict:
@@ -439,17 +466,29 @@ class Stage:
 # The whole run
 
 
-def _prepare_workdir(config, workdir: str) -> None:
-    os.makedirs(workdir, exist_ok=True)
+def _prepare_workdir(config, workdir: str, overwrite: bool) -> None:
+    """Creates `workdir` or checks that it holds a run of this very config (then it resumes).
+
+    A workdir holding another config is refused; with `overwrite` it is renamed aside to
+    `<workdir>.replaced-<time>` (never deleted) and a fresh run starts.
+    """
     path = os.path.join(workdir, "config.json")
     resolved = json.loads(config.to_json_best_effort(sort_keys=True))
     saved = _read_json(path)
     if saved is not None and saved != resolved:
         changed = sorted(k for k in set(saved) | set(resolved) if saved.get(k) != resolved.get(k))
-        raise ValueError(
-            f"workdir {workdir} holds a run with a different config (differs in: {', '.join(changed)}); "
-            "rerun with the same config to resume, or choose a new --workdir"
-        )
+        if not overwrite:
+            raise ValueError(
+                f"workdir {workdir} holds a run with a different config (differs in: {', '.join(changed)}); "
+                "rerun with the same config to resume, choose a new --workdir, or pass --overwrite "
+                "(which moves the old run aside)"
+            )
+        if _is_main():
+            aside = f"{workdir.rstrip('/')}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.rename(workdir, aside)
+            logging.warning("moved the previous run in %s (config differed in %s) to %s", workdir, ", ".join(changed), aside)
+    if _is_main():
+        os.makedirs(workdir, exist_ok=True)
     _write_json(path, resolved)
 
 
@@ -472,8 +511,13 @@ def load_trained_model(run_dir: str, role: str, dataset: kdata.Dataset, dtype) -
     if latest is None:
         raise ValueError(f"no {role} checkpoint in {ckpt_dir}")
     step = ckpts.restore_meta(latest).get("best_step") or latest
-    state, _ = ckpts.restore(step)  # as saved; checked against the architecture below
-    ckpts.close()
+    try:
+        state, _ = ckpts.restore(step)  # as saved; checked against the architecture below
+    except Exception as e:  # orbax raises many types for truncated or corrupt files
+        raise ValueError(f"cannot read the {role} checkpoint {ckpt_dir}/{step}: it is corrupt or incomplete "
+                         f"({type(e).__name__}); retrain it or point at another run") from e
+    finally:
+        ckpts.close()
     variables = {"params": state["params"]["student"], **state["model_state"]["student"]}
     expected = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
                               jnp.zeros((1,) + dataset.image_shape))
@@ -496,7 +540,7 @@ def _mock_data(num_examples: int):
     return tfds.testing.mock_data(num_examples=num_examples, policy=tfds.testing.MockPolicy.USE_CODE)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False) -> dict:
     """Runs every stage of `config` in `workdir`; returns the summary dict.
 
     On SIGTERM (what TPU VMs and Colab send before they stop a machine) the current stage saves a
@@ -506,15 +550,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_signal) if in_main_thread else None
     try:
-        return _run(config, workdir)
+        return _run(config, workdir, overwrite)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> dict:
     validate(config)
-    _prepare_workdir(config, workdir)
+    _prepare_workdir(config, workdir, overwrite)
     ds_cfg = config.dataset
     with _mock_data(ds_cfg.mock_examples):
         dataset = kdata.load(
@@ -539,6 +583,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             config.teacher.checkpoint, config.teacher.checkpoint_role, dataset, dtype)
         teachers.insert(0, model)
         teacher_vars.insert(0, variables)
+    # Pre-flight: trace every stage's models and terms (no compute) so that a missing feature or
+    # shapes a method cannot reconcile fail now, not after hours of teacher training.
+    planned = list(teachers)
+    if "teacher" in _stages(config) and not config.teacher.checkpoint:
+        planned.insert(0, Stage("teacher", config, dataset, par, workdir).model)
+    for role in _stages(config):
+        Stage(role, config, dataset, par, workdir).preflight(planned)
+
     init_state = None
     for role in _stages(config):
         if role == "teacher" and config.teacher.checkpoint:

@@ -1,16 +1,22 @@
 """Offline default: sklearn's 8x8 digits, small CNN teacher -> 32-unit MLP student, KD (T=4).
 
     python -m experiments.digits
-    python -m experiments.digits --config.distill.method=dkd --workdir=runs/digits_dkd
+    python -m experiments.digits --config.distill.method=dkd
+    python -m experiments.digits --config=experiments/configs/digits.py:method=at
 
 Trains the teacher, distils the student, trains the same student from scratch, and prints the
-comparison table. Measured results: see README.md ("Offline default").
+comparison table. Methods that match feature maps (fitnet, at, sp, nst, vid, reviewkd) need a
+convolutional student: choose the method with the config-string argument (`:method=at`), which
+also switches the student to `cnn_tiny`, or add `--config.student.model=cnn_tiny`.
+Measured results: see README.md.
 Config-string arguments (``--config=experiments/configs/digits.py:method=at,seed=1``):
   method  distillation method name(s) (see kdjax.distill.METHODS)
   seed    random seed
 """
 
 from experiments.configs import common
+
+FEATURE_MAP_METHODS = {"fitnet", "at", "sp", "nst", "vid", "reviewkd"}
 
 
 def get_config(arg=None):
@@ -23,7 +29,8 @@ def get_config(arg=None):
     c.augment.crop_padding = 0  # 8x8 digits: crops hurt the MLP student; no flips (not flip-invariant)
     c.teacher.model = "cnn_small"
     c.teacher.epochs = 20
-    c.student.model = "mlp"
+    # Methods that match feature maps need a convolutional student; the others use the MLP.
+    c.student.model = "cnn_tiny" if set(a.method.split("+")) & FEATURE_MAP_METHODS else "mlp"
     c.student.epochs = 60
     c.student.learning_rate = 1e-2
     c.optimizer.name = "adam"
