@@ -12,6 +12,7 @@ import os
 import sys
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, summary.json).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "If --workdir holds a run of another config, move it aside "
@@ -31,8 +32,10 @@ def _init_distributed() -> None:
     import jax
 
     if _COORDINATOR.value or _NUM_PROCESSES.value:
-        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # Cross-process collectives on CPU (the default in recent JAX). Set unconditionally: asking
+        # for the backend here (jax.default_backend()) would initialise it, and initialize() must
+        # come before that. The setting only concerns the CPU client; GPUs/TPUs are unaffected.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
             process_id=_PROCESS_ID.value,
@@ -41,8 +44,38 @@ def _init_distributed() -> None:
         jax.distributed.initialize()  # TPU pods: everything comes from the environment
 
 
-def run_main(config_flag) -> None:
-    """absl main: runs kdjax.train.run and prints the comparison table; user errors -> one line."""
+def _one_line(error: BaseException) -> str:
+    """The informative last line of an error whose text may hold a whole traceback."""
+    if isinstance(error, (AttributeError, KeyError)):
+        return f"--config override names a field that does not exist: {error}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _parse_flags(argv):
+    """absl flag parsing, but a bad --config (missing file, bad ':arg', unknown field, bad value)
+    gives one line and exit status 2 instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - anything raised while loading the user's config
+        _fail(e)
+
+
+def _fail(error: BaseException) -> None:
+    print(f"error: {_one_line(error)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_main(default_config: str | None = None) -> None:
+    """absl main of an entry point: defines --config (a config file, `default_config` if given),
+    runs kdjax.train.run and prints the comparison table. User errors -> one line, exit 2."""
+    try:  # config_flags applies --config.* overrides while defining the flag
+        config_flag = config_flags.DEFINE_config_file(
+            "config", default_config, "Experiment config file, with an optional ':arg' string.", lock_config=True)
+    except Exception as e:  # noqa: BLE001 - a bad override of the default config
+        _fail(e)
+    if default_config is None:
+        flags.mark_flag_as_required("config")
 
     def main(argv):
         # Orbax logs every save at INFO; keep the run's own log readable.
@@ -51,9 +84,12 @@ def run_main(config_flag) -> None:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
         from kdjax import train
 
-        try:
+        try:  # the config file is loaded lazily: its errors surface on first use
             config = config_flag.value
             workdir = _WORKDIR.value or default_workdir(config, flags.FLAGS["config"].config_filename)
+        except Exception as e:  # noqa: BLE001 - the config file failed to load
+            _fail(e)
+        try:
             _init_distributed()
             logging.info("workdir: %s", os.path.abspath(workdir))
             summary = train.run(config, workdir, overwrite=_OVERWRITE.value)
@@ -70,4 +106,4 @@ def run_main(config_flag) -> None:
         print(train.format_table(summary))
         print(f"summary: {os.path.join(workdir, 'summary.json')}")
 
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

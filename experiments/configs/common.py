@@ -127,3 +127,43 @@ def smoke(c: ml_collections.ConfigDict) -> None:
     for role in ("teacher", "student"):
         c[role].epochs = 1
     c.optimizer.schedule = "constant"
+
+
+def cifar100_benchmark(arg, teacher: str, student: str, *, student_lr: float = 0.05,
+                       dkd_beta: float = 8.0) -> ml_collections.ConfigDict:
+    """The RepDistiller / mdistiller CIFAR-100 recipe for one teacher -> student pair.
+
+    240 epochs, batch 64, SGD momentum 0.9, lr 0.05 (0.01 for MobileNetV2/ShuffleNet students),
+    x0.1 at epochs 150/180/210, weight decay 5e-4, random crop (pad 4) + flip. Each method keeps
+    the weights of the reference code (kdjax.distill.METHODS); DKD's beta is per pair.
+    Config-string arguments: `method=<name>` (default kd), `seed=<int>`, `smoke`, and
+    `init_epochs=<n>`: first train the student for n epochs on the method's own terms alone (the
+    `student_init` stage: FitNet's hint pre-training; RepDistiller uses 30 init epochs for AB/FSP).
+    """
+    a = parse_arg(arg, smoke=False, method="kd", seed=0, init_epochs=0)
+    c = base(a.method)
+    c.seed = a.seed
+    c.dataset.name = "cifar100"
+    c.batch_size = 64
+    c.augment.crop_padding = 4
+    c.augment.flip = True
+    c.teacher.model = teacher
+    c.teacher.epochs = 240
+    c.teacher.learning_rate = 0.05
+    c.student.model = student
+    c.student.epochs = 240
+    c.student.learning_rate = student_lr
+    c.optimizer.name = "sgd"
+    c.optimizer.momentum = 0.9
+    c.optimizer.weight_decay = 5e-4
+    c.optimizer.schedule = "multistep"
+    c.optimizer.decay_epochs = (150, 180, 210)
+    c.distill.temperature = 4.0
+    c.distill.dkd.beta = dkd_beta
+    if a.init_epochs:
+        c.stages = "teacher,student_init,student,student_scratch"
+        c.student_init.epochs = a.init_epochs
+        c.student_init.terms = ",".join(n for n in a.method.split("+") if n != "kd")
+    if a.smoke:
+        smoke(c)
+    return c

@@ -1,0 +1,18 @@
+"""CIFAR-100 benchmark pair (RepDistiller / mdistiller recipe): vgg13 -> vgg8.
+
+    python -m experiments.cifar --config=experiments/configs/cifar100_vgg13_vgg8.py
+    python -m experiments.cifar --config=experiments/configs/cifar100_vgg13_vgg8.py:method=crd
+    python -m experiments.cifar --config=experiments/configs/cifar100_vgg13_vgg8.py:method=dkd,seed=1
+
+Recipe: 240 epochs, batch 64, SGD momentum 0.9, lr 0.05 (student vgg8: 0.05), x0.1 at epochs
+150/180/210, weight decay 5e-4, random crop (pad 4) + flip; `method=` picks any kdjax method with
+the reference weights (KD 0.9 / CE 0.1 at T=4; FitNet 100 (add `init_epochs=30` for hint pre-training); AT 1000; SP 3000;
+RKD 1; PKT 30000; NST 50; CRD 0.8; DKD beta 6: mdistiller vgg13_vgg8: beta 6).
+Expected result: not measured here (no accelerator and no CIFAR-100 on the development machines).
+"""
+
+from experiments.configs import common
+
+
+def get_config(arg=None):
+    return common.cifar100_benchmark(arg, "vgg13", "vgg8", student_lr=0.05, dkd_beta=6.0)
