@@ -490,6 +490,10 @@ def _prepare_workdir(config, workdir: str, overwrite: bool) -> None:
     if _is_main():
         os.makedirs(workdir, exist_ok=True)
     _write_json(path, resolved)
+    if jax.process_count() > 1:  # the others read the workdir only once process 0 has prepared it
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("kdjax_prepare_workdir")
 
 
 def load_trained_model(run_dir: str, role: str, dataset: kdata.Dataset, dtype) -> tuple[Any, dict, dict]:

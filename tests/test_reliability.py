@@ -1,0 +1,124 @@
+"""Reliability: kill anywhere + rerun == uninterrupted, SIGTERM, NaN guard, determinism.
+
+The kill tests run the real command line (`python -m experiments.digits`) in a subprocess and
+kill it with SIGKILL / SIGTERM while it trains.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from kdjax import checkpoint as kckpt
+from kdjax import train
+from tests.test_train import final_params, read_metrics, tiny_digits_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Tiny run: teacher 2 epochs (44 steps), student 1 epoch (22 steps); a checkpoint every 3 steps.
+OVERRIDES = {"teacher.epochs": 2, "checkpoint.every_steps": 3}
+CLI = ["--config.teacher.model=cnn_tiny", "--config.teacher.epochs=2", "--config.student.epochs=1",
+       "--config.stages=teacher,student", "--config.log_every_steps=1", "--config.throughput_batch=16",
+       "--config.checkpoint.every_steps=3"]
+
+
+def start(workdir, *extra):
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.digits", f"--workdir={workdir}", *CLI, *extra],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def wait_for(proc, pattern, timeout=300):
+    """Reads the process's log until a line contains `pattern`; returns that line."""
+    deadline = time.time() + timeout
+    for line in proc.stdout:
+        if pattern in line:
+            return line
+        if time.time() > deadline:
+            break
+    proc.kill()
+    raise AssertionError(f"never saw {pattern!r} (exit code {proc.wait()})")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    train.run(tiny_digits_config(**OVERRIDES), workdir)
+    return workdir
+
+
+def test_sigkill_anywhere_then_rerun_equals_uninterrupted(tmp_path, reference):
+    rng = random.Random()
+    teacher_step, student_step = rng.randint(2, 42), rng.randint(2, 20)
+    points = [f"[teacher] train step {teacher_step} ", "stage 'student': training",
+              f"[student] train step {student_step} "]
+    workdir = str(tmp_path / "killed")
+    for point in points:  # in the teacher stage, at the boundary, in the student stage
+        proc = start(workdir)
+        wait_for(proc, point)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    proc = start(workdir)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "resuming stage 'student' from step" in out, f"kill points: {points}"
+    ref_step, ref_params = final_params(reference, "student")
+    step, params = final_params(workdir, "student")
+    assert step == ref_step
+    jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+    ref_summary = json.load(open(os.path.join(reference, "summary.json")))
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    for role in ("teacher", "student"):
+        assert summary[role]["test_accuracy"] == ref_summary[role]["test_accuracy"], f"kill points: {points}"
+    assert read_metrics(workdir, "student")[-1] == read_metrics(reference, "student")[-1]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_quickly(tmp_path):
+    workdir = str(tmp_path / "preempted")
+    proc = start(workdir, "--config.teacher.epochs=50")
+    wait_for(proc, "[teacher] train step 5 ")
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert time.time() - sent < 15
+    assert proc.returncode == 143, out[-3000:]
+    assert "preempted:" in out and "rerun the same command to resume" in out
+    ckpts = kckpt.StageCheckpoints(os.path.join(workdir, "teacher", "checkpoints"))
+    step = ckpts.latest_step()
+    state, _ = ckpts.restore(step)
+    ckpts.close()
+    assert step >= 5 and int(state["step"]) == step
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+
+
+def test_planted_nan_stops_with_the_step_and_keeps_the_checkpoint(tmp_path):
+    workdir = str(tmp_path / "nan")
+    config = tiny_digits_config(stages="teacher", **{
+        "optimizer.name": "sgd", "optimizer.learning_rate": 1e30, "optimizer.schedule": "constant",
+        "checkpoint.every_steps": 1})
+    with pytest.raises(train.NonFiniteError, match=r"non-finite .* at step \d+ .*of stage 'teacher'") as err:
+        train.run(config, workdir)
+    assert "last good checkpoint" in str(err.value)
+    ckpts = kckpt.StageCheckpoints(os.path.join(workdir, "teacher", "checkpoints"))
+    state, _ = ckpts.restore(ckpts.latest_step())
+    ckpts.close()
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+
+    config.nan_policy = "skip"
+    summary = train.run(config, str(tmp_path / "skip"))
+    assert summary["teacher"]["skipped_nonfinite_steps"] > 0
+
+
+def test_same_config_and_seed_are_bit_identical(tmp_path, reference):
+    workdir = str(tmp_path / "again")
+    train.run(tiny_digits_config(**OVERRIDES), workdir)
+    for role in ("teacher", "student"):
+        assert read_metrics(workdir, role) == read_metrics(reference, role)
+        assert read_metrics(workdir, role, kind="eval") == read_metrics(reference, role, kind="eval")
