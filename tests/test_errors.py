@@ -1,0 +1,111 @@
+"""Bad input gets one clear line (what was wrong, what is allowed) and nothing saved is lost.
+
+Each case goes through `kdjax.train.run`, whose ValueErrors the entry points print as one line
+with exit status 2 (`test_cli_bad_input_is_one_line` checks that path through the real CLI).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kdjax import train
+from tests.test_train import REPO, tiny_digits_config
+
+CASES = {
+    "unknown model": ({"teacher.model": "resnet9"}, "unknown model 'resnet9'; choose one of: cnn_small"),
+    "unknown method": ({"distill.method": "fitnett"}, "unknown distillation method 'fitnett'; choose one of:"),
+    "unknown optimizer": ({"optimizer.name": "adamax"}, "unknown optimizer 'adamax'; choose one of: adadelta"),
+    "unknown schedule": ({"optimizer.schedule": "poly"}, "unknown schedule 'poly'; choose one of:"),
+    "unknown data set": ({"dataset.name": "imagenet"}, "unknown data set 'imagenet'; choose one of: digits"),
+    "missing feature": ({"distill.method": "at"}, "reads student feature 'stage*', which the student model does "
+                        "not have; it has: embedding, hidden1, logits"),
+    "negative temperature": ({"distill.temperature": -1.0}, "distill.temperature must be > 0"),
+    "zero batch size": ({"batch_size": 0}, "config.batch_size must be a positive integer, got 0"),
+    "batch vs devices": ({"batch_size": 63}, "config.batch_size=63 is not divisible by the 2 devices"),
+    "unknown stage": ({"stages": "teacher,studnet"}, "unknown stage 'studnet'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_config_value(case, tmp_path):
+    overrides, message = CASES[case]
+    with pytest.raises(ValueError) as err:
+        train.run(tiny_digits_config(**overrides), str(tmp_path / "run"))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_shapes_a_method_cannot_reconcile(tmp_path):
+    config = tiny_digits_config(**{"student.model": "cnn_tiny"})
+    # A raw FitNet hint with no regressor: student stage2 has 32 channels, the teacher's 16 ... 64.
+    config.teacher.model = "cnn_small"
+    config.distill.terms.raw_hint = {"loss": "fitnet", "weight": 1.0, "student": "stage2", "teacher": "stage2"}
+    with pytest.raises(ValueError, match=r"fitnet: .*same shape"):
+        train.run(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "teacher")  # refused before any training
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("teacher"))
+    train.run(tiny_digits_config(stages="teacher"), workdir)
+    return workdir
+
+
+def test_teacher_checkpoint_missing(tmp_path):
+    with pytest.raises(ValueError, match="is not a kdjax run directory"):
+        train.run(tiny_digits_config(stages="student", **{"teacher.checkpoint": str(tmp_path / "nope")}),
+                  str(tmp_path / "run"))
+
+
+def test_teacher_checkpoint_corrupt(tmp_path, teacher_run):
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", teacher_run, str(broken)], check=True)
+    for root, _, files in os.walk(broken / "teacher" / "checkpoints"):
+        for name in files:
+            if "state" in root:
+                with open(os.path.join(root, name), "r+b") as f:
+                    f.truncate(0)
+    with pytest.raises(ValueError, match="corrupt or incomplete"):
+        train.run(tiny_digits_config(stages="student", **{"teacher.checkpoint": str(broken)}), str(tmp_path / "run"))
+
+
+def test_teacher_checkpoint_of_another_architecture(tmp_path, teacher_run):
+    other = tmp_path / "other"
+    subprocess.run(["cp", "-r", teacher_run, str(other)], check=True)
+    config_path = other / "config.json"
+    saved = json.loads(config_path.read_text())
+    saved["teacher"]["model"] = "cnn_small"  # the checkpoint holds a cnn_tiny
+    config_path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="does not fit a cnn_small"):
+        train.run(tiny_digits_config(stages="student", **{"teacher.checkpoint": str(other)}), str(tmp_path / "run"))
+
+
+def test_workdir_of_another_config_is_kept_or_moved_aside(tmp_path, teacher_run):
+    workdir = tmp_path / "run"
+    subprocess.run(["cp", "-r", teacher_run, str(workdir)], check=True)
+    before = sorted(os.listdir(workdir))
+    other = tiny_digits_config(stages="teacher", seed=5)
+    with pytest.raises(ValueError, match="different config .*seed.*--overwrite"):
+        train.run(other, str(workdir))
+    assert sorted(os.listdir(workdir)) == before
+    train.run(other, str(workdir), overwrite=True)
+    aside = [p for p in os.listdir(tmp_path) if p.startswith("run.replaced-")]
+    assert len(aside) == 1 and sorted(os.listdir(tmp_path / aside[0])) == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.teacher.model=resnet9"], "error: unknown model 'resnet9'"),
+    (["--config.no_such_field=1"], "error: --config override names a field that does not exist"),
+    (["--config=experiments/configs/digits.py:methd=at"], "error: ValueError: unknown config argument 'methd'"),
+])
+def test_cli_bad_input_is_one_line(args, message, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "experiments.digits", f"--workdir={tmp_path / 'run'}", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message), proc.stderr[-2000:]
