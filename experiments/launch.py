@@ -47,7 +47,7 @@ def _init_distributed() -> None:
 def _one_line(error: BaseException) -> str:
     """The informative last line of an error whose text may hold a whole traceback."""
     if isinstance(error, (AttributeError, KeyError)):
-        return f"--config override names a field that does not exist: {error}"
+        return f"--config override names a field that does not exist: {str(error).strip(chr(34) + chr(39))}"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[-1] if lines else type(error).__name__
 

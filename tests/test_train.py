@@ -16,7 +16,6 @@ import pytest
 from experiments.configs import cifar10_resnet18_mobilenetv2 as cifar_cfg
 from experiments.configs import digits as digits_cfg
 from kdjax import checkpoint as kckpt
-from kdjax import data as kdata
 from kdjax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
