@@ -187,3 +187,15 @@ def test_two_stage_init_then_distill(tmp_path, teacher_run):
         train.run(tiny_digits_config(stages="student_init,student", **{
             "teacher.checkpoint": teacher_run, "student_init.epochs": 1, "student_init.terms": "nope"}),
             str(tmp_path / "bad"))
+
+
+def test_function_matching_with_mixup_on_device(tmp_path, teacher_run):
+    """big_vision's function matching: one mixup per batch, seen by teacher and student alike."""
+    summary = train.run(
+        tiny_digits_config(stages="student", **{"teacher.checkpoint": teacher_run, "distill.method": "fm",
+                                                "augment.mixup_alpha": 0.5, "student.epochs": 3}),
+        str(tmp_path / "fm"),
+    )
+    assert summary["student"]["terms"] == {"fm": 1.0}  # function matching: no label term
+    fm = [r["loss/fm"] for r in read_metrics(str(tmp_path / "fm"), "student")]
+    assert np.mean(fm[-10:]) < 0.7 * np.mean(fm[:10])  # the student matches the teacher better
