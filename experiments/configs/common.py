@@ -129,9 +129,9 @@ def smoke(c: ml_collections.ConfigDict) -> None:
     c.optimizer.schedule = "constant"
 
 
-def cifar100_benchmark(arg, teacher: str, student: str, *, student_lr: float = 0.05,
-                       dkd_beta: float = 8.0) -> ml_collections.ConfigDict:
-    """The RepDistiller / mdistiller CIFAR-100 recipe for one teacher -> student pair.
+def cifar_recipe(arg, dataset: str, teacher: str, student: str, *, student_lr: float = 0.05,
+                 dkd_beta: float = 8.0) -> ml_collections.ConfigDict:
+    """The RepDistiller / mdistiller CIFAR recipe for one teacher -> student pair.
 
     240 epochs, batch 64, SGD momentum 0.9, lr 0.05 (0.01 for MobileNetV2/ShuffleNet students),
     x0.1 at epochs 150/180/210, weight decay 5e-4, random crop (pad 4) + flip. Each method keeps
@@ -143,7 +143,7 @@ def cifar100_benchmark(arg, teacher: str, student: str, *, student_lr: float = 0
     a = parse_arg(arg, smoke=False, method="kd", seed=0, init_epochs=0)
     c = base(a.method)
     c.seed = a.seed
-    c.dataset.name = "cifar100"
+    c.dataset.name = dataset
     c.batch_size = 64
     c.augment.crop_padding = 4
     c.augment.flip = True
