@@ -29,6 +29,9 @@ flags.DEFINE_enum("parallel", "jit", kstep.DataParallel.MODES, "Data-parallel wr
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_enum("depthwise", "auto", ["auto", "xla", "shift"], "DepthwiseConv impl (students that have one).")
 flags.DEFINE_bool("augment", True, "Random crop (pad 4) + flip inside the step, as the CIFAR configs.")
+flags.DEFINE_multi_string("xla_option", [], "XLA compile option key=value (repeatable), e.g. "
+                          "xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE")
+flags.DEFINE_string("profile_dir", None, "If set, write a jax.profiler trace of 3 steady-state steps here.")
 FLAGS = flags.FLAGS
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -90,10 +93,11 @@ def main(_):
           f"jax={jax.__version__}")
     print(f"config: teacher={FLAGS.teacher} student={FLAGS.student} batch={b} parallel={FLAGS.parallel} "
           f"dtype={FLAGS.dtype} depthwise={FLAGS.depthwise} augment={FLAGS.augment} "
-          f"student_params={models.num_params(state.params['student'])}")
+          f"student_params={models.num_params(state.params['student'])} xla_options={FLAGS.xla_option}")
 
     t0 = time.perf_counter()
-    train_step = train_step.lower(state, teacher_vars, batch).compile()
+    options = dict(o.split("=", 1) for o in FLAGS.xla_option) or None
+    train_step = train_step.lower(state, teacher_vars, batch).compile(options)
     print(f"compile (trace + lower + XLA): {time.perf_counter() - t0:.1f} s")
 
     times = []
@@ -103,6 +107,11 @@ def main(_):
         jax.block_until_ready(metrics)
         if i >= 2:
             times.append(time.perf_counter() - t0)
+    if FLAGS.profile_dir:
+        with jax.profiler.trace(FLAGS.profile_dir):
+            for _ in range(3):
+                state, metrics = train_step(state, teacher_vars, batch)
+                jax.block_until_ready(metrics)
     med = float(np.median(times))
     print(f"step: median {1e3 * med:.1f} ms (min {1e3 * min(times):.1f}, max {1e3 * max(times):.1f}) "
           f"-> {b / med:.1f} img/s; loss={float(par.unreplicate(metrics)['loss']):.4f}")
