@@ -8,6 +8,7 @@ and a changed config never lands in an old run's directory), and the multi-host 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import sys
 
@@ -52,17 +53,55 @@ def _one_line(error: BaseException) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def _parse_flags(argv):
-    """absl flag parsing, but a bad --config (missing file, bad ':arg', unknown field, bad value)
-    gives one line and exit status 2 instead of a traceback."""
+
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def _config_argument(default_config: str | None) -> str | None:
+    """The --config value of this command line ('path[:arg]'), else the entry point's default."""
+    argv = list(sys.argv[1:])
+    value = default_config
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(("--config=", "-config=")):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _shown(path: str) -> str:
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def config_file_error(argument: str | None) -> str | None:
+    """One line if the config file of `argument` ('path[:arg]') is missing or fails to load
+    (raises on import, lacks get_config, or get_config raises); None if it loads."""
+    if not argument:
+        return None
+    path, _, arg = argument.partition(":")
+    if not os.path.isfile(path):
+        names = sorted(n for n in os.listdir(CONFIGS_DIR)
+                       if n.endswith(".py") and not n.startswith(("_", "common")))
+        return (f"config file {path} not found; configs live in {_shown(CONFIGS_DIR)}{os.sep}: "
+                f"{', '.join(names)}")
     try:
-        return flags.FLAGS(argv)
-    except Exception as e:  # noqa: BLE001 - anything raised while loading the user's config
-        _fail(e)
+        spec = importlib.util.spec_from_file_location("_kdjax_config_check", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if not callable(getattr(module, "get_config", None)):
+            return f"config file {path} defines no get_config(arg=None) function"
+        module.get_config(*([arg] if ":" in argument else []))
+    except Exception as e:  # noqa: BLE001 - anything the user's config file raises
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        return f"config file {path}: {type(e).__name__}" + (f": {lines[-1]}" if lines else "")
+    return None
 
 
-def _fail(error: BaseException) -> None:
-    print(f"error: {_one_line(error)}", file=sys.stderr)
+def _fail(error: BaseException, default_config: str | None = None) -> None:
+    """Exit 2 with one line: the config file's own failure if it has one, else `error`'s."""
+    print(f"error: {config_file_error(_config_argument(default_config)) or _one_line(error)}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -73,9 +112,21 @@ def run_main(default_config: str | None = None) -> None:
         config_flag = config_flags.DEFINE_config_file(
             "config", default_config, "Experiment config file, with an optional ':arg' string.", lock_config=True)
     except Exception as e:  # noqa: BLE001 - a bad override of the default config
-        _fail(e)
+        _fail(e, default_config)
     if default_config is None:
         flags.mark_flag_as_required("config")
+
+    def parse_flags(argv):
+        """absl flag parsing, but a bad --config (missing file, file that fails to load, bad
+        ':arg', unknown field, bad value) gives one line and exit status 2, not a traceback."""
+        path = _config_argument(default_config)
+        if path and not os.path.isfile(path.partition(":")[0]):
+            print(f"error: {config_file_error(path)}", file=sys.stderr)
+            sys.exit(2)
+        try:
+            return flags.FLAGS(argv)
+        except Exception as e:  # noqa: BLE001 - anything raised while loading the user's config
+            _fail(e, default_config)
 
     def main(argv):
         # Orbax logs every save at INFO; keep the run's own log readable.
@@ -88,7 +139,7 @@ def run_main(default_config: str | None = None) -> None:
             config = config_flag.value
             workdir = _WORKDIR.value or default_workdir(config, flags.FLAGS["config"].config_filename)
         except Exception as e:  # noqa: BLE001 - the config file failed to load
-            _fail(e)
+            _fail(e, default_config)
         try:
             _init_distributed()
             logging.info("workdir: %s", os.path.abspath(workdir))
@@ -106,4 +157,4 @@ def run_main(default_config: str | None = None) -> None:
         print(train.format_table(summary))
         print(f"summary: {os.path.join(workdir, 'summary.json')}")
 
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=parse_flags)

@@ -100,7 +100,8 @@ def test_workdir_of_another_config_is_kept_or_moved_aside(tmp_path, teacher_run)
 @pytest.mark.parametrize("args, message", [
     (["--config.teacher.model=resnet9"], "error: unknown model 'resnet9'"),
     (["--config.no_such_field=1"], "error: --config override names a field that does not exist"),
-    (["--config=experiments/configs/digits.py:methd=at"], "error: ValueError: unknown config argument 'methd'"),
+    (["--config=experiments/configs/digits.py:methd=at"],
+     "error: config file experiments/configs/digits.py: ValueError: unknown config argument 'methd'"),
 ])
 def test_cli_bad_input_is_one_line(args, message, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "experiments.digits", f"--workdir={tmp_path / 'run'}", *args],
@@ -109,3 +110,37 @@ def test_cli_bad_input_is_one_line(args, message, tmp_path):
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(message), proc.stderr[-2000:]
+
+
+CONFIG_FILE_CASES = {
+    "missing": (None, "error: config file {path} not found; configs live in experiments/configs/: "
+                      "cifar100_resnet32x4_mobilenetv2_half.py, "),
+    "raises on import": ("import no_such_module_kdjax\n",
+                         "error: config file {path}: ModuleNotFoundError: No module named 'no_such_module_kdjax'"),
+    "get_config raises": ("def get_config(arg=None):\n    raise KeyError('student')\n",
+                          "error: config file {path}: KeyError: 'student'"),
+    "syntax error": ("def get_config(arg=None)\n", "error: config file {path}: SyntaxError: "),
+    "no get_config": ("CONFIG = 1\n", "error: config file {path} defines no get_config(arg=None) function"),
+}
+
+
+@pytest.mark.parametrize("entry", ["experiments.digits", "experiments.cifar"])
+@pytest.mark.parametrize("case", sorted(CONFIG_FILE_CASES))
+def test_cli_config_file_that_cannot_load_is_one_line(entry, case, tmp_path):
+    """A missing config file, or one that fails to load, gives one line naming the file and exit 2,
+    for every entry point (they share experiments/launch.py)."""
+    source, message = CONFIG_FILE_CASES[case]
+    if source is None:
+        path = "experiments/configs/nope.py"
+    else:
+        path = str(tmp_path / "bad_config.py")
+        with open(path, "w") as f:
+            f.write(source)
+    proc = subprocess.run([sys.executable, "-m", entry, f"--config={path}:smoke", "--config.seed=1",
+                           f"--workdir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message.format(path=path)), proc.stderr[-2000:]
+    if source is None:
+        assert lines[0].endswith("cifar10_resnet18_mobilenetv2.py, digits.py")
+    assert not os.path.exists(tmp_path / "run")
