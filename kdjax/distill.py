@@ -694,6 +694,10 @@ def get_config(method: str = "kd") -> ml_collections.ConfigDict:
     cfg.method = method
     cfg.temperature = 4.0
     cfg.ce_weight = ml_collections.config_dict.placeholder(float)
+    # Frozen teacher outputs computed once and reused every epoch: 'auto' (when the teacher's input
+    # is the same every epoch, i.e. no augmentation, and they fit in memory), 'on' (refused with one
+    # line when invalid), 'off'. See kdjax.train.Stage._teacher_cache.
+    cfg.cache_teacher = "auto"
     for name, m in METHODS.items():
         if m.defaults:
             cfg[name] = dict(m.defaults)

@@ -1,0 +1,57 @@
+"""kdjax.runtime: the XLA:CPU convolution flag and the persistent compilation cache."""
+
+import os
+import subprocess
+import sys
+
+from kdjax import runtime
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_cpu_convolution_flag_is_added_once_and_switchable(monkeypatch):
+    monkeypatch.setattr(runtime, "_jaxlib_version", lambda: "0.10.2")
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    assert runtime.configure_cpu_convolutions(env)
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2 " + runtime.CPU_CONV_FLAG
+    assert not runtime.configure_cpu_convolutions(env)  # already there: unchanged
+    assert env["XLA_FLAGS"].count("ynn_fusion_type") == 1
+
+    off = {"KDJAX_CPU_CONV": "ynnpack"}
+    assert not runtime.configure_cpu_convolutions(off) and "XLA_FLAGS" not in off
+    own = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    assert not runtime.configure_cpu_convolutions(own)  # the user's own choice is kept
+    assert own["XLA_FLAGS"].endswith("INDIVIDUAL_DOT")
+
+    monkeypatch.setattr(runtime, "_jaxlib_version", lambda: "0.11.0")  # not measured there: left alone
+    assert not runtime.configure_cpu_convolutions({})
+
+
+def test_import_kdjax_sets_the_flag_before_the_backend_starts():
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "KDJAX_CPU_CONV")}
+    code = ("import os, kdjax, jax, jax.numpy as jnp; "
+            "jnp.ones(1).block_until_ready(); print(os.environ.get('XLA_FLAGS', ''))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert runtime.CPU_CONV_FLAG in out.stdout
+    env["KDJAX_CPU_CONV"] = "ynnpack"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert "ynn_fusion_type" not in out.stdout
+
+
+def test_compilation_cache_is_written_and_reused(tmp_path):
+    """A second process compiling the same function reads it from the cache directory."""
+    cache = str(tmp_path / "cache")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    code = ("import sys, jax, jax.numpy as jnp; from kdjax import runtime; "
+            "runtime.enable_compilation_cache(sys.argv[1]); "
+            "from jax._src import monitoring; hits = []; "
+            "monitoring.register_event_listener(lambda e, **k: hits.append(e) if 'cache_hits' in e else None); "
+            "jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).block_until_ready(); print(len(hits))")
+    first = subprocess.run([sys.executable, "-c", code, cache], cwd=REPO, env=env, capture_output=True, text=True,
+                           check=True)
+    assert first.stdout.strip() == "0"
+    assert any(name.endswith("-cache") for name in os.listdir(cache))
+    second = subprocess.run([sys.executable, "-c", code, cache], cwd=REPO, env=env, capture_output=True,
+                            text=True, check=True)
+    assert int(second.stdout.strip()) >= 1
+    assert runtime.enable_compilation_cache("") is None
