@@ -130,10 +130,24 @@ def validate(config) -> None:
     if config.dataset.name not in kdata.DATASETS:
         raise ValueError(f"unknown data set {config.dataset.name!r}; choose one of: {', '.join(kdata.DATASETS)}")
     opt = config.optimizer
-    optim.make_optimizer(opt.name, 0.1)  # raises on an unknown optimizer
-    optim.make_schedule(opt.schedule, base_lr=opt.learning_rate, total_steps=config.student.epochs, steps_per_epoch=1,
-                        warmup_epochs=opt.warmup_epochs, decay_epochs=tuple(opt.decay_epochs),
-                        decay_factor=opt.decay_factor, step_epochs=opt.step_epochs)
+    optim.make_optimizer(  # raises on an unknown optimizer or a bad hyper-parameter
+        opt.name, 0.1, momentum=opt.momentum, nesterov=opt.nesterov, weight_decay=opt.weight_decay,
+        grad_clip_norm=opt.grad_clip_norm, decay_all=opt.decay_all, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+        rmsprop_decay=opt.rmsprop_decay, adadelta_rho=opt.adadelta_rho)
+    for role in ("teacher", "student"):
+        lr = optim.resolve_learning_rate(opt.name, opt.learning_rate, config[role].learning_rate_scale)
+        optim.make_schedule(opt.schedule, base_lr=lr, total_steps=config[role].epochs, steps_per_epoch=1,
+                            warmup_epochs=opt.warmup_epochs, decay_epochs=tuple(opt.decay_epochs),
+                            decay_factor=opt.decay_factor, step_epochs=opt.step_epochs)
+    aug = config.augment
+    if aug.mixup_alpha > 0 and aug.cutmix_alpha > 0:
+        raise ValueError(f"config.augment.mixup_alpha={aug.mixup_alpha} and cutmix_alpha={aug.cutmix_alpha} are both "
+                         "> 0, but each batch gets mixup or cutmix, not both (cutmix would be ignored): set one to 0")
+    if config.teacher.source == "ema":
+        for field in ("checkpoint", "ensemble"):
+            if config.teacher[field]:
+                raise ValueError(f"config.teacher.source='ema' (Mean Teacher) makes the student's moving average the "
+                                 f"teacher, so config.teacher.{field} would be ignored: unset one of the two")
     distill.build_terms(config.distill.to_dict())
     _stages(config)
 
@@ -217,7 +231,7 @@ class Stage:
             **dict(model_cfg.get("kwargs") or {}),
         )
         self.epochs = int(config.student_init.epochs if role == "student_init" else model_cfg.epochs)
-        self.lr = model_cfg.learning_rate if model_cfg.learning_rate is not None else config.optimizer.learning_rate
+        self.lr = optim.resolve_learning_rate(config.optimizer.name, config.optimizer.learning_rate, model_cfg.learning_rate_scale)
         self.terms = _stage_terms(role, config, dataset.train)
         ema = role == "student" and config.teacher.source == "ema"
         self.teachers, self.teacher_vars = (tuple(teachers), tuple(teacher_vars))
@@ -270,6 +284,8 @@ class Stage:
         self.tx = optim.make_optimizer(
             c.optimizer.name, self.schedule, momentum=c.optimizer.momentum, nesterov=c.optimizer.nesterov,
             weight_decay=c.optimizer.weight_decay, grad_clip_norm=c.optimizer.grad_clip_norm,
+            decay_all=c.optimizer.decay_all, b1=c.optimizer.b1, b2=c.optimizer.b2, eps=c.optimizer.eps,
+            rmsprop_decay=c.optimizer.rmsprop_decay, adadelta_rho=c.optimizer.adadelta_rho,
         )
         ema = None
         if self.step_cfg.ema_decay > 0:  # a copy: donated buffers must not appear twice in the state

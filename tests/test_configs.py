@@ -3,6 +3,7 @@
 import glob
 import importlib
 import os
+import re
 
 import numpy as np
 import pytest
@@ -43,3 +44,40 @@ def test_cifar_pairs_trace_with_paired_feature_methods(name):
         par = kstep.DataParallel("jit")
         teacher = train.Stage("teacher", config, ds, par, "unused").model
         train.Stage("student", config, ds, par, "unused").preflight([teacher])
+
+
+def test_cifar_learning_rates_follow_the_optimizer():
+    """The CIFAR recipe's rates come from optimizer.learning_rate (None: the optimizer's own default),
+    times each stage's scale, so an explicit --config.optimizer.learning_rate or a changed
+    optimizer reaches every stage (it used to lose, silently, to per-stage rates)."""
+    module = importlib.import_module("experiments.configs.cifar10_resnet18_mobilenetv2")
+    ds = fake_dataset("cifar10", 10, (32, 32, 3))
+    par = kstep.DataParallel("jit")
+
+    def rates(**optimizer):
+        config = module.get_config()
+        config.optimizer.update(optimizer)
+        train.validate(config)
+        return tuple(train.Stage(role, config, ds, par, "unused").lr for role in ("teacher", "student", "student_scratch"))
+
+    assert rates() == pytest.approx((0.05, 0.01, 0.01))  # RepDistiller: 0.05, MobileNetV2 students 0.01
+    assert rates(learning_rate=0.1) == pytest.approx((0.1, 0.02, 0.02))
+    assert rates(name="adam") == pytest.approx((1e-3, 2e-4, 2e-4))
+    assert rates(name="adadelta") == pytest.approx((1.0, 0.2, 0.2))
+
+
+def test_learning_rate_table_is_documented():
+    """The default-rate table in experiments/configs/common.py's comment and in the README are
+    the one in kdjax.optim."""
+    from experiments.configs import common
+    from kdjax import optim
+
+    assert common.DEFAULT_LEARNING_RATES is optim.DEFAULT_LEARNING_RATES
+    repo = os.path.join(os.path.dirname(__file__), "..")
+    with open(os.path.join(repo, "experiments", "configs", "common.py")) as f:
+        common_src = f.read()
+    with open(os.path.join(repo, "README.md")) as f:
+        readme = f.read()
+    for name, lr in optim.DEFAULT_LEARNING_RATES.items():
+        assert re.search(rf"#   {name} +{lr!r} ", common_src), name
+        assert f"| `{name}` | {lr!r} |" in readme, name

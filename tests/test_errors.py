@@ -26,6 +26,16 @@ CASES = {
     "zero batch size": ({"batch_size": 0}, "config.batch_size must be a positive integer, got 0"),
     "batch vs devices": ({"batch_size": 63}, "config.batch_size=63 is not divisible by the 2 devices"),
     "unknown stage": ({"stages": "teacher,studnet"}, "unknown stage 'studnet'"),
+    "bad optimizer field": ({"optimizer.b2": 1.0}, "b2 must be in [0, 1), got 1.0"),
+    # Options that would be silently ignored are refused (issue 8.4):
+    "mixup and cutmix": ({"augment.mixup_alpha": 0.2, "augment.cutmix_alpha": 1.0},
+                         "config.augment.mixup_alpha=0.2 and cutmix_alpha=1.0 are both > 0, but each batch gets "
+                         "mixup or cutmix, not both (cutmix would be ignored): set one to 0"),
+    "ema teacher and checkpoint": ({"stages": "student", "teacher.source": "ema", "teacher.checkpoint": "runs/t"},
+                                   "config.teacher.source='ema' (Mean Teacher) makes the student's moving average "
+                                   "the teacher, so config.teacher.checkpoint would be ignored: unset one of the two"),
+    "ema teacher and ensemble": ({"stages": "student", "teacher.source": "ema", "teacher.ensemble": "runs/a,runs/b"},
+                                 "so config.teacher.ensemble would be ignored: unset one of the two"),
 }
 
 
@@ -100,6 +110,8 @@ def test_workdir_of_another_config_is_kept_or_moved_aside(tmp_path, teacher_run)
 @pytest.mark.parametrize("args, message", [
     (["--config.teacher.model=resnet9"], "error: unknown model 'resnet9'"),
     (["--config.no_such_field=1"], "error: --config override names a field that does not exist"),
+    (["--config.augment.mixup_alpha=0.2", "--config.augment.cutmix_alpha=1.0"],
+     "error: config.augment.mixup_alpha=0.2 and cutmix_alpha=1.0 are both > 0"),
     (["--config=experiments/configs/digits.py:methd=at"],
      "error: config file experiments/configs/digits.py: ValueError: unknown config argument 'methd'"),
 ])
@@ -141,6 +153,8 @@ def test_cli_config_file_that_cannot_load_is_one_line(entry, case, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message.format(path=path)), proc.stderr[-2000:]
-    if source is None:
-        assert lines[0].endswith("cifar10_resnet18_mobilenetv2.py, digits.py")
+    if source is None:  # every shipped config is listed
+        shipped = sorted(n for n in os.listdir(os.path.join(REPO, "experiments", "configs"))
+                         if n.endswith(".py") and not n.startswith(("_", "common")))
+        assert lines[0].endswith(": " + ", ".join(shipped)) and "digits.py" in shipped
     assert not os.path.exists(tmp_path / "run")

@@ -15,7 +15,7 @@ from experiments.configs import common
 
 
 def get_config(arg=None):
-    c = common.cifar_recipe(arg, "cifar100", "resnet32x4", "mobilenetv2_half", student_lr=0.01, dkd_beta=6.0)
+    c = common.cifar_recipe(arg, "cifar100", "resnet32x4", "mobilenetv2_half", student_lr_scale=0.2, dkd_beta=6.0)
     # MobileNetV2 has four stages, resnet32x4 three: pair the first three, as RepDistiller's
     # zip(feat_s[1:-1], feat_t[1:-1]) does.
     for method in ("at", "nst", "vid"):

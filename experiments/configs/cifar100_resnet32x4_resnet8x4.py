@@ -15,4 +15,4 @@ from experiments.configs import common
 
 
 def get_config(arg=None):
-    return common.cifar_recipe(arg, "cifar100", "resnet32x4", "resnet8x4", student_lr=0.05, dkd_beta=8.0)
+    return common.cifar_recipe(arg, "cifar100", "resnet32x4", "resnet8x4", dkd_beta=8.0)

@@ -15,4 +15,4 @@ from experiments.configs import common
 
 
 def get_config(arg=None):
-    return common.cifar_recipe(arg, "cifar100", "vgg13", "vgg8", student_lr=0.05, dkd_beta=6.0)
+    return common.cifar_recipe(arg, "cifar100", "vgg13", "vgg8", dkd_beta=6.0)

@@ -15,4 +15,4 @@ from experiments.configs import common
 
 
 def get_config(arg=None):
-    return common.cifar_recipe(arg, "cifar100", "wrn_40_2", "wrn_16_2", student_lr=0.05, dkd_beta=6.0)
+    return common.cifar_recipe(arg, "cifar100", "wrn_40_2", "wrn_16_2", dkd_beta=6.0)

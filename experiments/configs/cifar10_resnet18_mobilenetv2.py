@@ -18,4 +18,4 @@ from experiments.configs import common
 
 
 def get_config(arg=None):
-    return common.cifar_recipe(arg, "cifar10", "resnet18", "mobilenetv2", student_lr=0.01)
+    return common.cifar_recipe(arg, "cifar10", "resnet18", "mobilenetv2", student_lr_scale=0.2)

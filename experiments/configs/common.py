@@ -9,7 +9,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from kdjax import distill
+from kdjax import distill, optim
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -46,6 +46,8 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
     c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
     c.log_every_steps = 50
     c.nan_policy = "stop"  # a NaN/Inf loss or gradient: 'stop' the run (one line, exit 1) or 'skip' the step
+    # JAX's persistent compilation cache: a second launch of the same run skips recompiling ('' = off)
+    c.compile_cache_dir = "~/.cache/kdjax/jax"
 
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = "digits"
@@ -66,7 +68,9 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
         m.model = ""
         m.kwargs = ml_collections.ConfigDict()  # extra constructor arguments of the model
         m.epochs = 1
-        m.learning_rate = config_dict.placeholder(float)  # None: optimizer.learning_rate
+        # This stage's (peak) learning rate = optimizer.learning_rate x this scale, so a changed
+        # optimizer or optimizer.learning_rate reaches every stage and keeps their ratio.
+        m.learning_rate_scale = 1.0
         c[role] = m
     # Where the student's teacher comes from:
     #   'trained': the 'teacher' stage, or the model of an earlier run (teacher.checkpoint = that
@@ -88,11 +92,20 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "sgd"  # sgd, adam, adamw, rmsprop, adagrad, adadelta
-    c.optimizer.learning_rate = 0.05
-    c.optimizer.momentum = 0.9
-    c.optimizer.nesterov = False
+    # None: the optimizer's own default (DEFAULT_LEARNING_RATES, below), so that changing only
+    # optimizer.name gives that optimizer a sensible rate. Each stage multiplies it by its
+    # <stage>.learning_rate_scale.
+    c.optimizer.learning_rate = config_dict.placeholder(float)
+    c.optimizer.momentum = 0.9  # sgd only
+    c.optimizer.nesterov = False  # sgd: Nesterov momentum; adam/adamw: NAdam
     c.optimizer.weight_decay = 5e-4  # coupled L2 (torch semantics); decoupled for adamw
+    c.optimizer.decay_all = False  # False: decay kernels only; True: every parameter (biases, norms), like torch's model.parameters()
     c.optimizer.grad_clip_norm = config_dict.placeholder(float)
+    c.optimizer.b1 = 0.9  # adam/adamw betas (torch defaults)
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = config_dict.placeholder(float)  # None: torch's (adam/adamw/rmsprop 1e-8, adagrad 1e-10, adadelta 1e-6)
+    c.optimizer.rmsprop_decay = 0.9  # rmsprop: squared-gradient average decay (torch's alpha)
+    c.optimizer.adadelta_rho = 0.9  # adadelta: decay of both running averages (torch's rho)
     c.optimizer.schedule = "constant"  # constant, cosine, step, multistep, linear
     c.optimizer.warmup_epochs = 0.0
     c.optimizer.decay_epochs = (150, 180, 210)  # multistep boundaries
@@ -113,6 +126,20 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
     return c
 
 
+# The learning rate of each optimizer when optimizer.learning_rate is None (kdjax.optim holds the
+# table, kdjax.optim.resolve_learning_rate applies it; tests/test_configs.py checks this copy):
+#
+#   optimizer  default lr  reference
+#   sgd        0.05        RepDistiller / mdistiller CIFAR recipe (momentum 0.9, batch 64); SGD
+#                          has no tuned default (torch's lr was required until torch 2.2's 1e-3)
+#   adam       0.001       torch.optim.Adam; Kingma & Ba (2015)
+#   adamw      0.001       torch.optim.AdamW; Loshchilov & Hutter (2019)
+#   rmsprop    0.01        torch.optim.RMSprop
+#   adagrad    0.01        torch.optim.Adagrad
+#   adadelta   1.0         torch.optim.Adadelta; Zeiler (2012) (the update is already unit-scaled)
+DEFAULT_LEARNING_RATES = optim.DEFAULT_LEARNING_RATES
+
+
 def smoke(c: ml_collections.ConfigDict) -> None:
     """Shrinks a config in place to a few steps per stage on `tfds.testing.mock_data`.
 
@@ -129,12 +156,15 @@ def smoke(c: ml_collections.ConfigDict) -> None:
     c.optimizer.schedule = "constant"
 
 
-def cifar_recipe(arg, dataset: str, teacher: str, student: str, *, student_lr: float = 0.05,
+def cifar_recipe(arg, dataset: str, teacher: str, student: str, *, student_lr_scale: float = 1.0,
                  dkd_beta: float = 8.0) -> ml_collections.ConfigDict:
     """The RepDistiller / mdistiller CIFAR recipe for one teacher -> student pair.
 
-    240 epochs, batch 64, SGD momentum 0.9, lr 0.05 (0.01 for MobileNetV2/ShuffleNet students),
-    x0.1 at epochs 150/180/210, weight decay 5e-4, random crop (pad 4) + flip. Each method keeps
+    240 epochs, batch 64, SGD momentum 0.9, lr 0.05 (0.01 for MobileNetV2/ShuffleNet students:
+    `student_lr_scale=0.2`), x0.1 at epochs 150/180/210, weight decay 5e-4, random crop (pad 4) +
+    flip. The rate is SGD's default (optimizer.learning_rate=None), so
+    `--config.optimizer.learning_rate=0.1` sets the teachers' rate and scales the students' with
+    it, and `--config.optimizer.name=adam` gives Adam's own default. Each method keeps
     the weights of the reference code (kdjax.distill.METHODS); DKD's beta is per pair.
     Config-string arguments: `method=<name>` (default kd), `seed=<int>`, `smoke`, and
     `init_epochs=<n>`: first train the student for n epochs on the method's own terms alone (the
@@ -149,11 +179,10 @@ def cifar_recipe(arg, dataset: str, teacher: str, student: str, *, student_lr: f
     c.augment.flip = True
     c.teacher.model = teacher
     c.teacher.epochs = 240
-    c.teacher.learning_rate = 0.05
     c.student.model = student
     c.student.epochs = 240
-    c.student.learning_rate = student_lr
-    c.optimizer.name = "sgd"
+    c.student.learning_rate_scale = student_lr_scale
+    c.optimizer.name = "sgd"  # learning rate: None = sgd's default, 0.05 (RepDistiller's)
     c.optimizer.momentum = 0.9
     c.optimizer.weight_decay = 5e-4
     c.optimizer.schedule = "multistep"
