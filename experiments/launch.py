@@ -151,9 +151,9 @@ def run_main(default_config: str | None = None) -> None:
         except train.NonFiniteError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
-        except train.Preempted as e:  # SIGTERM: checkpoint saved; 128 + SIGTERM, as a killed job
+        except train.Preempted as e:  # SIGTERM/SIGINT: checkpoint saved; 128 + signal, as a killed job
             print(f"preempted: {e}", file=sys.stderr)
-            sys.exit(143)
+            sys.exit(e.exit_code)
         print(train.format_table(summary))
         print(f"summary: {os.path.join(workdir, 'summary.json')}")
 

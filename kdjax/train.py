@@ -31,8 +31,10 @@ from absl import logging
 from kdjax import checkpoint as kckpt
 from kdjax import data as kdata
 from kdjax import distill
+from kdjax import feed
 from kdjax import models
 from kdjax import optim
+from kdjax import runtime
 from kdjax import step as kstep
 
 ROLES = ("teacher", "student_init", "student", "student_scratch")
@@ -45,22 +47,52 @@ class NonFiniteError(RuntimeError):
 class Preempted(Exception):
     """SIGTERM/SIGINT arrived: a checkpoint was saved and the run stopped; rerun to resume."""
 
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)  # as a shell reports a job killed by that signal
+
 
 _SIGNALLED: list[int] = []
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # preemption (TPU VMs, Colab, SLURM) and Ctrl-C
 
 
 def _on_signal(signum, _frame) -> None:
     _SIGNALLED.append(signum)
 
 
-def _preemption_requested() -> bool:
-    """True once SIGTERM arrived here (on several processes: anywhere; they stop together)."""
-    flag = bool(_SIGNALLED)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+class _Control:
+    """When to save a periodic checkpoint and whether to stop for a signal, decided the same way on
+    every process.
 
-        flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
-    return flag
+    On one process both are read every step (no device sync). On several, the processes exchange
+    their flags every `poll_every` steps and at the end of every epoch (one small all-gather, never
+    per step): the run stops if any process got a signal, and process 0's clock alone decides a
+    time-based checkpoint, so skewed clocks cannot make processes disagree on a collective save.
+    """
+
+    def __init__(self, every_steps: int, every_minutes: float, poll_every: int = 10):
+        self.every_steps, self.every_seconds, self.poll_every = every_steps, 60.0 * every_minutes, poll_every
+        self.last_save = time.time()
+
+    def saved(self) -> None:
+        self.last_save = time.time()
+
+    def poll(self, step: int, end_of_epoch: bool) -> tuple[bool, signal.Signals | None]:
+        """(periodic checkpoint due, the stop signal received or None) after `step` steps."""
+        periodic = bool(self.every_steps) and step % self.every_steps == 0
+        clock_due = bool(self.every_seconds) and time.time() - self.last_save > self.every_seconds
+        signum = _SIGNALLED[0] if _SIGNALLED else 0
+        if jax.process_count() > 1:
+            if not (end_of_epoch or step % self.poll_every == 0):
+                return periodic, None
+            from jax.experimental import multihost_utils
+
+            flags = np.asarray(multihost_utils.process_allgather(np.array([signum, clock_due], np.int32)))
+            signum = int(flags[:, 0].max())
+            clock_due = bool(flags[0, 1])
+        return periodic or clock_due, (signal.Signals(signum) if signum else None)
+
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -148,6 +180,16 @@ def validate(config) -> None:
             if config.teacher[field]:
                 raise ValueError(f"config.teacher.source='ema' (Mean Teacher) makes the student's moving average the "
                                  f"teacher, so config.teacher.{field} would be ignored: unset one of the two")
+    cache, a = config.distill.cache_teacher, config.augment
+    if cache not in feed.CACHE_MODES:
+        raise ValueError(f"unknown config.distill.cache_teacher {cache!r}; choose one of: {', '.join(feed.CACHE_MODES)}")
+    obstacle = feed.cache_obstacle(crop_padding=a.crop_padding, flip=a.flip, mixup_alpha=a.mixup_alpha,
+                                   cutmix_alpha=a.cutmix_alpha, teacher_source=config.teacher.source)
+    if cache == "on" and obstacle:
+        raise ValueError(f"config.distill.cache_teacher='on' is invalid here: {obstacle}; use 'auto' or 'off'")
+    for name in ("eval_batch_size", "throughput_batch", "log_every_steps"):
+        if config[name] <= 0:
+            raise ValueError(f"config.{name} must be a positive integer, got {config[name]}")
     distill.build_terms(config.distill.to_dict())
     _stages(config)
 
@@ -157,7 +199,11 @@ def validate(config) -> None:
 
 
 def evaluate(eval_fn, par: kstep.DataParallel, variables, split: kdata.Split, batch_size: int) -> dict:
-    """Accuracy and mean cross-entropy of `variables` on a whole split (all processes)."""
+    """Accuracy and mean cross-entropy of `variables` on a whole split (all processes).
+
+    `batch_size` is rounded up to a multiple of the device count; the padding (and the padded
+    last batch) is masked out of the metrics, so any eval batch size works on any device count."""
+    batch_size = -(-batch_size // par.num_devices) * par.num_devices
     totals = {"correct": 0.0, "count": 0.0, "loss_sum": 0.0}
     for images, labels, mask in kdata.eval_batches(
         split, batch_size, process_index=jax.process_index(), process_count=jax.process_count()
@@ -248,74 +294,36 @@ class Stage:
             l1=config.loss.l1, l2=config.loss.l2, dtype=dtype,
             ema_decay=config.teacher.ema_decay if ema else 0.0,
         )
+        self.distiller = distill.Distiller(self.terms)
+        o = config.optimizer
+        self.schedule = optim.make_schedule(
+            o.schedule, base_lr=self.lr, total_steps=self.total_steps, steps_per_epoch=self.spe,
+            warmup_epochs=o.warmup_epochs, decay_epochs=tuple(o.decay_epochs), decay_factor=o.decay_factor,
+            step_epochs=o.step_epochs,
+        )
+        self.tx = optim.make_optimizer(
+            o.name, self.schedule, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
+            grad_clip_norm=o.grad_clip_norm, decay_all=o.decay_all, b1=o.b1, b2=o.b2, eps=o.eps,
+            rmsprop_decay=o.rmsprop_decay, adadelta_rho=o.adadelta_rho,
+        )
 
     # -- init / restore -------------------------------------------------------------------------
     def _init(self):
-        c = self.config
-        seed = c.seed + ROLES.index(self.role) * 1000
-        key_model, key_distiller = jax.random.split(jax.random.PRNGKey(seed))
-        x = jnp.zeros((2,) + self.ds.image_shape, jnp.float32)
-        variables = self.model.init(key_model, x, train=False)
-        s_params = variables.pop("params")
-        s_vars = {"params": s_params, **variables}
-        _, s_feats, _ = models.apply_model(self.model, s_vars, x, train=False)
-        if self.step_cfg.ema_decay > 0:
-            t_feats = kstep.teacher_features((self.model,), (s_vars,), x)
-        else:
-            t_feats = kstep.teacher_features(self.teachers, self.teacher_vars, x)
-        distill.check_features(self.terms, s_feats, t_feats)
-        self.distiller = distill.Distiller(self.terms)
-        ctx = distill.Context(labels=jnp.zeros((2,), jnp.int32), train=False, indices=jnp.zeros((2,), jnp.int32),
-                              rng=key_distiller)
-        d_vars = dict(self.distiller.init(key_distiller, s_feats, t_feats, ctx))
-        d_params = d_vars.pop("params", {})
-        params = {"student": s_params, "distiller": d_params}
-        model_state = {"student": dict(variables), "distiller": d_vars}
-        if self.init_from is not None:  # two-stage methods: start from the init stage's result
-            params = {"student": self.init_from.params["student"],
-                      "distiller": {**d_params, **self.init_from.params["distiller"]}}
-            model_state = {"student": self.init_from.model_state["student"],
-                           "distiller": {**d_vars, **self.init_from.model_state["distiller"]}}
-        self.schedule = optim.make_schedule(
-            c.optimizer.schedule, base_lr=self.lr, total_steps=self.total_steps, steps_per_epoch=self.spe,
-            warmup_epochs=c.optimizer.warmup_epochs, decay_epochs=tuple(c.optimizer.decay_epochs),
-            decay_factor=c.optimizer.decay_factor, step_epochs=c.optimizer.step_epochs,
-        )
-        self.tx = optim.make_optimizer(
-            c.optimizer.name, self.schedule, momentum=c.optimizer.momentum, nesterov=c.optimizer.nesterov,
-            weight_decay=c.optimizer.weight_decay, grad_clip_norm=c.optimizer.grad_clip_norm,
-            decay_all=c.optimizer.decay_all, b1=c.optimizer.b1, b2=c.optimizer.b2, eps=c.optimizer.eps,
-            rmsprop_decay=c.optimizer.rmsprop_decay, adadelta_rho=c.optimizer.adadelta_rho,
-        )
-        ema = None
-        if self.step_cfg.ema_decay > 0:  # a copy: donated buffers must not appear twice in the state
-            ema = jax.tree.map(jnp.copy, {"params": params["student"], **model_state["student"]})
-        return kstep.TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-            opt_state=self.tx.init(params), rng=jax.random.PRNGKey(seed + 1), ema=ema,
-        )
+        """The fresh TrainState of this stage (one jit-compiled init; see kstep.init_state)."""
+        return kstep.init_state(
+            self.model, self.distiller, self.teachers, self.teacher_vars, self.tx, self.ds.image_shape,
+            self.config.seed + ROLES.index(self.role) * 1000, ema=self.step_cfg.ema_decay > 0,
+            init_from=self.init_from)
 
     def preflight(self, teacher_models) -> None:
-        """Traces init, features and the terms abstractly (jax.eval_shape): raises a one-line
+        """Traces this stage's init abstractly (jax.eval_shape, no compute): raises a one-line
         ValueError for a feature a model lacks or shapes a method cannot reconcile."""
-        key = jax.random.PRNGKey(0)
-        ema = self.step_cfg.ema_decay > 0
-        teachers = () if not distill.needs_teacher(self.terms) else tuple(teacher_models)
-
-        def trace(x):
-            s_vars = self.model.init(key, x, train=False)
-            _, s_feats, _ = models.apply_model(self.model, s_vars, x, train=False)
-            if ema:
-                t_feats = kstep.teacher_features((self.model,), (s_vars,), x)
-            else:
-                t_vars = tuple(m.init(key, x, train=False) for m in teachers)
-                t_feats = kstep.teacher_features(teachers, t_vars, x)
-            distill.check_features(self.terms, s_feats, t_feats)
-            ctx = distill.Context(labels=jnp.zeros((2,), jnp.int32), train=False,
-                                  indices=jnp.zeros((2,), jnp.int32), rng=key)
-            return distill.Distiller(self.terms).init(key, s_feats, t_feats, ctx)
-
-        jax.eval_shape(trace, jax.ShapeDtypeStruct((2,) + self.ds.image_shape, jnp.float32))
+        teachers = tuple(teacher_models) if distill.needs_teacher(self.terms) else ()
+        shape = (1,) + self.ds.image_shape
+        t_vars = tuple(models.param_shapes(m, shape) for m in teachers)
+        jax.eval_shape(lambda tv: kstep.init_variables(
+            self.model, self.distiller, teachers, tv, self.ds.image_shape, jax.random.PRNGKey(0),
+            ema=self.step_cfg.ema_decay > 0), t_vars)
 
     @staticmethod
     def variables_of(state) -> dict:
@@ -356,37 +364,32 @@ class Stage:
                          self.role, self.model_name, self.epochs, self.total_steps, self.batch_size,
                          ", ".join(f"{t.weight:g}*{t.name}" for t in self.terms))
 
+        cache = self._teacher_cache()  # frozen teacher outputs computed once, or None
+        teachers = () if cache is not None else self.teachers
         train_step = self.par.wrap(
-            kstep.make_train_step(self.model, self.distiller, self.teachers, self.tx, self.schedule, self.step_cfg),
+            kstep.make_train_step(self.model, self.distiller, teachers, self.tx, self.schedule, self.step_cfg),
             donate_first=True,
         )
         eval_step = self.par.wrap(kstep.make_eval_step(self.model, self.step_cfg))
-        teacher_vars = self.par.replicate(self.teacher_vars)
+        teacher_vars = self.par.replicate(self.teacher_vars if cache is None else ())
         state = self.par.replicate(state)
-        train = self.ds.train
         step = int(self.par.unreplicate(state.step))
         t0 = time.time()
-        last_ckpt_time = time.time()
+        control = _Control(c.checkpoint.every_steps, c.checkpoint.every_minutes)
         pending = []  # (step, metrics) not yet checked for NaN/Inf: checked lazily, no per-step sync
         skipped = meta.get("skipped_steps", 0)
         while step < self.total_steps:
-            epoch, i = divmod(step, self.spe)
-            idx = kdata.batch_indices(
-                len(train.labels), self.batch_size, seed=c.seed, epoch=epoch, step_in_epoch=i,
-                process_index=jax.process_index(), process_count=jax.process_count(),
-            )
-            batch = {"image": train.images[idx], "label": train.labels[idx], "index": idx.astype(np.int32)}
+            batch = feed.train_batch(self.ds.train, self.batch_size, seed=c.seed, step=step,
+                                     steps_per_epoch=self.spe, cache=cache)
             state, metrics = train_step(state, teacher_vars, self.par.shard(batch))
             step += 1
             pending.append((step, metrics))
             end_of_epoch = step % self.spe == 0
-            periodic = (c.checkpoint.every_steps and step % c.checkpoint.every_steps == 0) or (
-                c.checkpoint.every_minutes and time.time() - last_ckpt_time > 60 * c.checkpoint.every_minutes
-            )
-            preempted = _preemption_requested()
-            if step % c.log_every_steps == 0 or step == self.total_steps:
+            periodic, preempted = control.poll(step, end_of_epoch)
+            log = step % c.log_every_steps == 0 or step == self.total_steps
+            if log:
                 self._log(step, {k: float(v) for k, v in self.par.unreplicate(metrics).items()})
-            if end_of_epoch or periodic or preempted or step % c.log_every_steps == 0:
+            if end_of_epoch or periodic or preempted or log:
                 skipped += self._check_finite(pending, ckpts)
                 pending = []
                 meta["skipped_steps"] = skipped
@@ -395,10 +398,10 @@ class Stage:
             if end_of_epoch or periodic or preempted:
                 score = meta["history"][-1]["score"] if end_of_epoch else None
                 ckpts.save(step, self.par.unreplicate(state), meta, score=score)
-                last_ckpt_time = time.time()
+                control.saved()
             if preempted:
-                raise Preempted(f"stage {self.role!r} stopped by a termination signal at step {step}; "
-                                f"checkpoint saved in {ckpts.directory}; rerun the same command to resume")
+                raise Preempted(f"stage {self.role!r} stopped by {preempted.name} at step {step}; checkpoint "
+                                f"saved in {ckpts.directory}; rerun the same command to resume", preempted)
         ckpts.wait()
         train_seconds = time.time() - t0
 
@@ -426,6 +429,19 @@ class Stage:
         if skipped:
             result["skipped_nonfinite_steps"] = skipped
         return result, best_state
+
+    def _teacher_cache(self) -> dict | None:
+        """The frozen teacher's outputs for every training example (config.distill.cache_teacher),
+        or None: the teacher then runs in the step. See kdjax.feed.teacher_cache."""
+        c = self.config
+        obstacle = feed.cache_obstacle(crop_padding=c.augment.crop_padding, flip=c.augment.flip,
+                                       mixup_alpha=c.augment.mixup_alpha, cutmix_alpha=c.augment.cutmix_alpha,
+                                       teacher_source=c.teacher.source)
+        return feed.teacher_cache(
+            c.distill.cache_teacher, self.teachers, self.teacher_vars, self.terms, self.ds.train.images,
+            mean=self.step_cfg.mean, std=self.step_cfg.std, dtype=self.step_cfg.dtype, obstacle=obstacle,
+            path=os.path.join(self.dir, "teacher_cache.npz"), chunk=c.eval_batch_size, write=_is_main(),
+            label=f"[{self.role}]")
 
     def _check_finite(self, pending, ckpts) -> int:
         """Stops the run at the first non-finite step (nan_policy 'stop'), or counts them ('skip').
@@ -563,21 +579,23 @@ def _mock_data(num_examples: int):
 def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False) -> dict:
     """Runs every stage of `config` in `workdir`; returns the summary dict.
 
-    On SIGTERM (what TPU VMs and Colab send before they stop a machine) the current stage saves a
-    checkpoint and `Preempted` is raised; rerunning the same command resumes.
+    On SIGTERM (what TPU VMs and Colab send before they stop a machine) or SIGINT (Ctrl-C, a
+    notebook's interrupt) the current stage saves a checkpoint and `Preempted` is raised; rerunning
+    the same command resumes.
     """
     _SIGNALLED.clear()
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_signal) if in_main_thread else None
+    previous = {sig: signal.signal(sig, _on_signal) for sig in STOP_SIGNALS} if in_main_thread else {}
     try:
         return _run(config, workdir, overwrite)
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> dict:
     validate(config)
+    runtime.enable_compilation_cache(config.get("compile_cache_dir"))
     _prepare_workdir(config, workdir, overwrite)
     ds_cfg = config.dataset
     with _mock_data(ds_cfg.mock_examples):
@@ -589,6 +607,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> di
                  len(dataset.val.labels) if dataset.val is not None else 0, len(dataset.test.labels),
                  dataset.image_shape, dataset.num_classes)
     par = kstep.DataParallel(config.parallel, num_devices=config.num_devices)
+    logging.info("%s data-parallel over %d devices (%s, %d processes)", config.parallel, par.num_devices,
+                 par.devices[0].device_kind, jax.process_count())
     dtype = _DTYPES[config.dtype]
     summary_path = os.path.join(workdir, "summary.json")
     summary = _read_json(summary_path, {})

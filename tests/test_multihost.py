@@ -1,6 +1,6 @@
 """Multi-process (multi-host) training: the same command scales across processes.
 
-Two processes of `python -m experiments.digits`, one CPU device each, joined by
+Two processes of `python -m experiments.digits`, one CPU device each (one with a fast clock), joined by
 jax.distributed (--coordinator_address/--num_processes/--process_id) and writing into one shared
 workdir (as on a pod with a shared filesystem), must give the same numbers as one process with
 two devices over the same global batch (config.batch_size is global: each process feeds half),
@@ -50,10 +50,19 @@ def _env(devices: int) -> dict:
     return env
 
 
-def _start(name, args, devices, logdir):
+# A process whose wall clock runs 20x fast (its `time.time`): with checkpoint.every_minutes it would
+# decide to save long before the others and wait for them in the collective save forever, unless
+# the decision is agreed across processes.
+FAST_CLOCK = ("import runpy, time; t0 = time.time(); real = time.time; "
+              "time.time = lambda: t0 + 20 * (real() - t0); "
+              "runpy.run_module('experiments.digits', run_name='__main__', alter_sys=True)")
+
+
+def _start(name, args, devices, logdir, fast_clock=False):
     out = open(os.path.join(logdir, f"{name}.out"), "w")
     err = open(os.path.join(logdir, f"{name}.err"), "w")
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.digits", *args, *TINY], cwd=REPO,
+    command = ["-c", FAST_CLOCK] if fast_clock else ["-m", "experiments.digits"]
+    proc = subprocess.Popen([sys.executable, *command, *args, *TINY], cwd=REPO,
                             env=_env(devices), stdout=out, stderr=err, stdin=subprocess.DEVNULL)
     return {"name": name, "proc": proc, "files": (out, err), "logdir": logdir}
 
@@ -118,10 +127,11 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
     logdir = str(tmp_path)
     port = _free_port()
     dist = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--workdir={multi}"]
+    every = ["--config.checkpoint.every_minutes=1"]  # process 0's clock never reaches it; process 1's would
     jobs = [
-        _start("process0", dist + ["--process_id=0"], 1, logdir),
-        _start("process1", dist + ["--process_id=1"], 1, logdir),
-        _start("single", [f"--workdir={single}"], 2, logdir),
+        _start("process0", dist + every + ["--process_id=0"], 1, logdir),
+        _start("process1", dist + every + ["--process_id=1"], 1, logdir, fast_clock=True),
+        _start("single", every + [f"--workdir={single}"], 2, logdir),
     ]
     _wait_all(jobs, TIMEOUT_S)
 
@@ -160,8 +170,10 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
         with open(os.path.join(multi, role, "result.json")) as f:
             assert json.load(f)["test_accuracy"] == sum_m[role]["test_accuracy"]
 
-    # The checkpoints the two processes wrote together are complete and hold the same model.
+    # The checkpoints the two processes wrote together are complete and hold the same model; the
+    # fast clock of process 1 added no time-based checkpoint (process 0's clock decides).
     for role in ("teacher", "student"):
+        assert sorted(os.listdir(os.path.join(multi, role, "checkpoints"))) == ["22"], role
         step_m, state_m, meta_m = _final_state(multi, role)
         step_s, state_s, meta_s = _final_state(single, role)
         assert step_m == step_s == 22

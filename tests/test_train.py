@@ -199,3 +199,46 @@ def test_function_matching_with_mixup_on_device(tmp_path, teacher_run):
     assert summary["student"]["terms"] == {"fm": 1.0}  # function matching: no label term
     fm = [r["loss/fm"] for r in read_metrics(str(tmp_path / "fm"), "student")]
     assert np.mean(fm[-10:]) < 0.7 * np.mean(fm[:10])  # the student matches the teacher better
+
+
+def test_cached_teacher_outputs_equal_running_the_teacher(tmp_path, teacher_run):
+    """distill.cache_teacher: the teacher's logits computed once give the run the teacher would."""
+    runs = {}
+    for mode in ("off", "on"):
+        workdir = str(tmp_path / mode)
+        train.run(tiny_digits_config(stages="student", **{"teacher.checkpoint": teacher_run,
+                                                          "distill.cache_teacher": mode}), workdir)
+        runs[mode] = workdir
+    assert not os.path.exists(os.path.join(runs["off"], "student", "teacher_cache.npz"))
+    with np.load(os.path.join(runs["on"], "student", "teacher_cache.npz")) as f:
+        assert f["logits"].shape == (1437, 10)  # every training example (val_size 0), 10 classes
+    rows = {m: np.array([[r["loss"], r["loss/kd"], r["grad_norm"]] for r in read_metrics(w, "student")])
+            for m, w in runs.items()}
+    np.testing.assert_allclose(rows["on"], rows["off"], rtol=1e-5, atol=1e-6)
+    (_, on), (_, off) = final_params(runs["on"], "student"), final_params(runs["off"], "student")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), on, off)
+
+
+def test_cache_teacher_on_is_refused_when_augmentation_changes_the_input(tmp_path):
+    config = tiny_digits_config(**{"distill.cache_teacher": "on", "augment.flip": True})
+    with pytest.raises(ValueError, match="cache_teacher='on' is invalid here: augmentation"):
+        train.run(config, str(tmp_path / "run"))
+    assert not os.path.exists(str(tmp_path / "run"))
+
+
+def test_any_eval_batch_size_on_eight_devices(tmp_path):
+    """eval_batch_size=500 on 8 devices (not divisible): padded and masked, same accuracy."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    workdir = tmp_path / "eight"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.digits", f"--workdir={workdir}", "--config.stages=teacher",
+         "--config.teacher.model=mlp", "--config.teacher.epochs=1", "--config.eval_batch_size=500",
+         "--config.throughput_batch=16"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data-parallel over 8 devices" in proc.stderr
+    one = train.run(tiny_digits_config(stages="teacher", num_devices=1, **{"teacher.model": "mlp"}),
+                    str(tmp_path / "one"))
+    eight = json.load(open(workdir / "summary.json"))
+    # Same test accuracy up to float reassociation across devices (360 test images).
+    assert abs(eight["teacher"]["test_accuracy"] - one["teacher"]["test_accuracy"]) <= 1 / 360
