@@ -4,8 +4,7 @@
 
 Per seed: trains the teacher once, the two from-scratch baselines (the MLP student and the
 `cnn_tiny` student of the feature-map methods), then each method's student from that teacher,
-all with `experiments/configs/digits.py` (`method=<m>,seed=<s>`), except that the students run at
-Adam 1e-2 (`student.learning_rate_scale=10`), as the README's table was measured. Prints a markdown table of the
+all with `experiments/configs/digits.py` (`method=<m>,seed=<s>`). Prints a markdown table of the
 last-epoch student test accuracy (mean ± sample std over seeds, and min) and writes it to
 `<workdir>/results.json`. Run directories are `<workdir>/seed<s>/<name>`; rerunning skips
 finished runs, and a run whose config changed (e.g. a retuned weight) is moved aside and redone.
@@ -29,9 +28,6 @@ def _run(name, seed, stages, method="kd", student=None, teacher=None):
     """Test accuracy (last epoch) of the run's last stage, or None if the run failed."""
     config = digits.get_config(f"method={method},seed={seed}")
     config.stages = stages
-    # The rates the README's methods table was measured with: Adam 3e-3 for the teacher, 1e-2 for
-    # the students (the digits default now runs its students at 3e-3).
-    config.student.learning_rate_scale = 10.0
     if student:
         config.student.model = student
     if teacher:

@@ -24,7 +24,7 @@ When weight decay is used, ``optimizer.update(grads, opt_state, params)`` must b
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -90,14 +90,27 @@ def default_learning_rate(name: str) -> float:
     return DEFAULT_LEARNING_RATES[_normalize_name(name, 'optimizer', OPTIMIZERS)]
 
 
-def resolve_learning_rate(name: str, learning_rate: float | None = None, scale: float = 1.0) -> float:
-    """The (peak) learning rate of a stage: ``learning_rate``, or optimizer ``name``'s default
-    (:func:`default_learning_rate`) when it is ``None``, times the stage's ``scale``.
+def resolve_learning_rate(name: str, learning_rate: float | None = None, scale: float = 1.0,
+                          tuned: Mapping[str, float] | None = None) -> float:
+    """The (peak) learning rate of a stage: the base rate times the stage's ``scale``.
 
-    This is the one place where a config's ``optimizer.learning_rate`` (``None``: the default)
-    and ``<stage>.learning_rate_scale`` become a number.
+    The base rate is ``learning_rate`` when given; else ``tuned[name]`` when the caller's
+    config was tuned for optimizer ``name`` (e.g. the digits config: ``{'adam': 3e-3}``); else
+    the optimizer's default (:func:`default_learning_rate`).  A tuned rate therefore never
+    follows the config to another optimizer.  This is the one place where a config's
+    ``optimizer.learning_rate``, ``optimizer.tuned_learning_rates`` and
+    ``<stage>.learning_rate_scale`` become a number.
     """
-    base = default_learning_rate(name) if learning_rate is None else float(learning_rate)
+    key = _normalize_name(name, 'optimizer', OPTIMIZERS)
+    tuned = dict(tuned or {})
+    for other in tuned:
+        if other not in OPTIMIZERS:
+            raise ValueError(f'tuned learning rate for unknown optimizer {other!r}; '
+                             f'choose from: {", ".join(sorted(OPTIMIZERS))}')
+    if learning_rate is not None:
+        base = float(learning_rate)
+    else:
+        base = float(tuned[key]) if key in tuned else DEFAULT_LEARNING_RATES[key]
     _check_nonneg('learning_rate', base)
     _check_nonneg('learning_rate_scale', scale)
     return base * float(scale)

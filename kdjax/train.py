@@ -167,7 +167,8 @@ def validate(config) -> None:
         grad_clip_norm=opt.grad_clip_norm, decay_all=opt.decay_all, b1=opt.b1, b2=opt.b2, eps=opt.eps,
         rmsprop_decay=opt.rmsprop_decay, adadelta_rho=opt.adadelta_rho)
     for role in ("teacher", "student"):
-        lr = optim.resolve_learning_rate(opt.name, opt.learning_rate, config[role].learning_rate_scale)
+        lr = optim.resolve_learning_rate(opt.name, opt.learning_rate, config[role].learning_rate_scale,
+                                         opt.tuned_learning_rates)
         optim.make_schedule(opt.schedule, base_lr=lr, total_steps=config[role].epochs, steps_per_epoch=1,
                             warmup_epochs=opt.warmup_epochs, decay_epochs=tuple(opt.decay_epochs),
                             decay_factor=opt.decay_factor, step_epochs=opt.step_epochs)
@@ -277,7 +278,8 @@ class Stage:
             **dict(model_cfg.get("kwargs") or {}),
         )
         self.epochs = int(config.student_init.epochs if role == "student_init" else model_cfg.epochs)
-        self.lr = optim.resolve_learning_rate(config.optimizer.name, config.optimizer.learning_rate, model_cfg.learning_rate_scale)
+        self.lr = optim.resolve_learning_rate(config.optimizer.name, config.optimizer.learning_rate,
+                                              model_cfg.learning_rate_scale, config.optimizer.tuned_learning_rates)
         self.terms = _stage_terms(role, config, dataset.train)
         ema = role == "student" and config.teacher.source == "ema"
         self.teachers, self.teacher_vars = (tuple(teachers), tuple(teacher_vars))

@@ -341,6 +341,14 @@ def test_resolve_learning_rate():
     assert resolve_learning_rate('sgd', 0.1, 0.2) == pytest.approx(0.02)
     with pytest.raises(ValueError, match='learning_rate_scale'):
         resolve_learning_rate('sgd', None, -1.0)
+    # A config's rate tuned for one optimizer applies to that optimizer only.
+    tuned = {'adam': 3e-3}
+    assert resolve_learning_rate('adam', None, 1.0, tuned) == 3e-3
+    assert resolve_learning_rate('adam', None, 10 / 3, tuned) == pytest.approx(1e-2)
+    assert resolve_learning_rate('adadelta', None, 1.0, tuned) == 1.0
+    assert resolve_learning_rate('adam', 0.02, 1.0, tuned) == 0.02  # an explicit rate wins
+    with pytest.raises(ValueError, match="tuned learning rate for unknown optimizer 'adamax'"):
+        resolve_learning_rate('adam', None, 1.0, {'adamax': 1e-3})
 
 
 @pytest.fixture(scope='module')
@@ -359,9 +367,9 @@ def digits_teacher(tmp_path_factory):
 @pytest.mark.parametrize('name', OPTIMIZERS)
 def test_digits_default_distils_with_every_optimizer(name, digits_teacher, tmp_path):
     """`python -m experiments.digits --config.optimizer.name=<name>` gives each optimizer its own
-    default rate (x the config's per-stage scale): the KD student reaches >= 0.95 with all six.
-    (With Adam's rate kept, adadelta's student was 0.203.) Shrunk: a 5-epoch teacher, 20 student
-    epochs instead of 60; measured 0.961-0.981."""
+    default rate (the config's Adam-tuned 3e-3 stays with Adam), times the student's scale: the KD
+    student reaches >= 0.95 with all six. (With Adam's rate kept, adadelta's student was 0.203.)
+    Shrunk: a 5-epoch teacher, 20 student epochs instead of 60."""
     from experiments.configs import digits
     from kdjax import train
 

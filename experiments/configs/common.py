@@ -92,10 +92,14 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "sgd"  # sgd, adam, adamw, rmsprop, adagrad, adadelta
-    # None: the optimizer's own default (DEFAULT_LEARNING_RATES, below), so that changing only
-    # optimizer.name gives that optimizer a sensible rate. Each stage multiplies it by its
-    # <stage>.learning_rate_scale.
+    # The base learning rate; each stage multiplies it by its <stage>.learning_rate_scale.
+    # None: this config's tuned rate for the chosen optimizer (tuned_learning_rates), else the
+    # optimizer's own default (DEFAULT_LEARNING_RATES, below), so changing only optimizer.name
+    # gives that optimizer a sensible rate.
     c.optimizer.learning_rate = config_dict.placeholder(float)
+    # {optimizer name: base rate} that a config was tuned at (digits: {'adam': 3e-3}); applies
+    # only while that optimizer is chosen and optimizer.learning_rate is None.
+    c.optimizer.tuned_learning_rates = ml_collections.ConfigDict()
     c.optimizer.momentum = 0.9  # sgd only
     c.optimizer.nesterov = False  # sgd: Nesterov momentum; adam/adamw: NAdam
     c.optimizer.weight_decay = 5e-4  # coupled L2 (torch semantics); decoupled for adamw
@@ -126,8 +130,9 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
     return c
 
 
-# The learning rate of each optimizer when optimizer.learning_rate is None (kdjax.optim holds the
-# table, kdjax.optim.resolve_learning_rate applies it; tests/test_configs.py checks this copy):
+# The base learning rate of each optimizer when optimizer.learning_rate is None and the config
+# has no tuned rate for it (kdjax.optim holds the table, kdjax.optim.resolve_learning_rate applies
+# it; tests/test_configs.py checks this copy):
 #
 #   optimizer  default lr  reference
 #   sgd        0.05        RepDistiller / mdistiller CIFAR recipe (momentum 0.9, batch 64); SGD
