@@ -1,14 +1,16 @@
 """Shared command-line plumbing of the experiment entry points (cifar.py, digits.py).
 
 Flags: --config (a config file, with an optional ':arg' string and --config.x.y=value overrides),
---workdir (default: runs/<config name>-<hash of the resolved config>, so the same command resumes
-and a changed config never lands in an old run's directory), and the multi-host flags.
+--workdir (default: runs/<config name>-<method>-s<seed>-<hash of what determines the run>, so the
+same command resumes and a changed config never lands in an old run's directory), and the
+multi-host flags.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import sys
 
@@ -24,9 +26,20 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (mu
 
 
 def default_workdir(config, config_path: str) -> str:
+    """runs/<config name>-<method>-s<seed>-<hash>: readable, and the same command resumes.
+
+    The hash covers the run's identity (`kdjax.train.run_identity`: no runtime fields, no unused
+    methods) where it differs from kdjax's defaults (`common.base`), so a new kdjax field or method
+    with its default value moves no existing run, while any change that alters results does."""
+    from experiments.configs import common
+    from kdjax import train
+
     name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
-    digest = hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:8]
-    return os.path.join("runs", f"{name}-{digest}")
+    method = str(config.distill.method)
+    ident, base = train.run_identity(config), train.run_identity(common.base(method))
+    diff = {k: v for k, v in ident.items() if k not in base or base[k] != v}
+    digest = hashlib.sha256(json.dumps(diff, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return os.path.join("runs", f"{name}-{method}-s{config.seed}-{digest}")
 
 
 def _init_distributed() -> None:

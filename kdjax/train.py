@@ -500,27 +500,69 @@ class Stage:
 # The whole run
 
 
+# Fields that do not change what a run computes: where it runs and with how many devices, how
+# often it logs and saves, where the data and caches live. They are left out of a run's identity,
+# so changing them neither moves the default workdir nor blocks a resume (e.g. on another machine).
+RUNTIME_FIELDS = ("compile_cache_dir", "log_every_steps", "throughput_batch", "eval_batch_size", "parallel",
+                  "num_devices", "checkpoint", "dataset.data_dir", "dataset.manual_dir", "dataset.download",
+                  "distill.cache_teacher")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_identity(config) -> dict:
+    """What determines a run's results: the flattened config ('a.b' -> value) without
+    `RUNTIME_FIELDS` and without the sub-dicts of distillation methods the run does not use (so
+    adding a method to kdjax changes no existing run's identity). `config`: a ConfigDict or the
+    plain dict of a saved config.json."""
+    if not isinstance(config, dict):
+        config = json.loads(config.to_json_best_effort(sort_keys=True))
+    used = set(distill.method_names(config["distill"]["method"]))
+
+    def kept(key: str) -> bool:
+        if any(key == f or key.startswith(f + ".") for f in RUNTIME_FIELDS):
+            return False
+        parts = key.split(".")
+        return not (parts[0] == "distill" and len(parts) > 2 and parts[1] in distill.METHODS and parts[1] not in used)
+
+    return {k: v for k, v in _flatten(config).items() if kept(k)}
+
+
 def _prepare_workdir(config, workdir: str, overwrite: bool) -> None:
     """Creates `workdir` or checks that it holds a run of this very config (then it resumes).
 
-    A workdir holding another config is refused; with `overwrite` it is renamed aside to
+    Configs are compared by `run_identity`. A field that exists on one side only (added to or
+    removed from kdjax since the run started) does not block a resume; it is logged. A workdir
+    holding another config is refused; with `overwrite` it is renamed aside to
     `<workdir>.replaced-<time>` (never deleted) and a fresh run starts.
     """
     path = os.path.join(workdir, "config.json")
     resolved = json.loads(config.to_json_best_effort(sort_keys=True))
     saved = _read_json(path)
-    if saved is not None and saved != resolved:
-        changed = sorted(k for k in set(saved) | set(resolved) if saved.get(k) != resolved.get(k))
-        if not overwrite:
+    if saved is not None:
+        old, new = run_identity(saved), run_identity(resolved)
+        changed = sorted(k for k in set(old) & set(new) if old[k] != new[k])
+        if changed and not overwrite:
             raise ValueError(
                 f"workdir {workdir} holds a run with a different config (differs in: {', '.join(changed)}); "
                 "rerun with the same config to resume, choose a new --workdir, or pass --overwrite "
                 "(which moves the old run aside)"
             )
-        if _is_main():
+        if changed and _is_main():
             aside = f"{workdir.rstrip('/')}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
             os.rename(workdir, aside)
             logging.warning("moved the previous run in %s (config differed in %s) to %s", workdir, ", ".join(changed), aside)
+        elif set(old) ^ set(new):
+            logging.warning("resuming %s: fields new or gone since it started (not compared): %s", workdir,
+                            ", ".join(sorted(set(old) ^ set(new))))
     if _is_main():
         os.makedirs(workdir, exist_ok=True)
     _write_json(path, resolved)

@@ -242,3 +242,48 @@ def test_any_eval_batch_size_on_eight_devices(tmp_path):
     eight = json.load(open(workdir / "summary.json"))
     # Same test accuracy up to float reassociation across devices (360 test images).
     assert abs(eight["teacher"]["test_accuracy"] - one["teacher"]["test_accuracy"]) <= 1 / 360
+
+
+def test_run_identity_ignores_unused_methods_new_fields_and_runtime_settings(tmp_path, monkeypatch):
+    from experiments import launch
+    from kdjax import distill
+
+    config = digits_cfg.get_config()
+    name = launch.default_workdir(config, "experiments/configs/digits.py")
+    assert name.startswith(os.path.join("runs", "digits-kd-s0-"))
+
+    # kdjax grows: a new method (its default sub-dict lands in every config) and a new default field.
+    monkeypatch.setitem(distill.METHODS, "newkd", distill.Method(
+        paper="(test)", ce_weight=1.0, defaults={"weight": 1.0}, build=lambda h, t, d: []))
+    from experiments.configs import common
+
+    base = common.base
+
+    def grown_base(method="kd"):
+        c = base(method)
+        c.new_default_field = 0
+        return c
+
+    monkeypatch.setattr(common, "base", grown_base)
+    grown = digits_cfg.get_config()
+    assert "newkd" in grown.distill and grown.new_default_field == 0
+    assert launch.default_workdir(grown, "experiments/configs/digits.py") == name
+    # Runtime settings do not move the run either; anything that changes results does.
+    grown.log_every_steps, grown.eval_batch_size, grown.compile_cache_dir = 7, 128, ""
+    assert launch.default_workdir(grown, "experiments/configs/digits.py") == name
+    for field, value in (("seed", 1), ("distill.temperature", 8.0), ("distill.kd.weight", 0.5)):
+        changed = digits_cfg.get_config()
+        node, *path = [changed] + field.split(".")[:-1]
+        for p in path:
+            node = node[p]
+        node[field.split(".")[-1]] = value
+        assert launch.default_workdir(changed, "experiments/configs/digits.py") != name, field
+
+    # A run started before kdjax grew resumes under the grown config; a real change is refused.
+    workdir = str(tmp_path / "run")
+    train._prepare_workdir(config, workdir, overwrite=False)
+    train._prepare_workdir(grown, workdir, overwrite=False)
+    changed = digits_cfg.get_config()
+    changed.distill.kd.weight = 0.5
+    with pytest.raises(ValueError, match=r"differs in: distill\.kd\.weight"):
+        train._prepare_workdir(changed, workdir, overwrite=False)
