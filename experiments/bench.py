@@ -134,7 +134,9 @@ def fashion_recipe() -> dict:
     opt = dict(name=o.name, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
                decay_all=o.decay_all, b1=o.b1, b2=o.b2, eps=o.eps, schedule=o.schedule,
                decay_epochs=tuple(o.decay_epochs), decay_factor=o.decay_factor)
-    lr = lambda role: optim.resolve_learning_rate(o.name, o.learning_rate, c[role].learning_rate_scale)  # noqa: E731
+    tuned = o.get("tuned_learning_rates")  # as kdjax.train resolves a stage's rate
+    tuned = tuned.to_dict() if hasattr(tuned, "to_dict") else dict(tuned or {})
+    lr = lambda role: optim.resolve_learning_rate(o.name, o.learning_rate, c[role].learning_rate_scale, tuned)  # noqa: E731
     return {
         "teacher": dict(opt, lr=lr("teacher"), epochs=c.teacher.epochs), "teacher_model": c.teacher.model,
         "student": dict(opt, lr=lr("student"), epochs=c.student.epochs), "student_model": c.student.model,
@@ -440,6 +442,7 @@ def measure(case: Case, torch_servers: dict, steps: int, warmup: int, rounds: in
     if FLAGS.profile_dir:
         js.profile(os.path.join(FLAGS.profile_dir, case.name))
     result["case_s"] = time.perf_counter() - t_case
+    result["loadavg_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return result
 
 
@@ -551,6 +554,11 @@ def main(argv):
               f"{torch_info['interop_threads']} inter-op threads (defaults), python {torch_info['python']}")
     if note:
         print(note)
+    cores = env["cpu_affinity"] or env["cpu_count"] or 1
+    if env["loadavg"] and env["loadavg"][0] > 0.5 * cores:
+        print(f"WARNING: the machine is busy (1-minute load {env['loadavg'][0]:.1f} on {cores} cores): CPU timings "
+              "are unreliable, PyTorch's especially (its OpenMP threads stall at every barrier while one of "
+              "them is descheduled); measure on a quiet machine")
     print(f"timing: {FLAGS.steps}+ steps per contender after {FLAGS.warmup} warm-ups, {rounds} round(s)"
           + (" interleaved ABBA" if servers else ""), flush=True)
 
