@@ -3,6 +3,7 @@
     python -m experiments.bench --suite [--out bench.json] [--steps 20] [--cases a,b]
                                 [--compare-torch] [--torch-python PATH] [--torch-compile]
                                 [--dtype float32|bfloat16] [--sync_every 1] [--peak_tflops X]
+                                [--compile_cache DIR]
     python -m experiments.bench [--batch 64] [--steps 20] [--teacher resnet18] [--student mobilenetv2]
                                 [--parallel jit] [--dtype float32] [--depthwise auto|xla|shift]
                                 [--[no]augment] [--xla_option key=value] [--profile_dir DIR]
@@ -54,7 +55,7 @@ import numpy as np
 from absl import app, flags
 
 from kdjax import data as kdata
-from kdjax import distill, feed, models, optim
+from kdjax import distill, feed, models, optim, runtime
 from kdjax import step as kstep
 
 flags.DEFINE_bool("suite", False, "Run the benchmark suite (all cases, or those in --cases).")
@@ -77,6 +78,8 @@ flags.DEFINE_bool("augment", True, "Single case: random crop (pad 4) + flip insi
 flags.DEFINE_multi_string("xla_option", [], "XLA compile option key=value (repeatable), e.g. "
                           "xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE")
 flags.DEFINE_string("profile_dir", None, "If set, write a jax.profiler trace of 3 steady-state steps per case here.")
+flags.DEFINE_string("compile_cache", "", "JAX persistent compilation cache directory ('' = off, the default): "
+                    "run twice with the same directory to time a warm start's compile.")
 flags.DEFINE_float("peak_tflops", 0.0, "The device's peak TFLOP/s for the dtype (e.g. 989 for H200 bf16 "
                    "dense); > 0 adds MFU = achieved / peak.")
 flags.DEFINE_bool("compare_torch", False, "Interleave each case with its PyTorch eager counterpart.")
@@ -529,6 +532,8 @@ def main(argv):
     if FLAGS.torch_device is None:
         FLAGS.torch_device = "cuda" if jax.default_backend() == "gpu" else "cpu"
     rounds = FLAGS.rounds or (4 if FLAGS.compare_torch else 1)
+    if FLAGS.compile_cache:
+        runtime.enable_compilation_cache(FLAGS.compile_cache)
 
     servers, torch_info, note = {}, None, None
     if FLAGS.compare_torch:
