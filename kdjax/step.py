@@ -107,6 +107,12 @@ def init_variables(student, distiller: distill.Distiller, teachers: tuple, teach
     return s_vars, dict(distiller.init(key_distiller, s_feats, t_feats, ctx))
 
 
+# The init function runs once, so on CPU it is compiled without XLA's backend optimisations: that
+# cut the compile of ResNet-18's init from 7.2 s to 1.7 s and MobileNetV2's from 12.4 s to 5.6 s on
+# 2 CPU cores (the values differ from an optimised compile only in float rounding).
+INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0}}
+
+
 def init_state(student, distiller: distill.Distiller, teachers: tuple, teacher_vars: tuple,
                tx: optax.GradientTransformation, image_shape: tuple, seed: int, *, ema: bool = False,
                init_from: TrainState | None = None) -> TrainState:
@@ -133,7 +139,8 @@ def init_state(student, distiller: distill.Distiller, teachers: tuple, teacher_v
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                           opt_state=tx.init(params), rng=jax.random.PRNGKey(seed + 1))
 
-    state = jax.jit(build)(tuple(teacher_vars), init_from)
+    state = jax.jit(build, compiler_options=INIT_COMPILER_OPTIONS.get(jax.default_backend()))(
+        tuple(teacher_vars), init_from)
     if ema:  # its own buffers (copied outside jit, which may forward inputs): donated buffers
         # must not appear twice in the state
         state = state.replace(ema=jax.tree.map(jnp.copy, {"params": state.params["student"],

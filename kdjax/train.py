@@ -366,7 +366,9 @@ class Stage:
                          self.role, self.model_name, self.epochs, self.total_steps, self.batch_size,
                          ", ".join(f"{t.weight:g}*{t.name}" for t in self.terms))
 
+        cache_start = time.time()
         cache = self._teacher_cache()  # frozen teacher outputs computed once, or None
+        cache_seconds = time.time() - cache_start
         teachers = () if cache is not None else self.teachers
         train_step = self.par.wrap(
             kstep.make_train_step(self.model, self.distiller, teachers, self.tx, self.schedule, self.step_cfg),
@@ -422,6 +424,7 @@ class Stage:
             "epochs": self.epochs,
             "steps": self.total_steps,
             "train_seconds_this_session": round(train_seconds, 2),
+            "teacher_cache_seconds_this_session": round(cache_seconds, 2) if cache is not None else None,
             "images_per_sec": inference_throughput(self.model, best_vars, self.ds.image_shape,
                                                    self.ds.mean, self.ds.std, batch=c.throughput_batch),
             "terms": {t.name: t.weight for t in self.terms},
