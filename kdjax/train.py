@@ -120,6 +120,23 @@ def _read_json(path: str, default=None):
         return json.load(f)
 
 
+def _agree(what: str, value: int, where: str) -> None:
+    """Checks that every process sees the same `value` (a bool, or e.g. the latest checkpoint step
+    with -1 for none) in `where`; raises a one-line ValueError otherwise. Processes that do not share the
+    workdir would otherwise restore different states and diverge, or wait for each other forever.
+    Call it right after reading, before anything is written (it is a collective)."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    values = [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int64(value))).reshape(-1)]
+    if len(set(values)) > 1:
+        show = (lambda v: "yes" if v else "no") if isinstance(value, bool) else (lambda v: "none" if v < 0 else v)
+        seen = ", ".join(f"process {i}: {show(v)}" for i, v in enumerate(values))
+        raise ValueError(f"the processes see different {what} in {where} ({seen}); every process must read and "
+                         "write the same workdir (a shared filesystem): rerun with a --workdir they all share")
+
+
 def _stages(config) -> list[str]:
     stages = [s.strip() for s in str(config.stages).split(",") if s.strip()]
     for s in stages:
@@ -357,6 +374,7 @@ class Stage:
         state = self._init()
         meta = {"history": [], "best_step": None, "best_score": None}
         latest = ckpts.latest_step()
+        _agree("latest checkpoints", -1 if latest is None else latest, ckpts.directory)
         if latest is not None:
             state, meta = ckpts.restore(latest, jax.device_get(state))
             logging.info("resuming stage %r from step %d (epoch %.2f of %d) in %s",
@@ -550,6 +568,7 @@ def _prepare_workdir(config, workdir: str, overwrite: bool) -> None:
     path = os.path.join(workdir, "config.json")
     resolved = json.loads(config.to_json_best_effort(sort_keys=True))
     saved = _read_json(path)
+    _agree("answers to 'is there a run (config.json)?'", saved is not None, workdir)
     if saved is not None:
         old, new = run_identity(saved), run_identity(resolved)
         changed = sorted(k for k in set(old) & set(new) if old[k] != new[k])
@@ -686,6 +705,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> di
                       init_from=init_state if role == "student" else None)
         result_path = os.path.join(stage.dir, "result.json")
         result = _read_json(result_path)
+        _agree("answers to 'is this stage finished (result.json)?'", result is not None, stage.dir)
         if result is not None:
             logging.info("stage %r already finished (%s); skipping", role, result_path)
             selected = stage.restore_selected() if role in ("teacher", "student_init") else None

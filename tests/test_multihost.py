@@ -190,3 +190,26 @@ def _flatten(tree, prefix=""):
             yield from _flatten(v, f"{prefix}/{k}")
     else:
         yield prefix, np.asarray(tree)
+
+
+def test_processes_that_do_not_share_the_workdir_are_refused(tmp_path):
+    """Process 0 sees a finished run in its workdir, process 1 an empty one (no shared
+    filesystem): both stop at once with one line instead of restoring different states."""
+    logdir = str(tmp_path)
+    done = str(tmp_path / "done")
+    _wait_all([_start("first", [f"--workdir={done}", "--config.stages=teacher"], 1, logdir)], TIMEOUT_S)
+    port = _free_port()
+    dist = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--config.stages=teacher"]
+    jobs = [_start("process0", dist + ["--process_id=0", f"--workdir={done}"], 1, logdir),
+            _start("process1", dist + ["--process_id=1", f"--workdir={tmp_path / 'elsewhere'}"], 1, logdir)]
+    try:
+        _wait_all(jobs, TIMEOUT_S)
+    except AssertionError:
+        pass  # expected: both exit with status 2
+    for job in jobs:
+        assert job["proc"].returncode == 2, _logs(job)
+        errors = [line for line in _read(job, "err").splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, _logs(job)
+        assert "is there a run" in errors[0] and "(process 0: yes, process 1: no)" in errors[0], errors[0]
+        assert "shared filesystem" in errors[0]
+    assert json.load(open(os.path.join(done, "summary.json")))["teacher"]["model"] == "cnn_tiny"  # untouched
