@@ -608,6 +608,8 @@ def load_trained_model(run_dir: str, role: str, dataset: kdata.Dataset, dtype) -
     model = models.get_model(model_cfg["model"], num_classes=dataset.num_classes, dtype=dtype,
                              bn_axis_name=kstep.AXIS, **dict(model_cfg.get("kwargs") or {}))
     ckpt_dir = os.path.join(src, role, "checkpoints")
+    if not os.path.isdir(ckpt_dir):  # checked first: orbax would create the folder in that run
+        raise ValueError(f"no {role} checkpoint in {ckpt_dir}")
     ckpts = kckpt.StageCheckpoints(ckpt_dir)
     latest = ckpts.latest_step()
     if latest is None:

@@ -1,0 +1,92 @@
+"""Export a trained model for deployment: a `jax.export` artifact, its weights and a description.
+
+`export_model` writes three files into a folder, for a model called `name` (e.g. 'student'):
+
+    <name>.jaxexport   jax.export's serialised StableHLO of images -> logits: input uint8 NHWC images
+                       exactly as kdjax's loaders hold them, with a symbolic batch dimension;
+                       normalisation and the weights (in their stored dtype) are inside; output
+                       float32 logits. Lowered for CPU, CUDA and TPU.
+    <name>.npz         the weights: one array per flat variable path joined by '/'
+                       (e.g. 'params/conv1_0/kernel', 'batch_stats/bn1_0/mean').
+    <name>.json        input shape and dtype, class names, normalisation constants, platforms,
+                       and whatever the caller adds (accuracy, run, stage, versions).
+
+Loading needs only jax, numpy and flatbuffers (which `jax.export.deserialize` imports), not kdjax
+or flax::
+
+    import jax, numpy as np
+    with open("student.jaxexport", "rb") as f:
+        model = jax.export.deserialize(bytearray(f.read()))
+    logits = model.call(images_uint8)          # (N, H, W, C) uint8 -> (N, classes) float32
+
+This module knows no trainer: it takes a Linen model and its variables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kdjax import data as kdata
+from kdjax import models
+
+PLATFORMS = ("cpu", "cuda", "tpu")
+
+
+def flat_variables(variables: Any) -> dict[str, np.ndarray]:
+    """{'params/conv1_0/kernel': array, ...}: every leaf under its '/'-joined path."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        key = "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+        out[key] = np.asarray(leaf)
+    return out
+
+
+def export_model(model, variables: dict, *, image_shape: tuple, mean, std, out_dir: str, name: str,
+                 class_names=None, metadata: dict | None = None, platforms=PLATFORMS) -> dict[str, str]:
+    """Writes `<name>.jaxexport`, `<name>.npz` and `<name>.json` into `out_dir`; returns their paths.
+
+    The artifact computes ``model.apply(variables, normalize(images), train=False)`` (kdjax's own
+    eval-mode forward) for uint8 images of shape (batch, *image_shape), batch symbolic.
+    """
+    variables = jax.tree.map(np.asarray, dict(variables))
+
+    def logits_fn(images):
+        x = kdata.normalize(images, mean, std)
+        return models.apply_model(model, variables, x, train=False)[0]
+
+    batch = jax.export.symbolic_shape("batch")[0]
+    spec = jax.ShapeDtypeStruct((batch, *image_shape), jnp.uint8)
+    exported = jax.export.export(jax.jit(logits_fn), platforms=platforms)(spec)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {ext: os.path.join(out_dir, f"{name}.{ext}") for ext in ("jaxexport", "npz", "json")}
+    with open(paths["jaxexport"] + ".tmp", "wb") as f:
+        f.write(exported.serialize())
+    os.replace(paths["jaxexport"] + ".tmp", paths["jaxexport"])
+    with open(paths["npz"] + ".tmp", "wb") as f:
+        np.savez(f, **flat_variables(variables))
+    os.replace(paths["npz"] + ".tmp", paths["npz"])
+    out = exported.out_avals[0]
+    num_classes = int(out.shape[-1])
+    description = {
+        "input": {"shape": ["batch", *map(int, image_shape)], "dtype": "uint8", "layout": "NHWC",
+                  "pixels": "as kdjax's loaders hold them (0-255)"},
+        "output": {"shape": ["batch", num_classes], "dtype": str(out.dtype), "meaning": "logits"},
+        "normalization": {"mean": [float(m) for m in mean], "std": [float(s) for s in std],
+                          "formula": "(images / 255 - mean) / std, per channel, inside the artifact"},
+        "class_names": list(class_names) if class_names is not None else [str(i) for i in range(num_classes)],
+        "platforms": list(exported.platforms),
+        "num_params": models.num_params(variables.get("params", {})),
+        "files": {k: os.path.basename(v) for k, v in paths.items()},
+        "jax_version": jax.__version__,
+        **(metadata or {}),
+    }
+    with open(paths["json"] + ".tmp", "w") as f:
+        json.dump(description, f, indent=2, sort_keys=True)
+    os.replace(paths["json"] + ".tmp", paths["json"])
+    return paths

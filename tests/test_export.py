@@ -1,0 +1,85 @@
+"""Export for deployment: the artifact loads and runs where neither kdjax nor flax can be imported,
+and gives kdjax's own eval-mode logits."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kdjax import data as kdata
+from kdjax import models, train
+from tests.test_train import REPO, tiny_digits_config
+
+# Runs in a fresh interpreter: kdjax and flax are made unimportable before anything else.
+LOADER = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('kdjax', 'flax'):
+            raise ImportError(f'{name} is not available here')
+sys.meta_path.insert(0, Block())
+try:
+    import kdjax
+    raise SystemExit('kdjax should not be importable')
+except ImportError:
+    pass
+import jax, numpy as np
+with open(sys.argv[1], 'rb') as f:
+    model = jax.export.deserialize(bytearray(f.read()))
+images = np.load(sys.argv[2])
+np.save(sys.argv[3], np.asarray(model.call(images)))
+print('flax' in sys.modules, 'kdjax' in sys.modules)
+"""
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    train.run(tiny_digits_config(), workdir)  # cnn_tiny teacher (BatchNorm), mlp student
+    return workdir
+
+
+@pytest.mark.parametrize("role", ["teacher", "student"])
+def test_export_round_trip_without_kdjax(run_dir, tmp_path, role):
+    out = subprocess.run([sys.executable, "-m", "experiments.export", f"--workdir={run_dir}", f"--model={role}",
+                          f"--out={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    meta = json.load(open(tmp_path / f"{role}.json"))
+    assert meta["input"] == {"shape": ["batch", 8, 8, 1], "dtype": "uint8", "layout": "NHWC",
+                             "pixels": "as kdjax's loaders hold them (0-255)"}
+    assert meta["stage"] == role and meta["class_names"] == [str(i) for i in range(10)]
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    assert meta["test_accuracy"] == summary[role]["test_accuracy"]
+    weights = np.load(tmp_path / f"{role}.npz")
+    assert sum(weights[k].size for k in weights.files if k.startswith("params/")) == summary[role]["num_params"]
+
+    dataset = kdata.load("digits")
+    images = dataset.test.images[:37]  # an odd batch: the batch dimension is symbolic
+    np.save(tmp_path / "images.npy", images)
+    loaded = subprocess.run([sys.executable, "-c", LOADER, str(tmp_path / f"{role}.jaxexport"),
+                             str(tmp_path / "images.npy"), str(tmp_path / "logits.npy")],
+                            cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert loaded.stdout.split() == ["False", "False"]  # neither flax nor kdjax was imported
+    model, variables, _ = train.load_trained_model(run_dir, role, dataset, jnp.float32)
+    want = models.apply_model(model, variables, kdata.normalize(images, dataset.mean, dataset.std), train=False)[0]
+    got = np.load(tmp_path / "logits.npy")
+    assert got.dtype == np.float32 and got.shape == (37, 10)
+    np.testing.assert_allclose(got, np.asarray(want), atol=1e-5, rtol=0)
+
+
+def test_export_of_a_missing_run_or_stage_is_one_line(run_dir, tmp_path):
+    for args, message in (([f"--workdir={tmp_path / 'nope'}"], "not a kdjax run directory"),
+                          ([f"--workdir={run_dir}", "--model=student_scratch"], "no student_scratch checkpoint")):
+        out = subprocess.run([sys.executable, "-m", "experiments.export", *args], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2, out.stderr[-2000:]
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in out.stderr
+    assert not os.path.exists(os.path.join(run_dir, "export"))
+    assert not os.path.exists(os.path.join(run_dir, "student_scratch"))  # nothing created in the run
