@@ -28,7 +28,6 @@ def export_run(workdir: str, role: str, out_dir: str | None = None) -> dict[str,
     import jax.numpy as jnp
 
     import kdjax
-    from kdjax import data as kdata
     from kdjax import export, train
 
     config_path = os.path.join(workdir, "config.json")
@@ -36,10 +35,7 @@ def export_run(workdir: str, role: str, out_dir: str | None = None) -> dict[str,
         raise ValueError(f"{workdir} is not a kdjax run directory (no config.json)")
     with open(config_path) as f:
         config = json.load(f)
-    ds = config["dataset"]
-    with train._mock_data(ds.get("mock_examples", 0)):
-        dataset = kdata.load(ds["name"], data_dir=ds.get("data_dir"), manual_dir=ds.get("manual_dir"),
-                             val_size=ds.get("val_size", 0.0), seed=config["seed"], download=False)
+    dataset = train.load_dataset(dict(config["dataset"], download=False), config["seed"])
     model, variables, result = train.load_trained_model(workdir, role, dataset, jnp.float32)
     metadata = {
         "kdjax_version": kdjax.__version__,

@@ -51,7 +51,7 @@ import tarfile
 import threading
 import urllib.parse
 import urllib.request
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -162,6 +162,8 @@ def load(
     val_size: float | int = 0,
     seed: int = 0,
     download: bool = True,
+    classes: Sequence[int] | None = None,
+    train_per_class: int | None = None,
 ) -> Dataset:
     """Loads a data set fully into host memory.
 
@@ -180,6 +182,13 @@ def load(
       seed: seed of the train/validation split.
       download: whether tfds may download and prepare a data set that is not
         prepared in ``data_dir``.
+      classes: keep only these original class ids, in every split, relabelled 0..k-1 in the
+        given order (e.g. (5, 6, 7, 8, 9) -> labels 0..4). None: all classes.
+      train_per_class: keep a seeded random ``train_per_class`` training examples of every
+        class (few-shot), after the validation split. None: all.
+
+    The normalisation statistics are always those of the full official train split, so a model
+    trained on a subset normalises its inputs as one trained on the whole data set.
 
     Returns:
       A ``Dataset``.
@@ -200,8 +209,38 @@ def load(
         if len(split) and (split.labels.min() < 0 or split.labels.max() >= num_classes):
             raise DataError(f'{name} {split_name} labels outside [0, {num_classes})')
     mean, std = _channel_stats(train.images)
+    if classes is not None:
+        classes = [int(c) for c in classes]
+        if not classes or len(set(classes)) != len(classes) or not all(0 <= c < num_classes for c in classes):
+            raise DataError(f'classes={classes!r}: give distinct class ids in [0, {num_classes}) of {name}')
+        train, test = _keep_classes(train, classes), _keep_classes(test, classes)
+        num_classes = len(classes)
     train, val = _split_validation(train, val_size, seed)
+    if train_per_class is not None:
+        train = _few_shot(train, int(train_per_class), num_classes, seed)
     return Dataset(name=name, train=train, val=val, test=test, num_classes=num_classes, mean=mean, std=std)
+
+
+def _keep_classes(split: Split, classes: list[int]) -> Split:
+    """The examples of `classes`, relabelled by their position in `classes`."""
+    relabel = np.full(max(max(classes), int(split.labels.max(initial=0))) + 1, -1, np.int32)
+    relabel[classes] = np.arange(len(classes), dtype=np.int32)
+    keep = np.isin(split.labels, classes)
+    return Split(split.images[keep], relabel[split.labels[keep]])
+
+
+def _few_shot(split: Split, per_class: int, num_classes: int, seed: int) -> Split:
+    """A seeded random `per_class` examples of every class (order kept)."""
+    rng = np.random.default_rng((seed, 7919))
+    picked = []
+    for c in range(num_classes):
+        idx = np.flatnonzero(split.labels == c)
+        if len(idx) < per_class or per_class < 1:
+            raise DataError(f'train_per_class={per_class}: class {c} has {len(idx)} training examples; '
+                            f'choose 1..{len(idx)}')
+        picked.append(rng.choice(idx, per_class, replace=False))
+    idx = np.sort(np.concatenate(picked))
+    return Split(split.images[idx], split.labels[idx])
 
 
 def _load_digits() -> tuple[Split, Split]:

@@ -24,6 +24,7 @@ When weight decay is used, ``optimizer.update(grads, opt_state, params)`` must b
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,6 +41,8 @@ __all__ = [
     'make_schedule',
     'make_optimizer',
     'weight_decay_mask',
+    'param_paths',
+    'partition',
     'learning_rate_at',
 ]
 
@@ -268,6 +271,30 @@ def weight_decay_mask(params: Any) -> Any:
     the ``mask`` of ``optax.add_decayed_weights`` unless ``decay_all=True``.
     """
     return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+
+
+def param_paths(params: Any) -> Any:
+    """Pytree of strings: each leaf's path, keys joined by '/' (e.g. 'student/conv1_0/kernel')."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), params)
+
+
+def partition(transforms: dict[str, optax.GradientTransformation], rules: Sequence[tuple[str, str]],
+              default: str, *, within: str = "student/") -> optax.GradientTransformation:
+    """``optax.multi_transform`` by parameter path: a leaf whose path (relative to `within`, e.g.
+    'conv1_0/kernel' for 'student/conv1_0/kernel') is matched (``re.search``) by the regex of the
+    first ``(label, regex)`` rule goes to ``transforms[label]``; other leaves, and leaves outside
+    `within` (e.g. distillation adapters), to ``transforms[default]``. Used to freeze parameters
+    (``optax.set_to_zero()``) and to give the head its own learning rate."""
+    compiled = [(label, re.compile(regex)) for label, regex in rules if regex]
+
+    def label(path: str) -> str:
+        if not path.startswith(within):
+            return default
+        rel = path[len(within):]
+        return next((lab for lab, rx in compiled if rx.search(rel)), default)
+
+    return optax.multi_transform(transforms, lambda params: jax.tree.map(label, param_paths(params)))
 
 
 def _check_nonneg(name: str, value: float) -> None:

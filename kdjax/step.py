@@ -150,7 +150,7 @@ def init_state(student, distiller: distill.Distiller, teachers: tuple, teacher_v
 
 def make_train_step(
     student, distiller: distill.Distiller, teachers: tuple, tx: optax.GradientTransformation,
-    schedule: Callable[[jax.Array], jax.Array], cfg: StepConfig,
+    schedule: Callable[[jax.Array], jax.Array], cfg: StepConfig, frozen_stats: Any = None,
 ):
     """Returns the per-device step fn(state, teacher_variables, batch) -> (state, metrics).
 
@@ -159,7 +159,9 @@ def make_train_step(
     features for these examples (then `teachers` is empty and no teacher runs in the step). `teachers` is a tuple of Linen models (empty: none;
     several: an ensemble) and `teacher_variables` the matching tuple of variables. With
     `cfg.ema_decay` > 0 the teacher is instead the student itself with the EMA variables
-    `state.ema` (Mean Teacher), updated after every step.
+    `state.ema` (Mean Teacher), updated after every step. `frozen_stats`: a pytree of Python bools
+    shaped like the student's non-parameter variables; True leaves (the BatchNorm statistics of
+    frozen layers) keep their values.
     """
     terms = distiller.terms
 
@@ -218,6 +220,9 @@ def make_train_step(
         # all-gathered embeddings, so this pmean changes nothing numerically; it is what proves to
         # shard_map that the state leaving the step is replicated.
         model_state = jax.lax.pmean(model_state, AXIS)
+        if frozen_stats is not None:
+            model_state["student"] = jax.tree.map(lambda frozen, new, old: old if frozen else new, frozen_stats,
+                                                  model_state["student"], state.model_state["student"])
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # NaN/Inf guard: a step whose loss or gradient is not finite changes nothing (the trainer

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 
 from kdjax import checkpoint as kckpt
@@ -176,6 +178,7 @@ def validate(config) -> None:
         models.get_model(config[role].model, num_classes=2)  # raises on an unknown name
         if config[role].epochs <= 0:
             raise ValueError(f"config.{role}.epochs must be > 0, got {config[role].epochs}")
+    parse_classes(config.dataset.get("classes", ""))
     if config.dataset.name not in kdata.DATASETS:
         raise ValueError(f"unknown data set {config.dataset.name!r}; choose one of: {', '.join(kdata.DATASETS)}")
     opt = config.optimizer
@@ -305,6 +308,9 @@ class Stage:
         self.init_from = init_from
         self.batch_size = config.batch_size
         self.spe = kdata.steps_per_epoch(len(dataset.train.labels), config.batch_size)
+        if self.spe == 0:
+            raise ValueError(f"config.batch_size={config.batch_size} exceeds the {len(dataset.train.labels)} "
+                             "training examples: lower it")
         self.total_steps = self.epochs * self.spe
         self.step_cfg = kstep.StepConfig(
             mean=tuple(dataset.mean), std=tuple(dataset.std), steps_per_epoch=self.spe,
@@ -320,19 +326,49 @@ class Stage:
             warmup_epochs=o.warmup_epochs, decay_epochs=tuple(o.decay_epochs), decay_factor=o.decay_factor,
             step_epochs=o.step_epochs,
         )
-        self.tx = optim.make_optimizer(
-            o.name, self.schedule, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
+        make = lambda schedule: optim.make_optimizer(  # noqa: E731
+            o.name, schedule, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
             grad_clip_norm=o.grad_clip_norm, decay_all=o.decay_all, b1=o.b1, b2=o.b2, eps=o.eps,
             rmsprop_decay=o.rmsprop_decay, adadelta_rho=o.adadelta_rho,
         )
+        self.tx = make(self.schedule)
+        self.freeze, head_scale = o.get("freeze", ""), float(o.get("head_learning_rate_scale", 1.0))
+        if self.freeze or head_scale != 1.0:  # frozen parameters, a head with its own rate
+            head_tx = make(lambda count: head_scale * self.schedule(count))
+            self.tx = optim.partition({"body": self.tx, "head": head_tx, "frozen": optax.set_to_zero()},
+                                      [("frozen", self.freeze), ("head", o.head if head_scale != 1.0 else "")],
+                                      default="body")
+        init = config.get("init")
+        stages = [r.strip() for r in str(init.stages).split(",")] if init is not None and init.from_run else []
+        self.transfer = (init.from_run, init.role, init.reinit) if role in stages else None
 
     # -- init / restore -------------------------------------------------------------------------
-    def _init(self):
-        """The fresh TrainState of this stage (one jit-compiled init; see kstep.init_state)."""
-        return kstep.init_state(
+    def _init(self, transfer: bool = False):
+        """The fresh TrainState of this stage (one jit-compiled init; see kstep.init_state); with
+        `transfer`, the model's variables come from config.init.from_run (transfer learning)."""
+        state = kstep.init_state(
             self.model, self.distiller, self.teachers, self.teacher_vars, self.tx, self.ds.image_shape,
             self.config.seed + ROLES.index(self.role) * 1000, ema=self.step_cfg.ema_decay > 0,
             init_from=self.init_from)
+        if not (transfer and self.transfer):
+            return state
+        run_dir, role, reinit = self.transfer
+        source, *_ = _read_stage_variables(run_dir, role)
+        fresh = jax.device_get(self.variables_of(state))
+        variables = transfer_variables(fresh, source, reinit, where=f"the {role} of {run_dir}")
+        logging.info("[%s] initialised from the %s of %s (re-initialised: %s)", self.role, role, run_dir,
+                     reinit or "nothing")
+        params = dict(state.params, student=variables.pop("params"))
+        return state.replace(params=params, model_state=dict(state.model_state, student=variables))
+
+    def frozen_stats(self, state) -> Any:
+        """Which of the student's non-parameter variables stay fixed: the BatchNorm statistics of
+        layers whose scale is frozen (config.optimizer.freeze); None when nothing is frozen."""
+        if not self.freeze:
+            return None
+        pattern = re.compile(self.freeze)
+        paths = optim.param_paths(state.model_state["student"])  # e.g. 'batch_stats/bn1_0/mean'
+        return jax.tree.map(lambda p: bool(pattern.search(p.split("/", 1)[1].rsplit("/", 1)[0] + "/scale")), paths)
 
     def preflight(self, teacher_models) -> None:
         """Traces this stage's init abstractly (jax.eval_shape, no compute): raises a one-line
@@ -340,9 +376,13 @@ class Stage:
         teachers = tuple(teacher_models) if distill.needs_teacher(self.terms) else ()
         shape = (1,) + self.ds.image_shape
         t_vars = tuple(models.param_shapes(m, shape) for m in teachers)
-        jax.eval_shape(lambda tv: kstep.init_variables(
+        s_vars, _ = jax.eval_shape(lambda tv: kstep.init_variables(
             self.model, self.distiller, teachers, tv, self.ds.image_shape, jax.random.PRNGKey(0),
             ema=self.step_cfg.ema_decay > 0), t_vars)
+        if self.transfer:  # the earlier run exists and its model fits this one
+            run_dir, role, reinit = self.transfer
+            transfer_variables(s_vars, _read_stage_variables(run_dir, role)[0], reinit,
+                               where=f"the {role} of {run_dir}")
 
     @staticmethod
     def variables_of(state) -> dict:
@@ -371,9 +411,9 @@ class Stage:
 
     def _train(self, ckpts: kckpt.StageCheckpoints) -> tuple[dict, Any]:
         c = self.config
-        state = self._init()
         meta = {"history": [], "best_step": None, "best_score": None}
         latest = ckpts.latest_step()
+        state = self._init(transfer=latest is None)
         _agree("latest checkpoints", -1 if latest is None else latest, ckpts.directory)
         if latest is not None:
             state, meta = ckpts.restore(latest, jax.device_get(state))
@@ -389,7 +429,8 @@ class Stage:
         cache_seconds = time.time() - cache_start
         teachers = () if cache is not None else self.teachers
         train_step = self.par.wrap(
-            kstep.make_train_step(self.model, self.distiller, teachers, self.tx, self.schedule, self.step_cfg),
+            kstep.make_train_step(self.model, self.distiller, teachers, self.tx, self.schedule, self.step_cfg,
+                                  frozen_stats=self.frozen_stats(state)),
             donate_first=True,
         )
         eval_step = self.par.wrap(kstep.make_eval_step(self.model, self.step_cfg))
@@ -594,35 +635,43 @@ def _prepare_workdir(config, workdir: str, overwrite: bool) -> None:
         multihost_utils.sync_global_devices("kdjax_prepare_workdir")
 
 
-def load_trained_model(run_dir: str, role: str, dataset: kdata.Dataset, dtype) -> tuple[Any, dict, dict]:
-    """A model trained by an earlier run: (Linen model, variables, result dict).
-
-    The architecture comes from that run's config.json; the variables from the selected checkpoint
-    of its `role` stage (e.g. 'teacher', or 'student' for born-again self-distillation).
-    """
+def _read_stage_variables(run_dir: str, role: str) -> tuple[dict, dict, str, int]:
+    """(variables, saved config, checkpoint dir, step) of the selected checkpoint of stage `role` of
+    an earlier run, as saved (host arrays). One-line ValueErrors for a missing or corrupt run."""
     src = os.path.abspath(run_dir)
     saved = _read_json(os.path.join(src, "config.json"))
     if saved is None:
         raise ValueError(f"{src} is not a kdjax run directory (no config.json)")
-    model_cfg = saved["teacher" if role == "teacher" else "student"]
-    model = models.get_model(model_cfg["model"], num_classes=dataset.num_classes, dtype=dtype,
-                             bn_axis_name=kstep.AXIS, **dict(model_cfg.get("kwargs") or {}))
     ckpt_dir = os.path.join(src, role, "checkpoints")
     if not os.path.isdir(ckpt_dir):  # checked first: orbax would create the folder in that run
         raise ValueError(f"no {role} checkpoint in {ckpt_dir}")
     ckpts = kckpt.StageCheckpoints(ckpt_dir)
     latest = ckpts.latest_step()
     if latest is None:
+        ckpts.close()
         raise ValueError(f"no {role} checkpoint in {ckpt_dir}")
     step = ckpts.restore_meta(latest).get("best_step") or latest
     try:
-        state, _ = ckpts.restore(step)  # as saved; checked against the architecture below
+        state, _ = ckpts.restore(step)  # as saved; the callers check it against an architecture
     except Exception as e:  # orbax raises many types for truncated or corrupt files
         raise ValueError(f"cannot read the {role} checkpoint {ckpt_dir}/{step}: it is corrupt or incomplete "
                          f"({type(e).__name__}); retrain it or point at another run") from e
     finally:
         ckpts.close()
-    variables = {"params": state["params"]["student"], **state["model_state"]["student"]}
+    return {"params": state["params"]["student"], **state["model_state"]["student"]}, saved, ckpt_dir, step
+
+
+def load_trained_model(run_dir: str, role: str, dataset: kdata.Dataset, dtype) -> tuple[Any, dict, dict]:
+    """A model trained by an earlier run: (Linen model, variables, result dict).
+
+    The architecture comes from that run's config.json; the variables from the selected checkpoint
+    of its `role` stage (e.g. 'teacher', or 'student' for born-again self-distillation).
+    """
+    variables, saved, ckpt_dir, step = _read_stage_variables(run_dir, role)
+    src = os.path.abspath(run_dir)
+    model_cfg = saved["teacher" if role == "teacher" else "student"]
+    model = models.get_model(model_cfg["model"], num_classes=dataset.num_classes, dtype=dtype,
+                             bn_axis_name=kstep.AXIS, **dict(model_cfg.get("kwargs") or {}))
     expected = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
                               jnp.zeros((1,) + dataset.image_shape))
     shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), dict(tree))  # noqa: E731
@@ -633,6 +682,56 @@ def load_trained_model(run_dir: str, role: str, dataset: kdata.Dataset, dtype) -
     result = _read_json(os.path.join(src, role, "result.json")) or {
         "model": model_cfg["model"], "num_params": models.num_params(variables["params"])}
     return model, variables, dict(result, reused_from=src, reused_role=role)
+
+
+def transfer_variables(fresh: dict, source: dict, reinit: str = "", where: str = "the source run") -> dict:
+    """`fresh` variables with every entry taken from `source` by path ('conv1_0/kernel',
+    'bn1_0/mean', ...), except those whose path matches the regex `reinit` (kept fresh, e.g. a new
+    classification head: 'head'). Anything else that does not match in path and shape is a
+    one-line ValueError listing the paths."""
+    pattern = re.compile(reinit) if reinit else None
+    flat_fresh = _flatten_paths(fresh)
+    flat_src = _flatten_paths(source)
+    reinit_paths = {k for k in flat_fresh if pattern and pattern.search(k.split("/", 1)[1])}
+    shape = lambda a: tuple(a.shape)  # noqa: E731  (arrays or jax.ShapeDtypeStructs)
+    problems = [f"{k} {shape(flat_fresh[k])} vs {shape(flat_src[k]) if k in flat_src else 'missing'}"
+                for k in sorted(flat_fresh) if k not in reinit_paths
+                and (k not in flat_src or shape(flat_src[k]) != shape(flat_fresh[k]))]
+    unused = sorted(k for k in flat_src if k not in flat_fresh)
+    if problems or unused:
+        listed = "; ".join(problems[:6] + [f"{k} (not in this model)" for k in unused[:6]])
+        raise ValueError(f"cannot initialise from {where}: {len(problems) + len(unused)} variable(s) do not match "
+                         f"({listed}); re-initialise them with --config.init.reinit=<regex>, e.g. 'head'")
+    out = {k: (flat_fresh[k] if k in reinit_paths else flat_src[k]) for k in flat_fresh}
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(fresh),
+                                        [out[k] for k in _flatten_paths(fresh)])
+
+
+def _flatten_paths(tree) -> dict:
+    """{'params/conv1_0/kernel': leaf, ...} in tree_flatten order."""
+    return {"/".join(str(getattr(p, "key", p)) for p in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def parse_classes(value) -> tuple[int, ...] | None:
+    """``dataset.classes``: '' (all) or comma-separated class ids such as '5,6,7,8,9'."""
+    text = str(value or "").strip()
+    if not text:
+        return None
+    try:
+        return tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise ValueError(f"config.dataset.classes={value!r}: give comma-separated class ids, e.g. '5,6,7,8,9'") from None
+
+
+def load_dataset(ds_cfg, seed: int) -> kdata.Dataset:
+    """The data set a run trains on, from its `config.dataset` block (a ConfigDict or the dict of a
+    saved config.json): name, location, validation split, class subset and few-shot size."""
+    get = ds_cfg.get
+    with _mock_data(get("mock_examples", 0)):
+        return kdata.load(get("name"), data_dir=get("data_dir"), manual_dir=get("manual_dir"),
+                          val_size=get("val_size", 0.0), seed=seed, download=get("download", True),
+                          classes=parse_classes(get("classes", "")), train_per_class=get("train_per_class"))
 
 
 def _mock_data(num_examples: int):
@@ -665,12 +764,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> di
     validate(config)
     runtime.enable_compilation_cache(config.get("compile_cache_dir"))
     _prepare_workdir(config, workdir, overwrite)
-    ds_cfg = config.dataset
-    with _mock_data(ds_cfg.mock_examples):
-        dataset = kdata.load(
-            ds_cfg.name, data_dir=ds_cfg.data_dir, manual_dir=ds_cfg.manual_dir, val_size=ds_cfg.val_size,
-            seed=config.seed, download=ds_cfg.download,
-        )
+    dataset = load_dataset(config.dataset, config.seed)
     logging.info("data %s: %d train / %s val / %d test, %s, %d classes", dataset.name, len(dataset.train.labels),
                  len(dataset.val.labels) if dataset.val is not None else 0, len(dataset.test.labels),
                  dataset.image_shape, dataset.num_classes)

@@ -56,6 +56,8 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
     c.dataset.val_size = 0.0  # fraction (or count) of train held out for checkpoint selection
     c.dataset.download = True  # let tfds try to download when the data is not prepared
     c.dataset.mock_examples = 0  # > 0: use tfds.testing.mock_data with this many examples
+    c.dataset.classes = ""  # e.g. '5,6,7,8,9': only these classes, relabelled 0..k-1 ('' = all)
+    c.dataset.train_per_class = config_dict.placeholder(int)  # few-shot: this many training examples per class
 
     c.augment = ml_collections.ConfigDict()
     c.augment.crop_padding = 0  # random crop after zero padding by this many pixels
@@ -89,6 +91,14 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
     c.student_init = ml_collections.ConfigDict()
     c.student_init.epochs = 0
     c.student_init.terms = ""
+    # Transfer learning: the listed stages start from the model of stage init.role of the earlier
+    # run init.from_run, matched by variable path; paths matching the regex init.reinit (e.g.
+    # 'head' for a new classification head) stay freshly initialised.
+    c.init = ml_collections.ConfigDict()
+    c.init.from_run = config_dict.placeholder(str)
+    c.init.role = "teacher"
+    c.init.stages = "teacher"
+    c.init.reinit = ""
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "sgd"  # sgd, adam, adamw, rmsprop, adagrad, adadelta
@@ -110,6 +120,12 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
     c.optimizer.eps = config_dict.placeholder(float)  # None: torch's (adam/adamw/rmsprop 1e-8, adagrad 1e-10, adadelta 1e-6)
     c.optimizer.rmsprop_decay = 0.9  # rmsprop: squared-gradient average decay (torch's alpha)
     c.optimizer.adadelta_rho = 0.9  # adadelta: decay of both running averages (torch's rho)
+    # Transfer learning: parameters frozen (regex over the model's parameter paths such as
+    # 'conv1_0/kernel'; '^(?!head/)' freezes everything but the head: a linear probe), and the head's
+    # own learning rate (head_learning_rate_scale x the stage's rate; discriminative fine-tuning).
+    c.optimizer.freeze = ""
+    c.optimizer.head = "head"
+    c.optimizer.head_learning_rate_scale = 1.0
     c.optimizer.schedule = "constant"  # constant, cosine, step, multistep, linear
     c.optimizer.warmup_epochs = 0.0
     c.optimizer.decay_epochs = (150, 180, 210)  # multistep boundaries
