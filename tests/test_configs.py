@@ -28,8 +28,10 @@ def fake_dataset(name, num_classes, shape):
 def test_config_validates_for_every_method(name):
     module = importlib.import_module(f"experiments.configs.{name}")
     assert "python -m experiments." in module.__doc__  # the docstring states the launch command
-    for method in distill.METHODS:
-        train.validate(module.get_config(f"method={method}"))
+    # Distillation configs take every method; configs with modes instead (digits_transfer) every mode.
+    args = [f"mode={m}" for m in module.MODES] if hasattr(module, "MODES") else [f"method={m}" for m in distill.METHODS]
+    for arg in args:
+        train.validate(module.get_config(arg))
     with pytest.raises(ValueError, match="unknown config argument"):
         module.get_config("no_such_argument=1")
 
