@@ -179,6 +179,15 @@ def validate(config) -> None:
         if config[role].epochs <= 0:
             raise ValueError(f"config.{role}.epochs must be > 0, got {config[role].epochs}")
     parse_classes(config.dataset.get("classes", ""))
+    for field, regex in (("optimizer.freeze", config.optimizer.get("freeze", "")),
+                         ("optimizer.head", config.optimizer.get("head", "")),
+                         ("init.reinit", config.get("init", {}).get("reinit", ""))):
+        try:
+            re.compile(regex or "")
+        except re.error as e:
+            raise ValueError(f"config.{field}={regex!r} is not a valid regular expression ({e})") from None
+    if float(config.optimizer.get("head_learning_rate_scale", 1.0)) < 0:
+        raise ValueError("config.optimizer.head_learning_rate_scale must be >= 0")
     if config.dataset.name not in kdata.DATASETS:
         raise ValueError(f"unknown data set {config.dataset.name!r}; choose one of: {', '.join(kdata.DATASETS)}")
     opt = config.optimizer

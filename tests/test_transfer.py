@@ -91,3 +91,9 @@ def test_transfer_mismatch_is_one_line_listing_paths(pretrained, tmp_path):
     other_arch = transfer_config(**{"init.from_run": pretrained, "teacher.model": "mlp"})
     with pytest.raises(ValueError, match="do not match .*fc1/kernel"):
         train.run(other_arch, str(tmp_path / "bad2"))
+
+
+def test_bad_regex_is_one_line(tmp_path):
+    with pytest.raises(ValueError, match=r"config.optimizer.freeze='\(' is not a valid regular expression"):
+        train.run(transfer_config(**{"optimizer.freeze": "("}), str(tmp_path / "bad"))
+    assert not os.path.exists(tmp_path / "bad")
