@@ -1,0 +1,154 @@
+"""Pruning as an optax transform: the masks live in the optimizer state, so they are checkpointed,
+resumed and restored bit-exactly with it, and pruned weights stay exactly zero under any optimizer.
+
+    tx = prune.masked(inner_tx, prunable, method="magnitude", sparsity=0.7, scope="layer",
+                      begin_step=0, end_step=1000, update_every=100)
+
+`masked` wraps any optax transform: at mask-update steps it recomputes the masks from the current
+weights, it feeds the inner optimizer only the surviving weights' gradients, and it returns, for a
+pruned weight, exactly the update that makes it 0 (``-param``), whatever momentum or Adam state
+the inner optimizer carries. Methods:
+
+- ``magnitude``: unstructured; the smallest-|w| fraction `sparsity` of each kernel (``scope='layer'``)
+  or of all prunable kernels together (``scope='global'``) is zeroed; exactly
+  ``round(sparsity * size)`` weights per kernel for 'layer' (ties broken by position).
+- ``nm``: N:M semi-structured (2:4 by default): in every group of `m` consecutive weights along
+  the input dimension of a kernel (axis -2 of a dense (in, out) or conv (h, w, in, out) kernel), the
+  `n` largest |w| survive.
+
+Schedule (Zhu & Gupta, 2017, "To prune, or not to prune"): the sparsity at step t is
+``s_f * (1 - (1 - (t - t0) / (t1 - t0)) ** 3)`` for t0 <= t <= t1, evaluated at multiples of
+`update_every` after t0 (0 before t0, s_f after t1); ``begin_step == end_step`` is one-shot pruning.
+N:M pruning applies its pattern from `begin_step` on.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+METHODS = ("magnitude", "nm")
+_KEEP = np.bool_(True)  # the mask of a leaf that is not pruned
+SCOPES = ("layer", "global")
+
+
+class PruneState(NamedTuple):
+    count: jax.Array  # optimizer steps taken
+    masks: Any  # pytree like the params: bool arrays for prunable leaves, a scalar True otherwise
+    inner: optax.OptState
+
+
+def sparsity_at(step, target: float, begin_step: int, end_step: int, update_every: int = 1):
+    """Zhu & Gupta's polynomial schedule, stepped every `update_every` steps (jnp or Python)."""
+    if end_step <= begin_step:
+        return jnp.where(step >= begin_step, target, 0.0)
+    t = begin_step + jnp.floor((jnp.clip(step, begin_step, end_step) - begin_step) / update_every) * update_every
+    frac = jnp.clip((t - begin_step) / (end_step - begin_step), 0.0, 1.0)
+    return jnp.where(step >= begin_step, target * (1.0 - (1.0 - frac) ** 3), 0.0)
+
+
+def _keep_top(scores: jax.Array, num_pruned) -> jax.Array:
+    """Mask keeping all but the `num_pruned` smallest scores (ties: the earlier position is pruned)."""
+    flat = scores.reshape(-1)
+    rank = jnp.empty_like(flat, dtype=jnp.int32).at[jnp.argsort(flat, stable=True)].set(
+        jnp.arange(flat.size, dtype=jnp.int32))
+    return (rank >= num_pruned).reshape(scores.shape)
+
+
+def magnitude_masks(params, prunable, sparsity, scope: str = "layer"):
+    """Masks (True = kept) zeroing the fraction `sparsity` of smallest |w| per prunable leaf
+    ('layer') or over all of them ('global'). Non-prunable leaves get a scalar True."""
+    leaves, treedef = jax.tree.flatten(params)
+    which = jax.tree.leaves(prunable)
+    if scope == "layer":
+        masks = [_keep_top(jnp.abs(p), jnp.round(sparsity * p.size).astype(jnp.int32)) if w else _KEEP
+                 for p, w in zip(leaves, which)]
+        return jax.tree.unflatten(treedef, masks)
+    chosen = [p for p, w in zip(leaves, which) if w]
+    scores = jnp.concatenate([jnp.abs(p).reshape(-1) for p in chosen])
+    kept = _keep_top(scores, jnp.round(sparsity * scores.size).astype(jnp.int32))
+    out, start = [], 0
+    for p, w in zip(leaves, which):
+        if w:
+            out.append(kept[start:start + p.size].reshape(p.shape))
+            start += p.size
+        else:
+            out.append(_KEEP)
+    return jax.tree.unflatten(treedef, out)
+
+
+def nm_masks(params, prunable, n: int = 2, m: int = 4):
+    """N:M masks: in each group of `m` along axis -2 (a kernel's input dimension), the `n` largest
+    |w| are kept."""
+    def one(p):
+        fan_in = p.shape[-2]
+        moved = jnp.moveaxis(jnp.abs(p), -2, -1)  # (..., out, in)
+        groups = moved.reshape(moved.shape[:-1] + (fan_in // m, m))
+        order = jnp.argsort(jnp.argsort(-groups, axis=-1, stable=True), axis=-1, stable=True)
+        keep = (order < n).reshape(moved.shape)
+        return jnp.moveaxis(keep, -1, -2)
+
+    return jax.tree.map(lambda p, w: one(p) if w else _KEEP, params, prunable)
+
+
+def check(params, prunable, method: str, sparsity: float, scope: str, n: int, m: int) -> None:
+    """One-line ValueErrors for settings that cannot work on these (abstract) params."""
+    if method not in METHODS:
+        raise ValueError(f"unknown prune.method {method!r}; choose one of: {', '.join(METHODS)}")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown prune.scope {scope!r}; choose one of: {', '.join(SCOPES)}")
+    if method == "magnitude" and not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"prune.sparsity must be in [0, 1), got {sparsity}")
+    if method == "nm":
+        if not 0 < n < m:
+            raise ValueError(f"prune.n and prune.m must satisfy 0 < n < m, got {n}:{m}")
+        for path, p, w in zip(jax.tree.leaves(paths(params)), jax.tree.leaves(params), jax.tree.leaves(prunable)):
+            if w and p.shape[-2] % m:
+                raise ValueError(f"prune.m={m} does not divide the input dimension {p.shape[-2]} of {path}")
+
+
+def paths(tree) -> Any:
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), tree)
+
+
+def select(params, include: str, exclude: str, *, skip: Sequence[str] = ()) -> Any:
+    """Pytree of bools: the kernels (ndim >= 2) whose path matches `include` and not `exclude`
+    (regexes, ``re.search``; '' = everything / nothing) and is not in `skip`."""
+    inc, exc = re.compile(include or ""), re.compile(exclude) if exclude else None
+    return jax.tree.map(lambda path, p: bool(np.ndim(p) >= 2 and inc.search(path) and not (exc and exc.search(path))
+                                             and path not in skip), paths(params), params)
+
+
+def masked(inner: optax.GradientTransformation, prunable, *, method: str = "magnitude", sparsity: float = 0.5,
+           scope: str = "layer", n: int = 2, m: int = 4, begin_step: int = 0, end_step: int = 0,
+           update_every: int = 1) -> optax.GradientTransformation:
+    """`inner` with pruning (see the module docstring); `prunable` is a pytree of bools like params."""
+
+    def masks_for(params, count):
+        if method == "nm":
+            return nm_masks(params, prunable, n, m)
+        return magnitude_masks(params, prunable, sparsity_at(count, sparsity, begin_step, end_step, update_every),
+                               scope)
+
+    def init(params):
+        ones = jax.tree.map(lambda p, w: jnp.ones(p.shape, bool) if w else jnp.asarray(_KEEP), params, prunable)
+        return PruneState(jnp.zeros((), jnp.int32), ones, inner.init(params))
+
+    def update(updates, state, params=None):
+        count = state.count
+        due = (count >= begin_step) & ((count <= end_step) | (count == begin_step)) & (
+            (count - begin_step) % max(update_every, 1) == 0)
+        masks = jax.lax.cond(due, lambda: jax.tree.map(jnp.asarray, masks_for(params, count)), lambda: state.masks)
+        grads = jax.tree.map(lambda w, mask, g: jnp.where(mask, g, 0) if w else g, prunable, masks, updates)
+        new_updates, inner_state = inner.update(grads, state.inner, params)
+        new_updates = jax.tree.map(lambda w, mask, u, p: jnp.where(mask, u, -p.astype(u.dtype)) if w else u,
+                                   prunable, masks, new_updates, params)
+        return new_updates, PruneState(count + 1, masks, inner_state)
+
+    return optax.GradientTransformation(init, update)

@@ -1,0 +1,82 @@
+"""kdjax.prune: masks against numpy, the schedule, and zeros that stay zero under any optimizer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from kdjax import prune
+
+
+def _params(seed=0):
+    rng = np.random.default_rng(seed)
+    return {"conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 8, 6)), jnp.float32)},
+            "dense": {"kernel": jnp.asarray(rng.normal(size=(12, 5)), jnp.float32),
+                      "bias": jnp.asarray(rng.normal(size=(5,)), jnp.float32)}}
+
+
+def test_layer_and_global_magnitude_masks_match_numpy():
+    params = _params()
+    prunable = prune.select(params, "", "")
+    assert prunable == {"conv": {"kernel": True}, "dense": {"kernel": True, "bias": False}}
+    masks = prune.magnitude_masks(params, prunable, 0.7, "layer")
+    for name in ("conv", "dense"):
+        w = np.asarray(params[name]["kernel"]).ravel()
+        k = round(0.7 * w.size)
+        want = np.ones(w.size, bool)
+        want[np.argsort(np.abs(w), kind="stable")[:k]] = False
+        np.testing.assert_array_equal(np.asarray(masks[name]["kernel"]).ravel(), want)
+    assert bool(masks["dense"]["bias"])  # not prunable: kept
+    glob = prune.magnitude_masks(params, prunable, 0.5, "global")
+    allw = np.concatenate([np.abs(np.asarray(params[n]["kernel"])).ravel() for n in ("conv", "dense")])
+    threshold = np.sort(allw)[round(0.5 * allw.size) - 1]
+    for name in ("conv", "dense"):
+        w = np.abs(np.asarray(params[name]["kernel"]))
+        np.testing.assert_array_equal(np.asarray(glob[name]["kernel"]), w > threshold)
+
+
+def test_n_m_masks_keep_the_largest_n_of_every_group_along_the_input_dimension():
+    params = _params(1)
+    masks = prune.nm_masks(params, prune.select(params, "", "bias"), n=2, m=4)
+    for name in ("conv", "dense"):
+        w, mask = np.abs(np.asarray(params[name]["kernel"])), np.asarray(masks[name]["kernel"])
+        fan_in = w.shape[-2]
+        gw = np.moveaxis(w, -2, -1).reshape(-1, fan_in // 4, 4)
+        gm = np.moveaxis(mask, -2, -1).reshape(-1, fan_in // 4, 4)
+        assert (gm.sum(-1) == 2).all()
+        np.testing.assert_array_equal(np.sort(np.where(gm, gw, -1), -1)[..., 2:], np.sort(gw, -1)[..., 2:])
+
+
+def test_polynomial_schedule():
+    s = lambda t: float(prune.sparsity_at(t, 0.8, 100, 200, update_every=10))  # noqa: E731
+    assert s(0) == 0.0 and s(99) == 0.0 and s(100) == 0.0 and s(250) == pytest.approx(0.8)
+    assert s(155) == pytest.approx(0.8 * (1 - (1 - 0.5) ** 3))  # stepped: the value of step 150
+    assert float(prune.sparsity_at(5, 0.7, 3, 3)) == pytest.approx(0.7)  # one-shot
+
+
+@pytest.mark.parametrize("inner", [optax.sgd(0.1, momentum=0.9), optax.adam(0.05)], ids=["sgd_momentum", "adam"])
+def test_pruned_weights_stay_exactly_zero(inner):
+    params = _params(2)
+    prunable = prune.select(params, "", "bias")
+    tx = prune.masked(inner, prunable, method="magnitude", sparsity=0.6, begin_step=5, end_step=5)
+    state = tx.init(params)
+    step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)))
+    rng = np.random.default_rng(3)
+    for t in range(25):  # 5 steps build momentum / Adam moments, then one-shot pruning, then 20 more
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+        params, state = step(params, state, grads)
+        if t >= 5:
+            for name in ("conv", "dense"):
+                kernel, mask = np.asarray(params[name]["kernel"]), np.asarray(state.masks[name]["kernel"])
+                assert (kernel[~mask] == 0).all() and (~mask).sum() == round(0.6 * kernel.size)
+    assert np.all(np.asarray(params["dense"]["bias"]) != 0)
+
+
+def test_bad_settings_are_one_line():
+    params = _params()
+    prunable = prune.select(params, "", "bias")
+    with pytest.raises(ValueError, match=r"prune.sparsity must be in \[0, 1\), got 1.0"):
+        prune.check(params, prunable, "magnitude", 1.0, "layer", 2, 4)
+    with pytest.raises(ValueError, match="prune.m=5 does not divide the input dimension 8 of conv/kernel"):
+        prune.check(params, prunable, "nm", 0.5, "layer", 2, 5)
