@@ -17,7 +17,7 @@ import sys
 from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of a finished (or checkpointed) kdjax run.")
-_MODEL = flags.DEFINE_enum("model", "student", ["teacher", "student", "student_scratch", "student_init"],
+_MODEL = flags.DEFINE_enum("model", "student", ["teacher", "student", "student_scratch", "student_init", "prune"],
                            "Which stage's model to export.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: <workdir>/export).")
 flags.mark_flag_as_required("workdir")

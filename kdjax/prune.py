@@ -128,16 +128,18 @@ def select(params, include: str, exclude: str, *, skip: Sequence[str] = ()) -> A
 def masked(inner: optax.GradientTransformation, prunable, *, method: str = "magnitude", sparsity: float = 0.5,
            scope: str = "layer", n: int = 2, m: int = 4, begin_step: int = 0, end_step: int = 0,
            update_every: int = 1) -> optax.GradientTransformation:
-    """`inner` with pruning (see the module docstring); `prunable` is a pytree of bools like params."""
+    """`inner` with pruning (see the module docstring); `prunable` is a pytree of bools like the
+    params, or a function params -> that pytree."""
+    which = prunable if callable(prunable) else (lambda _: prunable)
 
     def masks_for(params, count):
         if method == "nm":
-            return nm_masks(params, prunable, n, m)
-        return magnitude_masks(params, prunable, sparsity_at(count, sparsity, begin_step, end_step, update_every),
+            return nm_masks(params, which(params), n, m)
+        return magnitude_masks(params, which(params), sparsity_at(count, sparsity, begin_step, end_step, update_every),
                                scope)
 
     def init(params):
-        ones = jax.tree.map(lambda p, w: jnp.ones(p.shape, bool) if w else jnp.asarray(_KEEP), params, prunable)
+        ones = jax.tree.map(lambda p, w: jnp.ones(p.shape, bool) if w else jnp.asarray(_KEEP), params, which(params))
         return PruneState(jnp.zeros((), jnp.int32), ones, inner.init(params))
 
     def update(updates, state, params=None):
@@ -145,10 +147,11 @@ def masked(inner: optax.GradientTransformation, prunable, *, method: str = "magn
         due = (count >= begin_step) & ((count <= end_step) | (count == begin_step)) & (
             (count - begin_step) % max(update_every, 1) == 0)
         masks = jax.lax.cond(due, lambda: jax.tree.map(jnp.asarray, masks_for(params, count)), lambda: state.masks)
-        grads = jax.tree.map(lambda w, mask, g: jnp.where(mask, g, 0) if w else g, prunable, masks, updates)
+        prunable_ = which(params)
+        grads = jax.tree.map(lambda w, mask, g: jnp.where(mask, g, 0) if w else g, prunable_, masks, updates)
         new_updates, inner_state = inner.update(grads, state.inner, params)
         new_updates = jax.tree.map(lambda w, mask, u, p: jnp.where(mask, u, -p.astype(u.dtype)) if w else u,
-                                   prunable, masks, new_updates, params)
+                                   prunable_, masks, new_updates, params)
         return new_updates, PruneState(count + 1, masks, inner_state)
 
     return optax.GradientTransformation(init, update)

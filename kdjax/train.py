@@ -36,10 +36,11 @@ from kdjax import distill
 from kdjax import feed
 from kdjax import models
 from kdjax import optim
+from kdjax import prune
 from kdjax import runtime
 from kdjax import step as kstep
 
-ROLES = ("teacher", "student_init", "student", "student_scratch")
+ROLES = ("teacher", "student_init", "student", "student_scratch", "prune")
 
 
 class NonFiniteError(RuntimeError):
@@ -153,6 +154,8 @@ def _stages(config) -> list[str]:
     if "student" in stages and not has_teacher:
         raise ValueError("stage 'student' needs a teacher: add 'teacher' to config.stages, or set "
                          "config.teacher.checkpoint, config.teacher.ensemble or config.teacher.source='ema'")
+    if "prune" in stages and ("student" not in stages or stages.index("prune") < stages.index("student")):
+        raise ValueError("stage 'prune' prunes the distilled student: list it after 'student'")
     if "student_init" in stages:
         if "student" not in stages or stages.index("student_init") > stages.index("student"):
             raise ValueError("stage 'student_init' initialises the student: list it before 'student'")
@@ -179,6 +182,11 @@ def validate(config) -> None:
         if config[role].epochs <= 0:
             raise ValueError(f"config.{role}.epochs must be > 0, got {config[role].epochs}")
     parse_classes(config.dataset.get("classes", ""))
+    p = config.get("prune")
+    if p is not None and "prune" in _stages(config):
+        prune.check({}, {}, p.method, p.sparsity, p.scope, p.n, p.m)  # the settings; kernels: in the pre-flight
+        if p.epochs <= 0:
+            raise ValueError(f"config.prune.epochs must be > 0, got {p.epochs}")
     for field, regex in (("optimizer.freeze", config.optimizer.get("freeze", "")),
                          ("optimizer.head", config.optimizer.get("head", "")),
                          ("init.reinit", config.get("init", {}).get("reinit", ""))):
@@ -273,7 +281,7 @@ def _stage_terms(role: str, config, train: kdata.Split) -> tuple[distill.Term, .
         return distill.build_terms({"method": "ce", "ce_weight": 1.0}, label_smoothing=smoothing)
     terms = distill.build_terms(config.distill.to_dict(), label_smoothing=smoothing,
                                 num_data=len(train.labels), dataset_labels=train.labels)
-    if role == "student":
+    if role in ("student", "prune"):  # pruning recovers with the student's distillation objective
         return terms
     wanted = [n.strip() for n in config.student_init.terms.split(",") if n.strip()]
     names = [t.name for t in terms]
@@ -306,7 +314,8 @@ class Stage:
             model_cfg.model, num_classes=dataset.num_classes, dtype=dtype, bn_axis_name=kstep.AXIS,
             **dict(model_cfg.get("kwargs") or {}),
         )
-        self.epochs = int(config.student_init.epochs if role == "student_init" else model_cfg.epochs)
+        self.epochs = int({"student_init": config.student_init.epochs, "prune": config.prune.epochs}.get(
+            role, model_cfg.epochs))
         self.lr = optim.resolve_learning_rate(config.optimizer.name, config.optimizer.learning_rate,
                                               model_cfg.learning_rate_scale, config.optimizer.tuned_learning_rates)
         self.terms = _stage_terms(role, config, dataset.train)
@@ -347,9 +356,30 @@ class Stage:
             self.tx = optim.partition({"body": self.tx, "head": head_tx, "frozen": optax.set_to_zero()},
                                       [("frozen", self.freeze), ("head", o.head if head_scale != 1.0 else "")],
                                       default="body")
+        if role == "prune":
+            self.tx = self._pruning(self.tx)
         init = config.get("init")
         stages = [r.strip() for r in str(init.stages).split(",")] if init is not None and init.from_run else []
         self.transfer = (init.from_run, init.role, init.reinit) if role in stages else None
+
+    def _pruning(self, tx):
+        """`tx` wrapped by kdjax.prune.masked as config.prune says (stage 'prune')."""
+        p = self.config.prune
+        abstract = models.param_shapes(self.model, (1,) + self.ds.image_shape)["params"]
+        channels = self.ds.image_shape[-1]
+        skip = [path for path, leaf in zip(jax.tree.leaves(prune.paths(abstract)), jax.tree.leaves(abstract))
+                if re.match(r"(head|fc|classifier)/", path) or (leaf.ndim == 4 and leaf.shape[-2] == channels)]
+        student = prune.select(abstract, p.include, p.exclude, skip=skip)
+        if not any(jax.tree.leaves(student)):
+            raise ValueError(f"prune.include={p.include!r} / exclude={p.exclude!r} select no kernel of "
+                             f"{self.model_name}; its kernels: {', '.join(sorted(jax.tree.leaves(prune.paths(abstract))))[:300]}")
+        prune.check(abstract, student, p.method, p.sparsity, p.scope, p.n, p.m)
+        self.prunable = student
+        to_step = lambda epochs: int(round(epochs * self.spe))  # noqa: E731
+        which = lambda params: {"student": student, "distiller": jax.tree.map(lambda _: False, params["distiller"])}  # noqa: E731
+        return prune.masked(tx, which, method=p.method, sparsity=p.sparsity,
+                            scope=p.scope, n=p.n, m=p.m, begin_step=to_step(p.begin_epoch),
+                            end_step=to_step(max(p.end_epoch, p.begin_epoch)), update_every=p.update_every)
 
     # -- init / restore -------------------------------------------------------------------------
     def _init(self, transfer: bool = False):
@@ -499,6 +529,12 @@ class Stage:
         }
         if self.ds.val is not None:
             result["val_accuracy"] = hist[-1]["val_accuracy"]
+        if self.role == "prune":  # what the masks left: exact zeros per pruned kernel
+            kernels = {path: np.asarray(leaf) for path, leaf, w in zip(
+                jax.tree.leaves(prune.paths(best_vars["params"])), jax.tree.leaves(best_vars["params"]),
+                jax.tree.leaves(self.prunable)) if w}
+            result["sparsity"] = {path: round(float(np.mean(k == 0)), 4) for path, k in kernels.items()}
+            result["nonzero_params"] = int(sum(np.count_nonzero(x) for x in jax.tree.leaves(best_vars["params"])))
         if skipped:
             result["skipped_nonfinite_steps"] = skipped
         return result, best_state
@@ -802,18 +838,19 @@ def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> di
     for role in _stages(config):
         Stage(role, config, dataset, par, workdir).preflight(planned)
 
-    init_state = None
+    init_state = student_state = None
     for role in _stages(config):
         if role == "teacher" and config.teacher.checkpoint:
             continue  # loaded above
         stage = Stage(role, config, dataset, par, workdir, teachers=teachers, teacher_vars=teacher_vars,
-                      init_from=init_state if role == "student" else None)
+                      init_from=init_state if role == "student" else student_state if role == "prune" else None)
         result_path = os.path.join(stage.dir, "result.json")
         result = _read_json(result_path)
         _agree("answers to 'is this stage finished (result.json)?'", result is not None, stage.dir)
         if result is not None:
             logging.info("stage %r already finished (%s); skipping", role, result_path)
-            selected = stage.restore_selected() if role in ("teacher", "student_init") else None
+            needed = role in ("teacher", "student_init") or (role == "student" and "prune" in _stages(config))
+            selected = stage.restore_selected() if needed else None
         else:
             result, selected = stage.run()
             _write_json(result_path, result)
@@ -822,6 +859,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> di
             teacher_vars.insert(0, stage.variables_of(selected))
         elif role == "student_init":
             init_state = selected
+        elif role == "student":
+            student_state = selected
         summary[role] = result
         _write_json(summary_path, summary)
     logging.info("summary written to %s", summary_path)

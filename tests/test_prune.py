@@ -80,3 +80,65 @@ def test_bad_settings_are_one_line():
         prune.check(params, prunable, "magnitude", 1.0, "layer", 2, 4)
     with pytest.raises(ValueError, match="prune.m=5 does not divide the input dimension 8 of conv/kernel"):
         prune.check(params, prunable, "nm", 0.5, "layer", 2, 5)
+
+
+# ------------------------------------------------------------------ the 'prune' stage, end to end
+
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from kdjax import checkpoint as kckpt  # noqa: E402
+from kdjax import train  # noqa: E402
+from tests.test_reliability import wait_for  # noqa: E402
+from tests.test_train import REPO, tiny_digits_config  # noqa: E402
+
+STAGE = {"stages": "teacher,student,prune", "student.model": "cnn_tiny", "prune.epochs": 2,
+         "checkpoint.every_steps": 3}
+CLI = ["--config.teacher.model=cnn_tiny", "--config.teacher.epochs=1", "--config.student.epochs=1",
+       "--config.stages=teacher,student,prune", "--config.student.model=cnn_tiny", "--config.prune.epochs=2",
+       "--config.log_every_steps=1", "--config.throughput_batch=16", "--config.checkpoint.every_steps=3"]
+
+
+def _final(workdir):
+    ckpts = kckpt.StageCheckpoints(os.path.join(workdir, "prune", "checkpoints"))
+    state, _ = ckpts.restore(ckpts.latest_step())
+    ckpts.close()
+    return state
+
+
+def test_prune_stage_kill_and_resume_is_bit_exact(tmp_path):
+    reference = str(tmp_path / "reference")
+    summary = train.run(tiny_digits_config(**STAGE), reference)
+    result = summary["prune"]
+    assert result["terms"] == summary["student"]["terms"]  # recovery with the distillation objective
+    assert set(result["sparsity"]) == {"conv1_1/kernel", "conv2_0/kernel"}  # not conv1_0 (first), not head
+    assert all(abs(v - 0.7) < 1e-3 for v in result["sparsity"].values())
+    assert result["nonzero_params"] < result["num_params"]
+
+    killed = str(tmp_path / "killed")
+    args = [sys.executable, "-m", "experiments.digits", f"--workdir={killed}", *CLI]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(proc, "[prune] train step 25 ")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ref, got = _final(reference), _final(killed)
+    jax.tree.map(np.testing.assert_array_equal, got["params"], ref["params"])
+    jax.tree.map(np.testing.assert_array_equal, got["opt_state"], ref["opt_state"])  # masks included
+    assert json.load(open(os.path.join(killed, "summary.json")))["prune"]["sparsity"] == result["sparsity"]
+
+
+def test_prune_settings_are_refused_with_one_line(tmp_path):
+    for overrides, message in (({"prune.sparsity": 1.0}, r"prune.sparsity must be in \[0, 1\)"),
+                               ({"prune.method": "nm", "prune.m": 3}, "prune.m=3 does not divide"),
+                               ({"prune.include": "nothing_matches"}, "select no kernel of cnn_tiny"),
+                               ({"stages": "teacher,prune,student"}, "list it after 'student'")):
+        workdir = tmp_path / message[:12].replace(" ", "_").replace("\\", "")
+        with pytest.raises(ValueError, match=message) as err:
+            train.run(tiny_digits_config(**{**STAGE, **overrides}), str(workdir))
+        assert "\n" not in str(err.value)
+        assert not os.path.exists(workdir / "teacher" / "checkpoints")  # refused before training

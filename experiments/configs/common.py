@@ -94,6 +94,25 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
     # Transfer learning: the listed stages start from the model of stage init.role of the earlier
     # run init.from_run, matched by variable path; paths matching the regex init.reinit (e.g.
     # 'head' for a new classification head) stay freshly initialised.
+    # Stage 'prune' (list it after 'student'): the distilled student pruned and fine-tuned for
+    # prune.epochs with the student's distillation objective (recovery by distillation).
+    # method 'magnitude' (sparsity, scope 'layer' or 'global') or 'nm' (n of every m along each
+    # kernel's input dimension); gradual (Zhu & Gupta) from begin_epoch to end_epoch, masks updated
+    # every update_every steps (end_epoch <= begin_epoch: one-shot). Pruned: the conv and dense
+    # kernels matching `include` and not `exclude` (regexes over paths such as 'conv1_1/kernel'),
+    # never the first convolution (the one reading the image) nor the classifier.
+    c.prune = ml_collections.ConfigDict()
+    c.prune.method = "magnitude"
+    c.prune.sparsity = 0.7
+    c.prune.scope = "layer"
+    c.prune.n = 2
+    c.prune.m = 4
+    c.prune.epochs = 5
+    c.prune.begin_epoch = 0.0
+    c.prune.end_epoch = 0.0
+    c.prune.update_every = 10
+    c.prune.include = ""
+    c.prune.exclude = ""
     c.init = ml_collections.ConfigDict()
     c.init.from_run = config_dict.placeholder(str)
     c.init.role = "teacher"
@@ -124,7 +143,7 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
     # 'conv1_0/kernel'; '^(?!head/)' freezes everything but the head: a linear probe), and the head's
     # own learning rate (head_learning_rate_scale x the stage's rate; discriminative fine-tuning).
     c.optimizer.freeze = ""
-    c.optimizer.head = "head"
+    c.optimizer.head = "^(head|fc|classifier)/"  # the classifier layer of every kdjax model
     c.optimizer.head_learning_rate_scale = 1.0
     c.optimizer.schedule = "constant"  # constant, cosine, step, multistep, linear
     c.optimizer.warmup_epochs = 0.0
