@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,17 +33,9 @@ import numpy as np
 
 from kdjax import data as kdata
 from kdjax import models
+from kdjax import optim
 
 PLATFORMS = ("cpu", "cuda", "tpu")
-
-
-def flat_variables(variables: Any) -> dict[str, np.ndarray]:
-    """{'params/conv1_0/kernel': array, ...}: every leaf under its '/'-joined path."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
-        key = "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
-        out[key] = np.asarray(leaf)
-    return out
 
 
 def export_model(model, variables: dict, *, image_shape: tuple, mean, std, out_dir: str, name: str,
@@ -69,7 +60,7 @@ def export_model(model, variables: dict, *, image_shape: tuple, mean, std, out_d
         f.write(exported.serialize())
     os.replace(paths["jaxexport"] + ".tmp", paths["jaxexport"])
     with open(paths["npz"] + ".tmp", "wb") as f:
-        np.savez(f, **flat_variables(variables))
+        np.savez(f, **optim.flat_paths(variables))
     os.replace(paths["npz"] + ".tmp", paths["npz"])
     out = exported.out_avals[0]
     num_classes = int(out.shape[-1])

@@ -42,6 +42,7 @@ __all__ = [
     'make_optimizer',
     'weight_decay_mask',
     'param_paths',
+    'flat_paths',
     'partition',
     'learning_rate_at',
 ]
@@ -277,6 +278,12 @@ def param_paths(params: Any) -> Any:
     """Pytree of strings: each leaf's path, keys joined by '/' (e.g. 'student/conv1_0/kernel')."""
     return jax.tree_util.tree_map_with_path(
         lambda path, _: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), params)
+
+
+def flat_paths(tree: Any) -> dict[str, Any]:
+    """{'params/conv1_0/kernel': leaf, ...}: every leaf under its `param_paths` name, in
+    tree-flatten order."""
+    return dict(zip(jax.tree.leaves(param_paths(tree)), jax.tree.leaves(tree)))
 
 
 def partition(transforms: dict[str, optax.GradientTransformation], rules: Sequence[tuple[str, str]],

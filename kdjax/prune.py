@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from kdjax.optim import param_paths
+
 METHODS = ("magnitude", "nm")
 _KEEP = np.bool_(True)  # the mask of a leaf that is not pruned
 SCOPES = ("layer", "global")
@@ -107,14 +109,9 @@ def check(params, prunable, method: str, sparsity: float, scope: str, n: int, m:
     if method == "nm":
         if not 0 < n < m:
             raise ValueError(f"prune.n and prune.m must satisfy 0 < n < m, got {n}:{m}")
-        for path, p, w in zip(jax.tree.leaves(paths(params)), jax.tree.leaves(params), jax.tree.leaves(prunable)):
+        for path, p, w in zip(jax.tree.leaves(param_paths(params)), jax.tree.leaves(params), jax.tree.leaves(prunable)):
             if w and p.shape[-2] % m:
                 raise ValueError(f"prune.m={m} does not divide the input dimension {p.shape[-2]} of {path}")
-
-
-def paths(tree) -> Any:
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), tree)
 
 
 def select(params, include: str, exclude: str, *, skip: Sequence[str] = ()) -> Any:
@@ -122,7 +119,7 @@ def select(params, include: str, exclude: str, *, skip: Sequence[str] = ()) -> A
     (regexes, ``re.search``; '' = everything / nothing) and is not in `skip`."""
     inc, exc = re.compile(include or ""), re.compile(exclude) if exclude else None
     return jax.tree.map(lambda path, p: bool(np.ndim(p) >= 2 and inc.search(path) and not (exc and exc.search(path))
-                                             and path not in skip), paths(params), params)
+                                             and path not in skip), param_paths(params), params)
 
 
 def masked(inner: optax.GradientTransformation, prunable, *, method: str = "magnitude", sparsity: float = 0.5,

@@ -140,6 +140,13 @@ def _agree(what: str, value: int, where: str) -> None:
                          "write the same workdir (a shared filesystem): rerun with a --workdir they all share")
 
 
+def _cache_obstacle(config) -> str | None:
+    """Why config's teacher sees a different input for an example each epoch (see feed.cache_obstacle)."""
+    a = config.augment
+    return feed.cache_obstacle(crop_padding=a.crop_padding, flip=a.flip, mixup_alpha=a.mixup_alpha,
+                               cutmix_alpha=a.cutmix_alpha, teacher_source=config.teacher.source)
+
+
 def _stages(config) -> list[str]:
     stages = [s.strip() for s in str(config.stages).split(",") if s.strip()]
     for s in stages:
@@ -218,12 +225,10 @@ def validate(config) -> None:
             if config.teacher[field]:
                 raise ValueError(f"config.teacher.source='ema' (Mean Teacher) makes the student's moving average the "
                                  f"teacher, so config.teacher.{field} would be ignored: unset one of the two")
-    cache, a = config.distill.cache_teacher, config.augment
+    cache = config.distill.cache_teacher
     if cache not in feed.CACHE_MODES:
         raise ValueError(f"unknown config.distill.cache_teacher {cache!r}; choose one of: {', '.join(feed.CACHE_MODES)}")
-    obstacle = feed.cache_obstacle(crop_padding=a.crop_padding, flip=a.flip, mixup_alpha=a.mixup_alpha,
-                                   cutmix_alpha=a.cutmix_alpha, teacher_source=config.teacher.source)
-    if cache == "on" and obstacle:
+    if cache == "on" and (obstacle := _cache_obstacle(config)):
         raise ValueError(f"config.distill.cache_teacher='on' is invalid here: {obstacle}; use 'auto' or 'off'")
     for name in ("eval_batch_size", "throughput_batch", "log_every_steps"):
         if config[name] <= 0:
@@ -367,12 +372,12 @@ class Stage:
         p = self.config.prune
         abstract = models.param_shapes(self.model, (1,) + self.ds.image_shape)["params"]
         channels = self.ds.image_shape[-1]
-        skip = [path for path, leaf in zip(jax.tree.leaves(prune.paths(abstract)), jax.tree.leaves(abstract))
-                if re.match(r"(head|fc|classifier)/", path) or (leaf.ndim == 4 and leaf.shape[-2] == channels)]
+        skip = [path for path, leaf in optim.flat_paths(abstract).items()
+                if re.match(models.CLASSIFIER, path) or (leaf.ndim == 4 and leaf.shape[-2] == channels)]
         student = prune.select(abstract, p.include, p.exclude, skip=skip)
         if not any(jax.tree.leaves(student)):
             raise ValueError(f"prune.include={p.include!r} / exclude={p.exclude!r} select no kernel of "
-                             f"{self.model_name}; its kernels: {', '.join(sorted(jax.tree.leaves(prune.paths(abstract))))[:300]}")
+                             f"{self.model_name}; its kernels: {', '.join(sorted(optim.flat_paths(abstract)))[:300]}")
         prune.check(abstract, student, p.method, p.sparsity, p.scope, p.n, p.m)
         self.prunable = student
         to_step = lambda epochs: int(round(epochs * self.spe))  # noqa: E731
@@ -530,9 +535,8 @@ class Stage:
         if self.ds.val is not None:
             result["val_accuracy"] = hist[-1]["val_accuracy"]
         if self.role == "prune":  # what the masks left: exact zeros per pruned kernel
-            kernels = {path: np.asarray(leaf) for path, leaf, w in zip(
-                jax.tree.leaves(prune.paths(best_vars["params"])), jax.tree.leaves(best_vars["params"]),
-                jax.tree.leaves(self.prunable)) if w}
+            kernels = {path: np.asarray(leaf) for (path, leaf), w in zip(
+                optim.flat_paths(best_vars["params"]).items(), jax.tree.leaves(self.prunable)) if w}
             result["sparsity"] = {path: round(float(np.mean(k == 0)), 4) for path, k in kernels.items()}
             result["nonzero_params"] = int(sum(np.count_nonzero(x) for x in jax.tree.leaves(best_vars["params"])))
         if skipped:
@@ -543,12 +547,9 @@ class Stage:
         """The frozen teacher's outputs for every training example (config.distill.cache_teacher),
         or None: the teacher then runs in the step. See kdjax.feed.teacher_cache."""
         c = self.config
-        obstacle = feed.cache_obstacle(crop_padding=c.augment.crop_padding, flip=c.augment.flip,
-                                       mixup_alpha=c.augment.mixup_alpha, cutmix_alpha=c.augment.cutmix_alpha,
-                                       teacher_source=c.teacher.source)
         return feed.teacher_cache(
             c.distill.cache_teacher, self.teachers, self.teacher_vars, self.terms, self.ds.train.images,
-            mean=self.step_cfg.mean, std=self.step_cfg.std, dtype=self.step_cfg.dtype, obstacle=obstacle,
+            mean=self.step_cfg.mean, std=self.step_cfg.std, dtype=self.step_cfg.dtype, obstacle=_cache_obstacle(c),
             path=os.path.join(self.dir, "teacher_cache.npz"), chunk=c.eval_batch_size, write=_is_main(),
             label=f"[{self.role}]")
 
@@ -735,8 +736,8 @@ def transfer_variables(fresh: dict, source: dict, reinit: str = "", where: str =
     classification head: 'head'). Anything else that does not match in path and shape is a
     one-line ValueError listing the paths."""
     pattern = re.compile(reinit) if reinit else None
-    flat_fresh = _flatten_paths(fresh)
-    flat_src = _flatten_paths(source)
+    flat_fresh = optim.flat_paths(fresh)
+    flat_src = optim.flat_paths(source)
     reinit_paths = {k for k in flat_fresh if pattern and pattern.search(k.split("/", 1)[1])}
     shape = lambda a: tuple(a.shape)  # noqa: E731  (arrays or jax.ShapeDtypeStructs)
     problems = [f"{k} {shape(flat_fresh[k])} vs {shape(flat_src[k]) if k in flat_src else 'missing'}"
@@ -747,15 +748,8 @@ def transfer_variables(fresh: dict, source: dict, reinit: str = "", where: str =
         listed = "; ".join(problems[:6] + [f"{k} (not in this model)" for k in unused[:6]])
         raise ValueError(f"cannot initialise from {where}: {len(problems) + len(unused)} variable(s) do not match "
                          f"({listed}); re-initialise them with --config.init.reinit=<regex>, e.g. 'head'")
-    out = {k: (flat_fresh[k] if k in reinit_paths else flat_src[k]) for k in flat_fresh}
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(fresh),
-                                        [out[k] for k in _flatten_paths(fresh)])
-
-
-def _flatten_paths(tree) -> dict:
-    """{'params/conv1_0/kernel': leaf, ...} in tree_flatten order."""
-    return {"/".join(str(getattr(p, "key", p)) for p in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return jax.tree.unflatten(jax.tree.structure(fresh),
+                              [flat_fresh[k] if k in reinit_paths else flat_src[k] for k in flat_fresh])
 
 
 def parse_classes(value) -> tuple[int, ...] | None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from kdjax import data as kdata
+from kdjax import optim
 from kdjax import train
 from tests.test_train import final_params, tiny_digits_config
 
@@ -56,7 +57,7 @@ def test_init_from_run_with_a_new_head_and_frozen_body(pretrained, tmp_path):
     source, *_ = train._read_stage_variables(pretrained, "teacher")
     ckpt_step, params = final_params(workdir, "teacher")
     assert ckpt_step == 5  # 50 few-shot examples / batch 10, one epoch
-    flat_src, flat_new = train._flatten_paths(source), train._flatten_paths({"params": params["student"]})
+    flat_src, flat_new = optim.flat_paths(source), optim.flat_paths({"params": params["student"]})
     for path, value in flat_new.items():
         if "/head/" in path:
             assert not np.array_equal(value, flat_src[path])  # re-initialised, then trained
@@ -74,7 +75,7 @@ def test_init_from_run_fine_tunes_everything_by_default(pretrained, tmp_path):
     train.run(transfer_config(**{"init.from_run": pretrained, "init.reinit": "head"}), workdir)
     source, *_ = train._read_stage_variables(pretrained, "teacher")
     _, params = final_params(workdir, "teacher")
-    flat_src, flat_new = train._flatten_paths(source), train._flatten_paths({"params": params["student"]})
+    flat_src, flat_new = optim.flat_paths(source), optim.flat_paths({"params": params["student"]})
     changed = [p for p in flat_new if not np.array_equal(flat_new[p], flat_src[p])]
     assert len(changed) == len(flat_new)  # every parameter trained
     scratch = train.run(transfer_config(), str(tmp_path / "scratch"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from kdjax import distill, optim
+from kdjax import distill, models, optim
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -143,7 +143,7 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
     # 'conv1_0/kernel'; '^(?!head/)' freezes everything but the head: a linear probe), and the head's
     # own learning rate (head_learning_rate_scale x the stage's rate; discriminative fine-tuning).
     c.optimizer.freeze = ""
-    c.optimizer.head = "^(head|fc|classifier)/"  # the classifier layer of every kdjax model
+    c.optimizer.head = models.CLASSIFIER  # the classifier layer of every kdjax model
     c.optimizer.head_learning_rate_scale = 1.0
     c.optimizer.schedule = "constant"  # constant, cosine, step, multistep, linear
     c.optimizer.warmup_epochs = 0.0

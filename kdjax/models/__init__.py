@@ -44,6 +44,11 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+# The classification layer of every model above, by variable path ('head/kernel', 'fc/bias', ...):
+# the default head of discriminative fine-tuning and never pruned.
+CLASSIFIER = r"^(head|fc|classifier)/"
+
+
 def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     """Construct model ``name`` (see ``MODELS``); kwargs go to the module (dtype, bn_axis_name,
     depthwise_impl, hidden, ...)."""
@@ -142,7 +147,7 @@ def num_params(params) -> int:
 
 
 __all__ = [
-    "MODELS", "get_model", "apply_model", "feature_names", "feature_shapes", "num_params",
+    "MODELS", "CLASSIFIER", "get_model", "apply_model", "feature_names", "feature_shapes", "num_params",
     "init_model", "param_shapes", "MLP", "SmallCNN", "ResNet", "MobileNetV2", "WideResNet", "VGG",
     "DepthwiseConv", "batch_norm", "conv", "sow_feature", "cifar_resnet", "resnet18", "resnet34",
     "mobilenetv2", "mobilenetv2_half",
