@@ -17,8 +17,8 @@ import sys
 from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of a finished (or checkpointed) kdjax run.")
-_MODEL = flags.DEFINE_enum("model", "student", ["teacher", "student", "student_scratch", "student_init", "prune"],
-                           "Which stage's model to export.")
+_MODEL = flags.DEFINE_string("model", "student", "Which stage's model to export: one of the stages of "
+                             "kdjax.train.ROLES (teacher, student_init, student, student_scratch, prune).")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: <workdir>/export).")
 flags.mark_flag_as_required("workdir")
 
@@ -30,6 +30,8 @@ def export_run(workdir: str, role: str, out_dir: str | None = None) -> dict[str,
     import kdjax
     from kdjax import export, train
 
+    if role not in train.ROLES:
+        raise ValueError(f"unknown --model {role!r}; choose one of: {', '.join(train.ROLES)}")
     config_path = os.path.join(workdir, "config.json")
     if not os.path.exists(config_path):
         raise ValueError(f"{workdir} is not a kdjax run directory (no config.json)")

@@ -58,7 +58,11 @@ def enable_compilation_cache(path: str | None) -> str | None:
     if jax.config.jax_compilation_cache_dir:  # already chosen (JAX_COMPILATION_CACHE_DIR or the user)
         return jax.config.jax_compilation_cache_dir
     directory = os.path.abspath(os.path.expanduser(str(path)))
-    os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"config.compile_cache_dir={path!r} cannot be created ({e.strerror}); "
+                         "choose a writable folder, or '' for no compilation cache") from None
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

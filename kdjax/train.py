@@ -802,7 +802,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
 def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> dict:
     validate(config)
     runtime.enable_compilation_cache(config.get("compile_cache_dir"))
-    _prepare_workdir(config, workdir, overwrite)
     dataset = load_dataset(config.dataset, config.seed)
     logging.info("data %s: %d train / %s val / %d test, %s, %d classes", dataset.name, len(dataset.train.labels),
                  len(dataset.val.labels) if dataset.val is not None else 0, len(dataset.test.labels),
@@ -811,16 +810,15 @@ def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> di
     logging.info("%s data-parallel over %d devices (%s, %d processes)", config.parallel, par.num_devices,
                  par.devices[0].device_kind, jax.process_count())
     dtype = _DTYPES[config.dtype]
-    summary_path = os.path.join(workdir, "summary.json")
-    summary = _read_json(summary_path, {})
+    reused = {}  # summary entries of the models loaded from earlier runs
     teachers, teacher_vars = [], []
     for run_dir in filter(None, (p.strip() for p in config.teacher.ensemble.split(","))):
         model, variables, result = load_trained_model(run_dir, "teacher", dataset, dtype)
         teachers.append(model)
         teacher_vars.append(variables)
-        summary.setdefault("ensemble", {})[os.path.abspath(run_dir)] = result
+        reused.setdefault("ensemble", {})[os.path.abspath(run_dir)] = result
     if config.teacher.checkpoint:  # reuse an earlier run's model as the teacher: no teacher stage
-        model, variables, summary["teacher"] = load_trained_model(
+        model, variables, reused["teacher"] = load_trained_model(
             config.teacher.checkpoint, config.teacher.checkpoint_role, dataset, dtype)
         teachers.insert(0, model)
         teacher_vars.insert(0, variables)
@@ -831,6 +829,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> di
         planned.insert(0, Stage("teacher", config, dataset, par, workdir).model)
     for role in _stages(config):
         Stage(role, config, dataset, par, workdir).preflight(planned)
+    # Only now is the workdir touched: a config that cannot run leaves nothing behind.
+    _prepare_workdir(config, workdir, overwrite)
+    summary_path = os.path.join(workdir, "summary.json")
+    summary = {**_read_json(summary_path, {}), **reused}
 
     init_state = student_state = None
     for role in _stages(config):
