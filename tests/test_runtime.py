@@ -55,3 +55,18 @@ def test_compilation_cache_is_written_and_reused(tmp_path):
                             text=True, check=True)
     assert int(second.stdout.strip()) >= 1
     assert runtime.enable_compilation_cache("") is None
+
+
+def test_a_cache_folder_that_cannot_be_made_is_one_line(tmp_path):
+    import jax
+    import pytest
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)  # as when JAX has none set
+    try:
+        with pytest.raises(ValueError, match="compile_cache_dir=.* cannot be created"):
+            runtime.enable_compilation_cache(str(blocker / "cache"))
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

@@ -88,7 +88,7 @@ def test_transfer_mismatch_is_one_line_listing_paths(pretrained, tmp_path):
     with pytest.raises(ValueError, match=r"head/bias \(3,\) vs \(5,\).*init\.reinit") as err:
         train.run(config, str(tmp_path / "bad"))
     assert "\n" not in str(err.value)
-    assert not os.path.exists(os.path.join(tmp_path, "bad", "teacher"))  # refused before training
+    assert not os.path.exists(os.path.join(tmp_path, "bad"))  # refused before anything is written
     other_arch = transfer_config(**{"init.from_run": pretrained, "teacher.model": "mlp"})
     with pytest.raises(ValueError, match="do not match .*fc1/kernel"):
         train.run(other_arch, str(tmp_path / "bad2"))
