@@ -2,8 +2,9 @@
 persistent compilation cache.
 
 **Convolutions on CPU.** XLA:CPU in jaxlib 0.10 sends convolutions to YNNPACK by default, whose
-weight gradients are several times slower than Eigen's (measured: a cnn_small train step 253 ms ->
-131 ms, ResNet-18 -> MobileNetV2 KD step 1.26x faster with Eigen). `import kdjax` therefore appends
+weight gradients are slower than Eigen's (measured on a 2-core AMD EPYC VM with
+`python -m experiments.bench --suite`, alternating the two settings: the cnn_small train step 1.3x
+and the resnet32x4 -> resnet8x4 KD step 1.1-1.2x faster with Eigen). `import kdjax` therefore appends
 ``--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION`` to
 ``XLA_FLAGS`` before the backend starts. The flag only concerns XLA:CPU (GPU/TPU compiles ignore it);
 it is applied only for the jaxlib versions it was measured on (`TESTED_JAXLIB`), so an upgrade that
