@@ -202,10 +202,17 @@ def test_processes_that_do_not_share_the_workdir_are_refused(tmp_path):
     dist = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--config.stages=teacher"]
     jobs = [_start("process0", dist + ["--process_id=0", f"--workdir={done}"], 1, logdir),
             _start("process1", dist + ["--process_id=1", f"--workdir={tmp_path / 'elsewhere'}"], 1, logdir)]
-    try:
-        _wait_all(jobs, TIMEOUT_S)
-    except AssertionError:
-        pass  # expected: both exit with status 2
+    # Both are expected to fail, each on its own: _wait_all would kill the slower one as soon as the
+    # first has exited, so wait for each.
+    deadline = time.monotonic() + TIMEOUT_S
+    for job in jobs:
+        try:
+            job["proc"].wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            job["proc"].kill()
+            job["proc"].wait()
+        for f in job["files"]:
+            f.close()
     for job in jobs:
         assert job["proc"].returncode == 2, _logs(job)
         errors = [line for line in _read(job, "err").splitlines() if line.startswith("error:")]
