@@ -50,11 +50,11 @@ def _env(devices: int) -> dict:
     return env
 
 
-# A process whose wall clock runs 20x fast (its `time.time`): with checkpoint.every_minutes it would
+# A process whose wall clock runs 200x fast (its `time.time`): with checkpoint.every_minutes it would
 # decide to save long before the others and wait for them in the collective save forever, unless
 # the decision is agreed across processes.
 FAST_CLOCK = ("import runpy, time; t0 = time.time(); real = time.time; "
-              "time.time = lambda: t0 + 20 * (real() - t0); "
+              "time.time = lambda: t0 + 200 * (real() - t0); "
               "runpy.run_module('experiments.digits', run_name='__main__', alter_sys=True)")
 
 
@@ -127,7 +127,8 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
     logdir = str(tmp_path)
     port = _free_port()
     dist = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--workdir={multi}"]
-    every = ["--config.checkpoint.every_minutes=1"]  # process 0's clock never reaches it; process 1's would
+    every = ["--config.checkpoint.every_minutes=5"]  # process 0's clock never reaches it (a stage takes
+    # well under 5 minutes even on a loaded machine); process 1's reaches it after 1.5 s
     jobs = [
         _start("process0", dist + every + ["--process_id=0"], 1, logdir),
         _start("process1", dist + every + ["--process_id=1"], 1, logdir, fast_clock=True),
