@@ -152,3 +152,133 @@ def masked(inner: optax.GradientTransformation, prunable, *, method: str = "magn
         return new_updates, PruneState(count + 1, masks, inner_state)
 
     return optax.GradientTransformation(init, update)
+
+
+# ------------------------------------------------------------------ structured channel pruning
+#
+# Network surgery: unlike the masks above (which keep every tensor at full size and zero entries),
+# `channel_prune` removes whole output channels of hidden layers and returns a genuinely smaller
+# model (new field values) and its variables.
+
+CRITERIA = ("l1", "bn")
+
+
+def _channel_layers(model) -> tuple[list[tuple[str, str | None]], str]:
+    """[(layer name, its BatchNorm's name or None)] in forward order, and the override field."""
+    from kdjax.models.digits import MLP, SmallCNN  # local: keep `prune` importable without the zoo
+
+    if isinstance(model, MLP):
+        return [(f"fc{i + 1}", None) for i in range(len(model.hidden))], "hidden"
+    if isinstance(model, SmallCNN):
+        model.conv_widths()  # validates `widths`
+        names = [f"{s + 1}_{k}" for s, (_, n) in enumerate(zip(model.channels, model.layers_per_stage))
+                 for k in range(n)]
+        return [(f"conv{n}", f"bn{n}") for n in names], "widths"
+    raise ValueError(f"channel_prune supports only MLP and SmallCNN (models mlp, cnn_small, cnn_tiny), not "
+                     f"{type(model).__name__}: residual additions and depthwise/grouped convs tie the channels of "
+                     f"several layers together, which this function does not handle")
+
+
+def _host(tree) -> dict:
+    """A plain nested dict of fresh numpy arrays (copies: the input is never aliased)."""
+    if hasattr(tree, "items"):
+        return {k: _host(v) for k, v in tree.items()}
+    return np.array(tree, copy=True)
+
+
+def channel_prune(model, variables, *, sparsity: float, criterion: str = "l1", include: str = "",
+                  exclude: str = "") -> tuple[dict, dict]:
+    """Structured channel pruning: returns (model field overrides, smaller variables).
+
+    E.g. for an MLP ``({"hidden": (128, 64)}, variables)`` or SmallCNN
+    ``({"widths": (32, 16, 32, 32)}, variables)``; ``dataclasses.replace(model, **overrides)`` (or
+    ``get_model(name, **kwargs, **overrides)``) is the smaller model, and with the small variables it
+    computes the same function as the original with the removed channels zeroed (for SmallCNN: the
+    conv's output filters and the BatchNorm's scale and bias; for MLP: the kernel columns and bias).
+
+    - Layers: the hidden layers ('fc1', 'fc2', ... of an MLP; 'conv1_0', 'conv1_1', 'conv2_0', ...
+      of a SmallCNN, the first conv included: its output channels are as removable as any other's,
+      only a layer's *input* channels, the image's, are fixed). `include` / `exclude` are regexes
+      (``re.search``) over those names ('' include = all, '' exclude = none). The classifier 'head' is
+      never pruned (its outputs are the classes); its input rows follow the last hidden layer.
+    - Per selected layer of width w, ``round(sparsity * w)`` output channels are removed (round half
+      to even, as ``magnitude_masks``), at most w - 1 (at least one channel is always kept).
+    - Ranking (every layer on the ORIGINAL weights, independently of the other layers' pruning):
+      'l1' = the L1 norm of each output channel's filter (kernel[..., c] over all input axes);
+      'bn' = |gamma| of the layer's BatchNorm (network slimming; BatchNorm models only). The lowest
+      scores are removed; ties: stable sort, the earlier channel index is removed first. Surviving
+      channels keep their original order.
+    - Surgery: the layer's kernel output slice, its bias (if any), its BatchNorm's scale/bias and
+      running mean/var, and the next layer's kernel input slice (the next conv, the next Dense, or the
+      'head' rows: a SmallCNN's last conv feeds global average pooling, whose channels are the rows).
+    - The overrides give every hidden width (pruned or not): ``{"hidden": (...)}`` for MLP,
+      ``{"widths": (...)}`` for SmallCNN.
+
+    Supported models: MLP and SmallCNN ('mlp', 'cnn_small', 'cnn_tiny'); anything else (ResNet, WRN,
+    MobileNetV2, VGG) is a ValueError. Pure: `variables` ({'params'[, 'batch_stats']}, jax or numpy
+    arrays, dict or FrozenDict) is not modified; the result is new nested dicts of numpy arrays
+    holding only 'params' and 'batch_stats' (any other collection, e.g. a stale 'features', is
+    dropped), dtypes preserved, with exactly the shapes of a fresh init of the smaller model."""
+    layers, field = _channel_layers(model)
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float, np.number)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"channel_prune sparsity must be in [0, 1), got {sparsity!r}")
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown channel_prune criterion {criterion!r}; choose one of: {', '.join(CRITERIA)}")
+    if criterion == "bn" and layers and layers[0][1] is None:
+        raise ValueError(f"channel_prune criterion 'bn' ranks channels by BatchNorm |gamma| and {type(model).__name__} "
+                         f"has no BatchNorm; use criterion 'l1'")
+    names = [name for name, _ in layers]
+    try:
+        inc, exc = re.compile(include or ""), (re.compile(exclude) if exclude else None)
+    except re.error as e:
+        raise ValueError(f"channel_prune include/exclude is not a valid regex: {e}") from None
+    chosen = {n for n in names if inc.search(n) and not (exc and exc.search(n))}
+    if not chosen:
+        raise ValueError(f"channel_prune include={include!r} exclude={exclude!r} selects no layer; the prunable "
+                         f"layers of this {type(model).__name__} are: {', '.join(names) or '(none)'} "
+                         f"(the classifier 'head' is never pruned)")
+
+    if not hasattr(variables, "get") or "params" not in variables:
+        raise ValueError("channel_prune needs the model's variables as {'params': ..., ['batch_stats': ...]}")
+    params = _host(variables["params"])
+    stats = _host(variables["batch_stats"]) if "batch_stats" in variables else None
+    need = names + ["head"] + [bn for _, bn in layers if bn]
+    missing = [n for n in need if n not in params]
+    if missing or (layers and layers[0][1] and stats is None):
+        what = f"params/{missing[0]}" if missing else "batch_stats"
+        raise ValueError(f"channel_prune: the variables do not match this {type(model).__name__} (no {what})")
+
+    # Rank every chosen layer on the original weights.
+    keep: dict[str, np.ndarray] = {}
+    for name, bn in layers:
+        kernel = params[name]["kernel"]
+        width = kernel.shape[-1]
+        if name not in chosen:
+            keep[name] = np.arange(width)
+            continue
+        if criterion == "l1":
+            score = np.abs(kernel.astype(np.float64)).reshape(-1, width).sum(axis=0)
+        else:
+            score = np.abs(params[bn]["scale"].astype(np.float64))
+        n_remove = min(int(np.round(sparsity * width)), width - 1)
+        removed = np.argsort(score, kind="stable")[:n_remove]
+        keep[name] = np.setdiff1d(np.arange(width), removed)  # sorted: original channel order
+
+    # Surgery: output slices of each layer (+ its BN), input slices of the layer after it.
+    following = names[1:] + ["head"]
+    for (name, bn), nxt in zip(layers, following):
+        k = keep[name]
+        layer = params[name]
+        layer["kernel"] = layer["kernel"][..., k]
+        if "bias" in layer:
+            layer["bias"] = layer["bias"][k]
+        if bn:
+            params[bn] = {key: v[k] for key, v in params[bn].items()}
+            stats[bn] = {key: v[k] for key, v in stats[bn].items()}
+        params[nxt]["kernel"] = params[nxt]["kernel"][..., k, :]
+
+    out = {"params": params}
+    if stats is not None:
+        out["batch_stats"] = stats
+    widths = tuple(int(keep[name].size) for name in names)
+    return {field: widths}, out

@@ -33,23 +33,45 @@ class MLP(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Plain conv net: stage s = [conv3x3 -> BN -> ReLU] * layers_per_stage at ``channels[s]``
+    """Plain conv net: stage s = [conv3x3 -> BN -> ReLU] * layers_per_stage[s] at ``channels[s]``
     (first conv of stages after the first has stride 2), then global average pool -> Dense.
 
-    Features: ``stage1`` .. ``stage{len(channels)}`` (post-ReLU maps), ``embedding`` (B, channels[-1]),
-    ``logits``. On 8x8 digits with two stages the maps are 8x8 and 4x4."""
+    ``widths`` (optional): the output channels of every conv in forward order (conv1_0, conv1_1,
+    conv2_0, ...; one entry per conv, i.e. ``sum(layers_per_stage)`` entries), overriding
+    ``channels[s]`` conv by conv; this is how a channel-pruned net (``kdjax.prune.channel_prune``)
+    is described. ``None`` (default) = ``channels[s]`` for every conv of stage s; ``channels`` and
+    ``layers_per_stage`` still give the stages (and strides). Parameter names do not depend on it.
+
+    Features: ``stage1`` .. ``stage{len(channels)}`` (post-ReLU maps), ``embedding`` (B, C) with C
+    the last conv's width (``channels[-1]``, or ``widths[-1]``), ``logits``. On 8x8 digits with two
+    stages the maps are 8x8 and 4x4."""
     num_classes: int
     channels: Sequence[int] = (32, 64)
     layers_per_stage: Sequence[int] = (2, 2)
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    widths: Sequence[int] | None = None
+
+    def conv_widths(self) -> tuple[int, ...]:
+        """The output channels of every conv, in forward order (``widths`` or from ``channels``)."""
+        default = tuple(int(c) for c, n in zip(self.channels, self.layers_per_stage) for _ in range(n))
+        if self.widths is None:
+            return default
+        widths = tuple(int(w) for w in self.widths)
+        if len(widths) != len(default):
+            raise ValueError(f"SmallCNN.widths needs one entry per conv ({len(default)} for "
+                             f"layers_per_stage={tuple(self.layers_per_stage)}), got {len(widths)}: {widths}")
+        if min(widths, default=1) < 1:
+            raise ValueError(f"SmallCNN.widths must be positive, got {widths}")
+        return widths
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        for s, (c, n) in enumerate(zip(self.channels, self.layers_per_stage)):
+        widths = iter(self.conv_widths())
+        for s, (_, n) in enumerate(zip(self.channels, self.layers_per_stage)):
             for k in range(n):
                 stride = 2 if (s > 0 and k == 0) else 1
-                x = conv(c, 3, stride, dtype=self.dtype, name=f"conv{s + 1}_{k}")(x)
+                x = conv(next(widths), 3, stride, dtype=self.dtype, name=f"conv{s + 1}_{k}")(x)
                 x = batch_norm(train, self.bn_axis_name, self.dtype, name=f"bn{s + 1}_{k}")(x)
                 x = nn.relu(x)
             sow_feature(self, f"stage{s + 1}", x)
