@@ -4,12 +4,20 @@
 
     <name>.jaxexport   jax.export's serialised StableHLO of images -> logits: input uint8 NHWC images
                        exactly as kdjax's loaders hold them, with a symbolic batch dimension;
-                       normalisation and the weights (in their stored dtype) are inside; output
-                       float32 logits. Lowered for CPU, CUDA and TPU.
+                       normalisation and the weights (in their stored dtype: float32, bfloat16,
+                       or int8 kernels with float32 scales) are inside; output float32 logits.
+                       Lowered for CPU, CUDA and TPU.
     <name>.npz         the weights: one array per flat variable path joined by '/'
-                       (e.g. 'params/conv1_0/kernel', 'batch_stats/bn1_0/mean').
+                       (e.g. 'params/conv1_0/kernel', 'batch_stats/bn1_0/mean'); for a model from
+                       `quantize.ptq` a quantised kernel is 'params/fc1/kernel.qvalue' (int8) and
+                       'params/fc1/kernel.scale' (float32, w ~= qvalue * scale), static activation
+                       scales under their own path; bfloat16 arrays as uint16 bit patterns
+                       (see `quantize.storage`).
     <name>.json        input shape and dtype, class names, normalisation constants, platforms,
-                       and whatever the caller adds (accuracy, run, stage, versions).
+                       "weights_dtype" ('float32', 'int8' or 'bfloat16'), "quantization" (the
+                       `quantize` mode, 'weights' or 'static', or null), "num_params" (logical
+                       weights: a quantised kernel counts its int8 values, not its scales), and
+                       whatever the caller adds (accuracy, run, stage, versions; these override).
 
 Loading needs only jax, numpy and flatbuffers (which `jax.export.deserialize` imports), not kdjax
 or flax::
@@ -19,7 +27,8 @@ or flax::
         model = jax.export.deserialize(bytearray(f.read()))
     logits = model.call(images_uint8)          # (N, H, W, C) uint8 -> (N, classes) float32
 
-This module knows no trainer: it takes a Linen model and its variables.
+This module knows no trainer: it takes a Linen model and its variables: a float model, one with
+``quantize.bf16`` variables, or the (model, variables) pair ``quantize.ptq`` returns.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import numpy as np
 
 from kdjax import data as kdata
 from kdjax import models
-from kdjax import optim
+from kdjax import quantize
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 
@@ -43,9 +52,14 @@ def export_model(model, variables: dict, *, image_shape: tuple, mean, std, out_d
     """Writes `<name>.jaxexport`, `<name>.npz` and `<name>.json` into `out_dir`; returns their paths.
 
     The artifact computes ``model.apply(variables, normalize(images), train=False)`` (kdjax's own
-    eval-mode forward) for uint8 images of shape (batch, *image_shape), batch symbolic.
+    eval-mode forward) for uint8 images of shape (batch, *image_shape), batch symbolic. The
+    weights are closed-over constants in their stored dtype (an int8 kernel stays int8 in the
+    artifact). "weights_dtype" and "quantization" in the json are detected from `variables` unless
+    `metadata` gives them.
     """
-    variables = jax.tree.map(np.asarray, dict(variables))
+    # jax (not numpy) arrays: JAX folds a dtype conversion of a numpy constant at trace time, which
+    # would embed int8 / bfloat16 weights as float32 constants; of a jax.Array it stays in the graph.
+    variables = jax.tree.map(jnp.asarray, dict(variables))
 
     def logits_fn(images):
         x = kdata.normalize(images, mean, std)
@@ -60,7 +74,7 @@ def export_model(model, variables: dict, *, image_shape: tuple, mean, std, out_d
         f.write(exported.serialize())
     os.replace(paths["jaxexport"] + ".tmp", paths["jaxexport"])
     with open(paths["npz"] + ".tmp", "wb") as f:
-        np.savez(f, **optim.flat_paths(variables))
+        np.savez(f, **quantize.storage(variables))
     os.replace(paths["npz"] + ".tmp", paths["npz"])
     out = exported.out_avals[0]
     num_classes = int(out.shape[-1])
@@ -72,7 +86,8 @@ def export_model(model, variables: dict, *, image_shape: tuple, mean, std, out_d
                           "formula": "(images / 255 - mean) / std, per channel, inside the artifact"},
         "class_names": list(class_names) if class_names is not None else [str(i) for i in range(num_classes)],
         "platforms": list(exported.platforms),
-        "num_params": models.num_params(variables.get("params", {})),
+        "num_params": quantize.num_params(variables.get("params", {})),
+        **quantize.describe(variables),
         "files": {k: os.path.basename(v) for k, v in paths.items()},
         "jax_version": jax.__version__,
         **(metadata or {}),

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -82,3 +83,82 @@ def test_export_of_a_missing_run_or_stage_is_one_line(run_dir, tmp_path):
         assert len(errors) == 1 and message in errors[0] and "Traceback" not in out.stderr
     assert not os.path.exists(os.path.join(run_dir, "export"))
     assert not os.path.exists(os.path.join(run_dir, "student_scratch"))  # nothing created in the run
+
+
+# ------------------------------------------------------------- quantised (kdjax.quantize) exports
+
+@pytest.fixture(scope="module")
+def small_models():
+    from kdjax import quantize
+
+    dataset = kdata.load("digits")
+    shape = dataset.image_shape
+    mlp = models.get_model("mlp", num_classes=10, hidden=(256, 128))  # 50,826 params
+    mlp_vars = models.init_model(mlp, jax.random.key(0), shape)
+    cnn = models.get_model("cnn_small", num_classes=10)
+    cnn_vars = models.init_model(cnn, jax.random.key(0), shape)
+    calibration = [kdata.normalize(dataset.train.images[i * 32:(i + 1) * 32], dataset.mean, dataset.std)
+                   for i in range(2)]
+    return dataset, {
+        "mlp_float": (mlp, mlp_vars),
+        "mlp_int8": quantize.ptq(mlp, mlp_vars, "weights", input_shape=shape),
+        "mlp_bf16": (mlp, quantize.bf16(mlp_vars)),
+        "cnn_static": quantize.ptq(cnn, cnn_vars, "static", calibration),
+    }
+
+
+def _export(dataset, model, variables, out_dir, name, metadata=None):
+    from kdjax import export
+
+    return export.export_model(model, variables, image_shape=dataset.image_shape, mean=dataset.mean,
+                               std=dataset.std, out_dir=str(out_dir), name=name, metadata=metadata)
+
+
+@pytest.mark.parametrize("name,dtype,mode", [("mlp_int8", "int8", "weights"), ("cnn_static", "int8", "static"),
+                                             ("mlp_bf16", "bfloat16", None)])
+def test_quantised_export_round_trip_without_kdjax(small_models, tmp_path, name, dtype, mode):
+    from kdjax import quantize
+
+    dataset, zoo = small_models
+    model, variables = zoo[name]
+    paths = _export(dataset, model, variables, tmp_path, name)
+    meta = json.load(open(paths["json"]))
+    assert meta["weights_dtype"] == dtype and meta["quantization"] == mode
+    float_vars = zoo[name.split("_")[0] + "_float"][1] if name.startswith("mlp") else None
+    if float_vars is not None:
+        assert meta["num_params"] == models.num_params(float_vars["params"]) == 50826  # logical weights, no scales
+    stored = np.load(paths["npz"])
+    want_arrays = quantize.storage(variables)
+    assert stored.files == list(want_arrays)
+    assert all(stored[k].dtype == v.dtype and np.array_equal(stored[k], v) for k, v in want_arrays.items())
+
+    images = dataset.test.images[:101]  # an odd batch: the batch dimension is symbolic
+    np.save(tmp_path / "images.npy", images)
+    loaded = subprocess.run([sys.executable, "-c", LOADER, paths["jaxexport"], str(tmp_path / "images.npy"),
+                             str(tmp_path / "logits.npy")], cwd=str(tmp_path), capture_output=True, text=True,
+                            timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert loaded.stdout.split() == ["False", "False"]  # neither flax nor kdjax was imported
+    got = np.load(tmp_path / "logits.npy")
+    want = np.asarray(models.apply_model(model, variables, kdata.normalize(images, dataset.mean, dataset.std),
+                                         train=False)[0])
+    assert got.dtype == np.float32 and got.shape == (101, 10)
+    np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_int8_artifact_embeds_int8_weights(small_models, tmp_path):
+    dataset, zoo = small_models
+    sizes = {}
+    for name in ("mlp_float", "mlp_int8", "mlp_bf16"):
+        paths = _export(dataset, *zoo[name], tmp_path, name, metadata={"stage": "student"})
+        sizes[name] = {ext: os.path.getsize(p) for ext, p in paths.items() if ext != "json"}
+    # measured: jaxexport 206,484 (float32) / 58,132 (int8: 0.28) / 106,064 (bf16: 0.51) bytes;
+    # npz 204,914 / 56,072 (0.27) / 103,262 (0.50)
+    for ext in ("jaxexport", "npz"):
+        assert sizes["mlp_int8"][ext] <= 0.30 * sizes["mlp_float"][ext], sizes
+        assert sizes["mlp_bf16"][ext] <= 0.55 * sizes["mlp_float"][ext], sizes
+    meta = json.load(open(tmp_path / "mlp_float.json"))
+    assert meta["weights_dtype"] == "float32" and meta["quantization"] is None and meta["stage"] == "student"
+    meta = json.load(open(_export(dataset, *zoo["mlp_int8"], tmp_path, "x", metadata={"quantization": "qat"})["json"]))
+    assert meta["quantization"] == "qat"  # metadata overrides what is detected
