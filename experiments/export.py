@@ -2,10 +2,20 @@
 
     python -m experiments.export --workdir=runs/digits-kd-s0-1a2b3c4d --model=student
     python -m experiments.export --workdir=runs/X --model=teacher --out=/tmp/deploy
+    python -m experiments.export --workdir=runs/X --model=student --variant=int8
+    python -m experiments.export --workdir=runs/compress-X --model=student --variant=prune70
 
-Writes <out>/<model>.jaxexport, .npz and .json (default <out>: <workdir>/export). The model is the
-checkpoint the stage selected (best validation epoch, else the last). User mistakes (no such run,
-stage or checkpoint) print one line and exit 2.
+Writes <out>/<name>.jaxexport, .npz and .json (default <out>: <workdir>/export), where <name> is
+the model (`student`) or model-variant (`student-int8`, `student-prune70`). The model is the
+checkpoint the stage selected (best validation epoch, else the last). Variants:
+
+    int8          int8 weights (per-channel, symmetric), float activations (Qwix PTQ)
+    int8-static   int8 weights and int8 activations calibrated on quant.calibration_batches batches
+    bf16          bfloat16 weights
+    <name>        a trained variant of an experiments.compress run, <workdir>/variants/<name>
+                  (e.g. prune70, nm24, channel50; qat is converted to int8 with its quant.mode)
+
+User mistakes (no such run, stage, checkpoint or variant) print one line and exit 2.
 """
 
 from __future__ import annotations
@@ -20,15 +30,18 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of a finished (or
 _MODEL = flags.DEFINE_string("model", "student", "Which stage's model to export: one of the stages of "
                              "kdjax.train.ROLES (teacher, student_init, student, student_scratch, prune).")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: <workdir>/export).")
+_VARIANT = flags.DEFINE_string("variant", "", "int8, int8-static, bf16, or a trained variant of an "
+                               "experiments.compress run (<workdir>/variants/<name>); '' exports the model as trained.")
 flags.mark_flag_as_required("workdir")
 
 
-def export_run(workdir: str, role: str, out_dir: str | None = None) -> dict[str, str]:
-    """Exports stage `role` of the run in `workdir`; returns the written paths."""
-    import jax.numpy as jnp
+POST_TRAINING = {"int8": "weights", "int8-static": "static", "bf16": "bf16"}
 
+
+def export_run(workdir: str, role: str, out_dir: str | None = None, variant: str = "") -> dict[str, str]:
+    """Exports stage `role` of the run in `workdir` (as `variant`); returns the written paths."""
     import kdjax
-    from kdjax import export, train
+    from kdjax import compress, export, train
 
     if role not in train.ROLES:
         raise ValueError(f"unknown --model {role!r}; choose one of: {', '.join(train.ROLES)}")
@@ -37,28 +50,41 @@ def export_run(workdir: str, role: str, out_dir: str | None = None) -> dict[str,
         raise ValueError(f"{workdir} is not a kdjax run directory (no config.json)")
     with open(config_path) as f:
         config = json.load(f)
+    folder, stage, kind = ".", role, POST_TRAINING.get(variant)
+    if variant and kind is None:  # a trained variant of an experiments.compress run
+        variants = os.path.join(workdir, "variants")
+        found = sorted(os.listdir(variants)) if os.path.isdir(variants) else []
+        if variant not in found:
+            raise ValueError(f"unknown --variant {variant!r}; choose one of: {', '.join(list(POST_TRAINING) + found)}")
+        if role != "student":
+            raise ValueError(f"--variant={variant} is a variant of the student: use --model=student")
+        folder = os.path.join("variants", variant)
+        with open(os.path.join(workdir, folder, "config.json")) as f:
+            stage = json.load(f)["stages"]
     dataset = train.load_dataset(dict(config["dataset"], download=False), config["seed"])
-    model, variables, result = train.load_trained_model(workdir, role, dataset, jnp.float32)
+    model, variables, result, info = compress.load_row(
+        workdir, folder, stage, kind, dataset, config.get("quant", {}).get("calibration_batches", 4),
+        config["batch_size"], config["seed"])
     metadata = {
         "kdjax_version": kdjax.__version__,
-        "run": os.path.abspath(workdir),
-        "stage": role,
+        "variant": variant or None,
         "model": result.get("model"),
         "dataset": dataset.name,
         "test_accuracy": result.get("test_accuracy"),
         "selected_test_accuracy": result.get("selected_test_accuracy"),
         "selected_epoch": result.get("selected_epoch"),
+        **info,  # run, stage, weights dtype; a converted model's own test accuracy
     }
     return export.export_model(model, variables, image_shape=dataset.image_shape, mean=dataset.mean,
                                std=dataset.std, out_dir=out_dir or os.path.join(workdir, "export"),
-                               name=role, metadata=metadata)
+                               name=f"{role}-{variant}" if variant else role, metadata=metadata)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
-        paths = export_run(_WORKDIR.value, _MODEL.value, _OUT.value)
+        paths = export_run(_WORKDIR.value, _MODEL.value, _OUT.value, _VARIANT.value)
     except ValueError as e:  # no run, stage or checkpoint: one line
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -35,6 +35,10 @@ def default_workdir(config, config_path: str) -> str:
     from kdjax import train
 
     name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
+    if "compress" in config:  # the compression plan's runs live inside: not part of the identity
+        from kdjax import compress
+
+        config = compress.experiment_config(config)
     method = str(config.distill.method)
     ident, base = train.run_identity(config), train.run_identity(common.base(method))
     diff = {k: v for k, v in ident.items() if k not in base or base[k] != v}
@@ -118,9 +122,10 @@ def _fail(error: BaseException, default_config: str | None = None) -> None:
     sys.exit(2)
 
 
-def run_main(default_config: str | None = None) -> None:
+def run_main(default_config: str | None = None, runner=None, show=None) -> None:
     """absl main of an entry point: defines --config (a config file, `default_config` if given),
-    runs kdjax.train.run and prints the comparison table. User errors -> one line, exit 2."""
+    runs `runner(config, workdir, overwrite=...)` (default kdjax.train.run) and prints `show(result,
+    workdir)` (default: the comparison table). User errors -> one line, exit 2."""
     try:  # config_flags applies --config.* overrides while defining the flag
         config_flag = config_flags.DEFINE_config_file(
             "config", default_config, "Experiment config file, with an optional ':arg' string.", lock_config=True)
@@ -156,7 +161,7 @@ def run_main(default_config: str | None = None) -> None:
         try:
             _init_distributed()
             logging.info("workdir: %s", os.path.abspath(workdir))
-            summary = train.run(config, workdir, overwrite=_OVERWRITE.value)
+            summary = (runner or train.run)(config, workdir, overwrite=_OVERWRITE.value)
         except ValueError as e:  # user mistakes: one clear line, non-zero exit
             logging.debug("error details", exc_info=True)
             print(f"error: {e}", file=sys.stderr)
@@ -167,6 +172,9 @@ def run_main(default_config: str | None = None) -> None:
         except train.Preempted as e:  # SIGTERM/SIGINT: checkpoint saved; 128 + signal, as a killed job
             print(f"preempted: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
+        if show is not None:
+            print(show(summary, workdir))
+            return
         print(train.format_table(summary))
         print(f"summary: {os.path.join(workdir, 'summary.json')}")
 

@@ -16,9 +16,13 @@ the inner optimizer carries. Methods:
   the input dimension of a kernel (axis -2 of a dense (in, out) or conv (h, w, in, out) kernel), the
   `n` largest |w| survive.
 
+- ``channel``: structured (`channel_prune`, at the end of this module): whole output channels or
+  units are cut out, giving a genuinely smaller network (fewer parameters, FLOPs and latency),
+  which the 'prune' stage then fine-tunes without masks.
+
 Schedule (Zhu & Gupta, 2017, "To prune, or not to prune"): the sparsity at step t is
 ``s_f * (1 - (1 - (t - t0) / (t1 - t0)) ** 3)`` for t0 <= t <= t1, evaluated at multiples of
-`update_every` after t0 (0 before t0, s_f after t1); ``begin_step == end_step`` is one-shot pruning.
+`update_every` after t0 and at t1 (0 before t0, s_f from t1 on); ``begin_step == end_step`` is one-shot pruning.
 N:M pruning applies its pattern from `begin_step` on.
 """
 
@@ -34,7 +38,7 @@ import optax
 
 from kdjax.optim import param_paths
 
-METHODS = ("magnitude", "nm")
+METHODS = ("magnitude", "nm", "channel")  # channel: structured, see channel_prune
 _KEEP = np.bool_(True)  # the mask of a leaf that is not pruned
 SCOPES = ("layer", "global")
 
@@ -50,6 +54,7 @@ def sparsity_at(step, target: float, begin_step: int, end_step: int, update_ever
     if end_step <= begin_step:
         return jnp.where(step >= begin_step, target, 0.0)
     t = begin_step + jnp.floor((jnp.clip(step, begin_step, end_step) - begin_step) / update_every) * update_every
+    t = jnp.where(step >= end_step, end_step, t)  # the last update, at end_step, reaches the target
     frac = jnp.clip((t - begin_step) / (end_step - begin_step), 0.0, 1.0)
     return jnp.where(step >= begin_step, target * (1.0 - (1.0 - frac) ** 3), 0.0)
 
@@ -98,13 +103,15 @@ def nm_masks(params, prunable, n: int = 2, m: int = 4):
     return jax.tree.map(lambda p, w: one(p) if w else _KEEP, params, prunable)
 
 
-def check(params, prunable, method: str, sparsity: float, scope: str, n: int, m: int) -> None:
+def check(params, prunable, method: str, sparsity: float, scope: str, n: int, m: int, criterion: str = "l1") -> None:
     """One-line ValueErrors for settings that cannot work on these (abstract) params."""
     if method not in METHODS:
         raise ValueError(f"unknown prune.method {method!r}; choose one of: {', '.join(METHODS)}")
+    if method == "channel" and criterion not in CRITERIA:
+        raise ValueError(f"unknown prune.criterion {criterion!r}; choose one of: {', '.join(CRITERIA)}")
     if scope not in SCOPES:
         raise ValueError(f"unknown prune.scope {scope!r}; choose one of: {', '.join(SCOPES)}")
-    if method == "magnitude" and not 0.0 <= sparsity < 1.0:
+    if method in ("magnitude", "channel") and not 0.0 <= sparsity < 1.0:
         raise ValueError(f"prune.sparsity must be in [0, 1), got {sparsity}")
     if method == "nm":
         if not 0 < n < m:
@@ -142,7 +149,7 @@ def masked(inner: optax.GradientTransformation, prunable, *, method: str = "magn
     def update(updates, state, params=None):
         count = state.count
         due = (count >= begin_step) & ((count <= end_step) | (count == begin_step)) & (
-            (count - begin_step) % max(update_every, 1) == 0)
+            ((count - begin_step) % max(update_every, 1) == 0) | (count == end_step))
         masks = jax.lax.cond(due, lambda: jax.tree.map(jnp.asarray, masks_for(params, count)), lambda: state.masks)
         prunable_ = which(params)
         grads = jax.tree.map(lambda w, mask, g: jnp.where(mask, g, 0) if w else g, prunable_, masks, updates)

@@ -214,7 +214,9 @@ def _calibrate(model, variables, rules, batches):
     """Qwix's 'quant_stats' accumulated over `batches` (eval mode, one jitted step)."""
     qwix = _qwix()
     qt = qwix.quantize_model(model, qwix.QtProvider(rules))
-    base = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+    # jax arrays, not numpy: Qwix tells weights from activations by type, and would calibrate a
+    # numpy kernel as an activation (then quantize_params fails).
+    base = jax.tree.map(jnp.asarray, {k: v for k, v in variables.items() if k in ("params", "batch_stats")})
 
     def stats_of(base, stats, x):
         extra = {"quant_stats": stats} if stats is not None else {}

@@ -6,6 +6,10 @@ A run has up to three stages, each one model trained to completion (`config.stag
     student          the student distilled from the teacher (`config.distill`)
     student_scratch  the same student from labels only: the baseline
 
+and optional ones around them: `student_init` (two-stage methods' first stage), `prune` (the
+distilled student pruned, `config.prune`) and `qat` (quantisation-aware training, `config.quant`);
+both of the last two fine-tune with the student's distillation objective.
+
 Every stage checkpoints into ``<workdir>/<stage>/checkpoints`` and writes
 ``<workdir>/<stage>/result.json`` when finished; rerunning the same command skips finished stages
 and resumes an unfinished one from its latest checkpoint. ``<workdir>/summary.json`` has one entry
@@ -37,10 +41,12 @@ from kdjax import feed
 from kdjax import models
 from kdjax import optim
 from kdjax import prune
+from kdjax import quantize
 from kdjax import runtime
 from kdjax import step as kstep
 
-ROLES = ("teacher", "student_init", "student", "student_scratch", "prune")
+ROLES = ("teacher", "student_init", "student", "student_scratch", "prune", "qat")
+FINE_TUNES = {"prune": "prune", "qat": "quant"}  # stages that fine-tune the distilled student -> their config
 
 
 class NonFiniteError(RuntimeError):
@@ -161,8 +167,14 @@ def _stages(config) -> list[str]:
     if "student" in stages and not has_teacher:
         raise ValueError("stage 'student' needs a teacher: add 'teacher' to config.stages, or set "
                          "config.teacher.checkpoint, config.teacher.ensemble or config.teacher.source='ema'")
-    if "prune" in stages and ("student" not in stages or stages.index("prune") < stages.index("student")):
-        raise ValueError("stage 'prune' prunes the distilled student: list it after 'student'")
+    init = config.get("init")
+    from_run = [r.strip() for r in str(init.stages).split(",")] if init is not None and init.from_run else []
+    for role in FINE_TUNES:
+        if role in stages and role not in from_run and (
+                "student" not in stages or stages.index(role) < stages.index("student")):
+            raise ValueError(f"stage {role!r} fine-tunes the distilled student: list it after 'student', or start it "
+                             f"from an earlier run's student (init.from_run=<run>, init.role=student, "
+                             f"init.stages={role})")
     if "student_init" in stages:
         if "student" not in stages or stages.index("student_init") > stages.index("student"):
             raise ValueError("stage 'student_init' initialises the student: list it before 'student'")
@@ -191,9 +203,19 @@ def validate(config) -> None:
     parse_classes(config.dataset.get("classes", ""))
     p = config.get("prune")
     if p is not None and "prune" in _stages(config):
-        prune.check({}, {}, p.method, p.sparsity, p.scope, p.n, p.m)  # the settings; kernels: in the pre-flight
+        prune.check({}, {}, p.method, p.sparsity, p.scope, p.n, p.m, p.criterion)  # kernels: in the pre-flight
         if p.epochs <= 0:
             raise ValueError(f"config.prune.epochs must be > 0, got {p.epochs}")
+        if p.method == "magnitude" and max(p.begin_epoch, p.end_epoch) > p.epochs:
+            raise ValueError(f"config.prune.begin_epoch={p.begin_epoch} / end_epoch={p.end_epoch} lie beyond the "
+                             f"stage's prune.epochs={p.epochs}: the target sparsity would never be reached")
+    q = config.get("quant")
+    if q is not None:
+        quantize.check_settings(q.mode, q.exclude)
+        if "qat" in _stages(config) and q.epochs <= 0:
+            raise ValueError(f"config.quant.epochs must be > 0, got {q.epochs}")
+        if q.calibration_batches < 0:
+            raise ValueError(f"config.quant.calibration_batches must be >= 0, got {q.calibration_batches}")
     for field, regex in (("optimizer.freeze", config.optimizer.get("freeze", "")),
                          ("optimizer.head", config.optimizer.get("head", "")),
                          ("init.reinit", config.get("init", {}).get("reinit", ""))):
@@ -286,7 +308,7 @@ def _stage_terms(role: str, config, train: kdata.Split) -> tuple[distill.Term, .
         return distill.build_terms({"method": "ce", "ce_weight": 1.0}, label_smoothing=smoothing)
     terms = distill.build_terms(config.distill.to_dict(), label_smoothing=smoothing,
                                 num_data=len(train.labels), dataset_labels=train.labels)
-    if role in ("student", "prune"):  # pruning recovers with the student's distillation objective
+    if role == "student" or role in FINE_TUNES:  # pruning and QAT recover with the student's distillation objective
         return terms
     wanted = [n.strip() for n in config.student_init.terms.split(",") if n.strip()]
     names = [t.name for t in terms]
@@ -304,7 +326,12 @@ class Stage:
 
     `teachers`/`teacher_vars`: tuples of Linen models and their variables (several = an
     ensemble). `init_from`: a finished stage's host TrainState whose parameters (student and
-    adapters) initialise this one (two-stage methods such as FitNet's hint training).
+    adapters) initialise this one (two-stage methods such as FitNet's hint training, and the
+    fine-tuning stages 'prune' and 'qat', which start from the distilled student).
+
+    Channel pruning (prune.method='channel') makes the stage's model smaller than the configured
+    one: its fields (e.g. 'hidden' or 'widths') are written to ``<stage>/model.json``, which
+    `load_trained_model` reads.
     """
 
     def __init__(self, role, config, dataset: kdata.Dataset, par: kstep.DataParallel, workdir: str,
@@ -315,14 +342,18 @@ class Stage:
         model_cfg = config.teacher if role == "teacher" else config.student
         self.model_name = model_cfg.model
         dtype = _DTYPES[config.dtype]
+        self.model_kwargs = dict(model_cfg.get("kwargs") or {})
         self.model = models.get_model(
             model_cfg.model, num_classes=dataset.num_classes, dtype=dtype, bn_axis_name=kstep.AXIS,
-            **dict(model_cfg.get("kwargs") or {}),
+            **self.model_kwargs,
         )
-        self.epochs = int({"student_init": config.student_init.epochs, "prune": config.prune.epochs}.get(
-            role, model_cfg.epochs))
-        self.lr = optim.resolve_learning_rate(config.optimizer.name, config.optimizer.learning_rate,
-                                              model_cfg.learning_rate_scale, config.optimizer.tuned_learning_rates)
+        fine_tune = config[FINE_TUNES[role]] if role in FINE_TUNES else None
+        self.epochs = int(fine_tune.epochs if fine_tune is not None else
+                          config.student_init.epochs if role == "student_init" else model_cfg.epochs)
+        self.lr = optim.resolve_learning_rate(
+            config.optimizer.name, config.optimizer.learning_rate,
+            model_cfg.learning_rate_scale * (fine_tune.learning_rate_scale if fine_tune is not None else 1.0),
+            config.optimizer.tuned_learning_rates)
         self.terms = _stage_terms(role, config, dataset.train)
         ema = role == "student" and config.teacher.source == "ema"
         self.teachers, self.teacher_vars = (tuple(teachers), tuple(teacher_vars))
@@ -361,11 +392,37 @@ class Stage:
             self.tx = optim.partition({"body": self.tx, "head": head_tx, "frozen": optax.set_to_zero()},
                                       [("frozen", self.freeze), ("head", o.head if head_scale != 1.0 else "")],
                                       default="body")
-        if role == "prune":
-            self.tx = self._pruning(self.tx)
         init = config.get("init")
         stages = [r.strip() for r in str(init.stages).split(",")] if init is not None and init.from_run else []
         self.transfer = (init.from_run, init.role, init.reinit) if role in stages else None
+        self.surgery = None  # channel pruning: (the smaller model's fields, its variables)
+        if role == "prune" and config.prune.method == "channel":
+            self.surgery = self._channel_surgery()
+        elif role == "prune":
+            self.tx = self._pruning(self.tx)
+        # Gradual pruning: only checkpoints at the target sparsity may be selected.
+        self.select_from_epoch = (int(np.ceil(max(config.prune.begin_epoch, config.prune.end_epoch)))
+                                  if role == "prune" and config.prune.method == "magnitude" else 0)
+        self.float_model = self.model
+        if role == "qat":  # fake-quantised forward, straight-through gradients (kdjax.quantize)
+            self.model = quantize.qat_model(self.model, config.quant.mode, config.quant.exclude)
+
+    def _channel_surgery(self):
+        """(field overrides, variables) of the smaller model that prune.channel_prune cuts from the
+        model this stage starts from, and self.model becomes it; None before that model exists
+        (the pre-flight, when the student is trained in this very run)."""
+        if self.init_from is not None:
+            source = jax.device_get(self.variables_of(self.init_from))
+        elif self.transfer:
+            source = _read_stage_variables(self.transfer[0], self.transfer[1])[0]
+        else:
+            return None
+        p = self.config.prune
+        overrides, variables = prune.channel_prune(self.model, source, sparsity=p.sparsity, criterion=p.criterion,
+                                                   include=p.include, exclude=p.exclude)
+        self.model = self.model.clone(**overrides)
+        self.model_kwargs.update({k: list(v) for k, v in overrides.items()})
+        return overrides, variables, models.num_params(source["params"])
 
     def _pruning(self, tx):
         """`tx` wrapped by kdjax.prune.masked as config.prune says (stage 'prune')."""
@@ -393,7 +450,11 @@ class Stage:
         state = kstep.init_state(
             self.model, self.distiller, self.teachers, self.teacher_vars, self.tx, self.ds.image_shape,
             self.config.seed + ROLES.index(self.role) * 1000, ema=self.step_cfg.ema_decay > 0,
-            init_from=self.init_from)
+            init_from=None if self.surgery else self.init_from)
+        if self.surgery:  # the channel-pruned student's surviving weights
+            variables = dict(jax.tree.map(jnp.asarray, self.surgery[1]))
+            params = dict(state.params, student=variables.pop("params"))
+            return state.replace(params=params, model_state=dict(state.model_state, student=variables))
         if not (transfer and self.transfer):
             return state
         run_dir, role, reinit = self.transfer
@@ -423,7 +484,9 @@ class Stage:
         s_vars, _ = jax.eval_shape(lambda tv: kstep.init_variables(
             self.model, self.distiller, teachers, tv, self.ds.image_shape, jax.random.PRNGKey(0),
             ema=self.step_cfg.ema_decay > 0), t_vars)
-        if self.transfer:  # the earlier run exists and its model fits this one
+        if self.role == "qat":
+            quantize.check(self.float_model, self.ds.image_shape, self.config.quant.mode, self.config.quant.exclude)
+        if self.transfer and not self.surgery:  # the earlier run exists and its model fits this one
             run_dir, role, reinit = self.transfer
             transfer_variables(s_vars, _read_stage_variables(run_dir, role)[0], reinit,
                                where=f"the {role} of {run_dir}")
@@ -447,6 +510,9 @@ class Stage:
 
         Whatever happens, checkpoints being written are finished before this returns or raises.
         """
+        if self.surgery and _is_main():  # the architecture load_trained_model rebuilds
+            os.makedirs(self.dir, exist_ok=True)
+            _write_json(os.path.join(self.dir, "model.json"), {"model": self.model_name, "kwargs": self.model_kwargs})
         ckpts = kckpt.StageCheckpoints(os.path.join(self.dir, "checkpoints"), keep=self.config.checkpoint.keep)
         try:
             return self._train(ckpts)
@@ -534,7 +600,10 @@ class Stage:
         }
         if self.ds.val is not None:
             result["val_accuracy"] = hist[-1]["val_accuracy"]
-        if self.role == "prune":  # what the masks left: exact zeros per pruned kernel
+        if self.surgery:  # the channels that survived, per layer
+            result["channel_widths"] = {k: list(v) for k, v in self.surgery[0].items()}
+            result["unpruned_num_params"] = self.surgery[2]
+        elif self.role == "prune":  # what the masks left: exact zeros per pruned kernel
             kernels = {path: np.asarray(leaf) for (path, leaf), w in zip(
                 optim.flat_paths(best_vars["params"]).items(), jax.tree.leaves(self.prunable)) if w}
             result["sparsity"] = {path: round(float(np.mean(k == 0)), 4) for path, k in kernels.items()}
@@ -587,6 +656,8 @@ class Stage:
         # Checkpoint selection never looks at the test set: the best validation accuracy when a
         # validation split exists, otherwise simply the latest epoch.
         row["score"] = row["val_accuracy"] if self.ds.val is not None else float(epoch)
+        if epoch < self.select_from_epoch:  # not yet at the target sparsity: never selected
+            row["score"] = -1.0
         history = meta["history"] + [row]
         best_step, best_score = meta["best_step"], meta["best_score"]
         # '>=': on ties the later epoch is selected, as orbax's BestN (a stable sort) keeps it.
@@ -710,14 +781,17 @@ def _read_stage_variables(run_dir: str, role: str) -> tuple[dict, dict, str, int
 def load_trained_model(run_dir: str, role: str, dataset: kdata.Dataset, dtype) -> tuple[Any, dict, dict]:
     """A model trained by an earlier run: (Linen model, variables, result dict).
 
-    The architecture comes from that run's config.json; the variables from the selected checkpoint
-    of its `role` stage (e.g. 'teacher', or 'student' for born-again self-distillation).
+    The architecture comes from that run's config.json, or from ``<role>/model.json`` where the
+    stage changed it (channel pruning); the variables from the selected checkpoint of its `role`
+    stage (e.g. 'teacher', or 'student' for born-again self-distillation). A 'qat' stage gives the
+    float model with its quantisation-aware weights (kdjax.quantize.ptq converts them to int8).
     """
     variables, saved, ckpt_dir, step = _read_stage_variables(run_dir, role)
     src = os.path.abspath(run_dir)
-    model_cfg = saved["teacher" if role == "teacher" else "student"]
+    model_cfg = _read_json(os.path.join(src, role, "model.json")) or saved["teacher" if role == "teacher" else "student"]
     model = models.get_model(model_cfg["model"], num_classes=dataset.num_classes, dtype=dtype,
-                             bn_axis_name=kstep.AXIS, **dict(model_cfg.get("kwargs") or {}))
+                             bn_axis_name=kstep.AXIS,
+                             **{k: tuple(v) if isinstance(v, list) else v for k, v in (model_cfg.get("kwargs") or {}).items()})
     expected = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
                               jnp.zeros((1,) + dataset.image_shape))
     shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), dict(tree))  # noqa: E731
@@ -839,13 +913,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> di
         if role == "teacher" and config.teacher.checkpoint:
             continue  # loaded above
         stage = Stage(role, config, dataset, par, workdir, teachers=teachers, teacher_vars=teacher_vars,
-                      init_from=init_state if role == "student" else student_state if role == "prune" else None)
+                      init_from=init_state if role == "student" else student_state if role in FINE_TUNES else None)
         result_path = os.path.join(stage.dir, "result.json")
         result = _read_json(result_path)
         _agree("answers to 'is this stage finished (result.json)?'", result is not None, stage.dir)
         if result is not None:
             logging.info("stage %r already finished (%s); skipping", role, result_path)
-            needed = role in ("teacher", "student_init") or (role == "student" and "prune" in _stages(config))
+            needed = role in ("teacher", "student_init") or (
+                role == "student" and set(FINE_TUNES) & set(_stages(config)))
             selected = stage.restore_selected() if needed else None
         else:
             result, selected = stage.run()

@@ -53,6 +53,9 @@ def test_polynomial_schedule():
     assert s(0) == 0.0 and s(99) == 0.0 and s(100) == 0.0 and s(250) == pytest.approx(0.8)
     assert s(155) == pytest.approx(0.8 * (1 - (1 - 0.5) ** 3))  # stepped: the value of step 150
     assert float(prune.sparsity_at(5, 0.7, 3, 3)) == pytest.approx(0.7)  # one-shot
+    # An end step off the update grid still reaches the target there (it was stuck at step 10's value).
+    off = lambda t: float(prune.sparsity_at(t, 0.9, 0, 11, update_every=10))  # noqa: E731
+    assert off(10) == pytest.approx(0.9 * (1 - (1 - 10 / 11) ** 3)) and off(11) == pytest.approx(0.9)
 
 
 @pytest.mark.parametrize("inner", [optax.sgd(0.1, momentum=0.9), optax.adam(0.05)], ids=["sgd_momentum", "adam"])

@@ -94,13 +94,19 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
     # Transfer learning: the listed stages start from the model of stage init.role of the earlier
     # run init.from_run, matched by variable path; paths matching the regex init.reinit (e.g.
     # 'head' for a new classification head) stay freshly initialised.
-    # Stage 'prune' (list it after 'student'): the distilled student pruned and fine-tuned for
-    # prune.epochs with the student's distillation objective (recovery by distillation).
+    # Stage 'prune' (list it after 'student', or start it from an earlier run's student with
+    # init.from_run=<run>, init.role='student', init.stages='prune'): the distilled student pruned
+    # and fine-tuned for prune.epochs at prune.learning_rate_scale times the student's rate, with
+    # the student's distillation objective (recovery by distillation).
     # method 'magnitude' (sparsity, scope 'layer' or 'global') or 'nm' (n of every m along each
     # kernel's input dimension); gradual (Zhu & Gupta) from begin_epoch to end_epoch, masks updated
     # every update_every steps (end_epoch <= begin_epoch: one-shot). Pruned: the conv and dense
     # kernels matching `include` and not `exclude` (regexes over paths such as 'conv1_1/kernel'),
     # never the first convolution (the one reading the image) nor the classifier.
+    # method 'channel': structured; removes the fraction `sparsity` of the output channels (units)
+    # of every hidden layer matching include/exclude (layer names such as 'conv1_1', 'fc1'), ranked
+    # by `criterion` ('l1': L1 norm of the filter; 'bn': |BatchNorm gamma|, network slimming), and
+    # fine-tunes the genuinely smaller network (MLP and plain-CNN students; see kdjax.prune).
     c.prune = ml_collections.ConfigDict()
     c.prune.method = "magnitude"
     c.prune.sparsity = 0.7
@@ -113,6 +119,20 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
     c.prune.update_every = 10
     c.prune.include = ""
     c.prune.exclude = ""
+    c.prune.criterion = "l1"
+    c.prune.learning_rate_scale = 1.0
+    # int8 quantisation with Qwix (kdjax.quantize): per-channel symmetric int8 weights; mode
+    # 'weights' (weights only) or 'static' (int8 activations too, scales calibrated on
+    # calibration_batches training batches). Layers whose path matches the regex `exclude` stay
+    # float. Stage 'qat' (placed like 'prune'): quantisation-aware training with a straight-through
+    # estimator for quant.epochs, with the student's distillation objective; experiments.compress
+    # and experiments.export convert its weights to int8 with the same mode.
+    c.quant = ml_collections.ConfigDict()
+    c.quant.mode = "static"
+    c.quant.exclude = ""
+    c.quant.calibration_batches = 4
+    c.quant.epochs = 5
+    c.quant.learning_rate_scale = 1.0
     c.init = ml_collections.ConfigDict()
     c.init.from_run = config_dict.placeholder(str)
     c.init.role = "teacher"

@@ -1,0 +1,27 @@
+"""Distil, prune, quantise and export in one command, and one table (see kdjax/compress.py).
+
+    python -m experiments.compress                       # offline default: digits
+    python -m experiments.compress --config=experiments/configs/compress_digits.py --workdir=runs/compress
+    python -m experiments.compress --config=experiments/configs/compress_cifar10_resnet18_mobilenetv2.py
+
+Writes <workdir>/compress.json, compress.md (printed) and compress.png, the exported models in
+<workdir>/export/, and the trained variants' runs in <workdir>/variants/<name>/. Rerunning the
+same command skips what is finished and resumes what is not.
+"""
+
+import os
+
+from experiments import launch
+
+
+def _show(report, workdir):
+    from kdjax import compress
+
+    return compress.format_table(report) + f"\n\nwritten: {os.path.join(workdir, 'compress.md')}, compress.json, compress.png"
+
+
+if __name__ == "__main__":
+    from kdjax import compress
+
+    launch.run_main(os.path.join(os.path.dirname(__file__), "configs", "compress_digits.py"), runner=compress.run,
+                    show=_show)
