@@ -210,7 +210,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
         train.run(variant_config(config, name, workdir), os.path.join(workdir, "variants", name), overwrite=overwrite)
     out_dir = os.path.join(workdir, "export")
     rows, teacher_preds = [], None
-    device = jax.devices()[0]
     for name, folder, stage, kind in rows_plan:
         model, variables, result, info = load_row(workdir, folder, stage, kind, dataset,
                                                   config.quant.calibration_batches, config.batch_size, config.seed)
@@ -236,8 +235,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     student = next(r for r in rows if r["name"] == "student")
     for r in rows:
         r["delta_vs_student"] = r["test_accuracy"] - student["test_accuracy"]
-    report = {"rows": rows, "device": f"{device.platform} ({device.device_kind}), {jax.local_device_count()} local "
-              f"device(s), latency: median of {config.compress.latency_calls} calls", "dataset": dataset.name,
+    report = {"rows": rows, "device": f"{device_name()}, latency: median of {config.compress.latency_calls} calls",
+              "dataset": dataset.name,
               "jax_version": jax.__version__, "summary": summary}
     with open(os.path.join(workdir, "compress.json"), "w") as f:
         json.dump(report, f, indent=2, default=float)
@@ -246,6 +245,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
         f.write(table + "\n")
     plot(report, os.path.join(workdir, "compress.png"))
     return report
+
+
+def device_name() -> str:
+    """The device latencies are measured on: its kind, and the processor's model name on CPU."""
+    device = jax.local_devices()[0]
+    name = f"{device.platform} {device.device_kind}"
+    if device.platform == "cpu" and os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            models_ = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if models_:
+            name = f"cpu: {models_[0]}, {len(models_)} cores"
+    return name
 
 
 def format_table(report: dict) -> str:
@@ -276,9 +287,10 @@ def plot(report: dict, path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, label in ((axes[0], "artifact_bytes", ".jaxexport bytes"),
                            (axes[1], "latency_ms_batch256", "latency at batch 256 (ms)")):
-        for r in report["rows"]:
+        for i, r in enumerate(report["rows"]):  # staggered labels: many points share a size or accuracy
             ax.scatter(r[key], r["test_accuracy"])
-            ax.annotate(r["name"], (r[key], r["test_accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(r["name"], (r[key], r["test_accuracy"]), fontsize=7, xytext=(4, 4 - 9 * (i % 3)),
+                        textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy")

@@ -586,7 +586,7 @@ class Stage:
             "model": self.model_name,
             "num_params": models.num_params(best_vars["params"]),
             "test_accuracy": hist[-1]["test_accuracy"],
-            "best_test_accuracy": max(h["test_accuracy"] for h in hist),
+            "best_test_accuracy": max(h["test_accuracy"] for h in hist if h["epoch"] >= self.select_from_epoch),
             "selected_epoch": best["epoch"],
             "selected_test_accuracy": best["test_accuracy"],
             "selected_by": "val_accuracy" if self.ds.val is not None else "last_epoch",

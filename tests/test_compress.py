@@ -50,7 +50,7 @@ def test_every_row_is_measured_and_written(pipeline):
         assert r["latency_ms_batch1"] > 0 and r["latency_ms_batch256"] > 0
     assert rows["teacher"]["teacher_agreement"] == 1.0
     md = open(os.path.join(workdir, "compress.md")).read()
-    assert md.count("| student-") == 9 and "Device: cpu" in md
+    assert md.count("| student-") == 9 and "Device: cpu" in md and "median of 3 calls" in md
     assert os.path.getsize(os.path.join(workdir, "compress.png")) > 10_000
     saved = json.load(open(os.path.join(workdir, "compress.json")))
     assert [r["name"] for r in saved["rows"]] == list(rows)
