@@ -72,7 +72,7 @@ def _qwix():
 
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
-        raise ValueError(f"unknown quantisation mode {mode!r}; choose one of: {', '.join(MODES)}")
+        raise ValueError(f"unknown quant.mode {mode!r}; choose one of: {', '.join(MODES)}")
 
 
 def _compile_exclude(exclude: str):

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from kdjax import data as kdata
 from kdjax import prune
 
 
@@ -139,9 +140,30 @@ def test_prune_settings_are_refused_with_one_line(tmp_path):
     for overrides, message in (({"prune.sparsity": 1.0}, r"prune.sparsity must be in \[0, 1\)"),
                                ({"prune.method": "nm", "prune.m": 3}, "prune.m=3 does not divide"),
                                ({"prune.include": "nothing_matches"}, "select no kernel of cnn_tiny"),
-                               ({"stages": "teacher,prune,student"}, "list it after 'student'")):
+                               ({"stages": "teacher,prune,student"}, "list it after 'student'"),
+                               ({"prune.end_epoch": 3.0}, "lie beyond the stage's prune.epochs=2"),
+                               ({"prune.method": "channel", "prune.criterion": "l3"}, "unknown prune.criterion 'l3'"),
+                               ({"stages": "teacher,student,qat", "quant.mode": "int4"}, "unknown quant.mode"),
+                               ({"stages": "teacher,student,qat", "quant.mode": "weights"},
+                                "qwix cannot quantise the weights of convolution conv1_0 alone")):
         workdir = tmp_path / message[:12].replace(" ", "_").replace("\\", "")
         with pytest.raises(ValueError, match=message) as err:
             train.run(tiny_digits_config(**{**STAGE, **overrides}), str(workdir))
         assert "\n" not in str(err.value)
         assert not os.path.exists(workdir / "teacher" / "checkpoints")  # refused before training
+
+
+def test_channel_pruning_and_qat_stages_in_one_run(tmp_path):
+    """The in-run paths (the student trained in the same run): channel surgery on a CNN student,
+    then QAT of it; the pruned model is rebuilt from <stage>/model.json."""
+    workdir = str(tmp_path / "run")
+    summary = train.run(tiny_digits_config(**{**STAGE, "stages": "teacher,student,prune,qat", "prune.method": "channel",
+                                              "prune.sparsity": 0.5, "prune.criterion": "bn", "prune.epochs": 1,
+                                              "quant.epochs": 1}), workdir)
+    pruned = summary["prune"]
+    assert pruned["channel_widths"] == {"widths": [8, 8, 16]}  # cnn_tiny's (16, 16, 32) halved
+    assert pruned["num_params"] < 0.4 * pruned["unpruned_num_params"]
+    model, variables, _ = train.load_trained_model(workdir, "prune", kdata.load("digits"), jnp.float32)
+    assert model.widths == (8, 8, 16) and variables["params"]["conv1_0"]["kernel"].shape == (3, 3, 1, 8)
+    assert summary["qat"]["num_params"] == summary["student"]["num_params"]  # QAT fine-tunes the full student
+    assert 0.0 <= summary["qat"]["test_accuracy"] <= 1.0

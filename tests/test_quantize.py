@@ -162,7 +162,7 @@ def test_check_messages(cnn, mlp):
     Q.check(model, SHAPE, "static")
     Q.check(mlp[0], SHAPE, "weights")
     for mode, exclude, message in (
-            ("int4", "", "unknown quantisation mode 'int4'; choose one of: weights, static"),
+            ("int4", "", "unknown quant.mode 'int4'; choose one of: weights, static"),
             ("weights", "conv(", "quant.exclude='conv(' is not a valid regular expression"),
             ("static", ".", "quant.exclude='.' leaves no layer to quantise (layers: conv1_0, conv1_1, conv2_0, "
                             "conv2_1, head)")):
@@ -173,7 +173,7 @@ def test_check_messages(cnn, mlp):
             with pytest.raises(ValueError, match=re.escape(message)):
                 Q.check_settings(mode, exclude)
     Q.check_settings("static", "conv|head")
-    with pytest.raises(ValueError, match="unknown quantisation mode"):
+    with pytest.raises(ValueError, match="unknown quant.mode"):
         Q.qat_model(model, "int4")
 
 
