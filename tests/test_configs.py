@@ -83,3 +83,27 @@ def test_learning_rate_table_is_documented():
     for name, lr in optim.DEFAULT_LEARNING_RATES.items():
         assert re.search(rf"#   {name} +{lr!r} ", common_src), name
         assert f"| `{name}` | {lr!r} |" in readme, name
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if n.startswith("compress")])
+def test_compress_plans_validate(name):
+    """Every row and trained variant of a compression plan is a valid run (no training here;
+    tests/test_compress.py runs the digits plan end to end)."""
+    from kdjax import compress
+
+    module = importlib.import_module(f"experiments.configs.{name}")
+    for arg in ("", "smoke") if name.startswith("compress_cifar") else ("", "method=at"):
+        config = module.get_config(arg)
+        assert [r[0] for r in compress.plan(config)][:2] == ["teacher", "student"]
+        for variant in config.compress.variants:
+            train.validate(compress.variant_config(config, variant, "/nonexistent/run"))
+
+
+def test_transfer_demo_on_fashion_mnist_validates():
+    module = importlib.import_module("experiments.configs.digits_transfer")
+    for mode in module.MODES:
+        config = module.get_config(f"mode={mode},data=fashion_mnist")
+        train.validate(config)
+        assert config.dataset.name == "fashion_mnist"
+    with pytest.raises(ValueError, match="unknown data 'svhn'"):
+        module.get_config("data=svhn")

@@ -10,18 +10,23 @@ each fine-tuned with KD; int8 post-training quantisation (weights only, and stat
 int8 activations) and bf16 weights; quantisation-aware training with KD (static int8). Exports
 every model and writes compress.json / compress.md / compress.png (kdjax/compress.py).
 Measured results: see README.md ("Compression").
-Config-string arguments: method (distillation method, default kd), seed.
+Config-string arguments: method (distillation method, default kd), seed. Methods that match
+feature maps (digits.FEATURE_MAP_METHODS) need a convolutional student: they get a cnn_small
+student (the teacher's architecture, 65,834 parameters) and no weight-only int8 row, which Qwix
+cannot make for convolutions.
 """
 
 import ml_collections
 
-from experiments.configs import digits
+from experiments.configs import common, digits
 
 
 def get_config(arg=None):
     c = digits.get_config(arg)
-    c.student.model = "mlp"
-    c.student.kwargs.hidden = (512, 256)
+    conv = bool(set(common.parse_arg(arg, method="kd", seed=0).method.split("+")) & digits.FEATURE_MAP_METHODS)
+    c.student.model = "cnn_small" if conv else "mlp"
+    if not conv:
+        c.student.kwargs.hidden = (512, 256)
     c.student.learning_rate_scale = 1.0  # Adam 3e-3: the wider MLP is unstable at digits' 1e-2
     # Fine-tuning after pruning or for QAT: 10 epochs at a tenth of the student's rate.
     c.prune.epochs = 10
@@ -32,7 +37,7 @@ def get_config(arg=None):
     c.quant.calibration_batches = 4
 
     c.compress = ml_collections.ConfigDict()
-    c.compress.ptq = "weights,static,bf16"  # post-training rows of the float student
+    c.compress.ptq = "static,bf16" if conv else "weights,static,bf16"  # post-training rows of the float student
     c.compress.latency_calls = 30
     v = c.compress.variants = ml_collections.ConfigDict()
     for pct in (50, 70):
