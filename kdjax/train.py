@@ -395,7 +395,7 @@ class Stage:
         init = config.get("init")
         stages = [r.strip() for r in str(init.stages).split(",")] if init is not None and init.from_run else []
         self.transfer = (init.from_run, init.role, init.reinit) if role in stages else None
-        self.surgery = None  # channel pruning: (the smaller model's fields, its variables)
+        self.surgery = None  # channel pruning: (smaller model fields, its variables, unpruned parameter count)
         if role == "prune" and config.prune.method == "channel":
             self.surgery = self._channel_surgery()
         elif role == "prune":
@@ -408,9 +408,9 @@ class Stage:
             self.model = quantize.qat_model(self.model, config.quant.mode, config.quant.exclude)
 
     def _channel_surgery(self):
-        """(field overrides, variables) of the smaller model that prune.channel_prune cuts from the
-        model this stage starts from, and self.model becomes it; None before that model exists
-        (the pre-flight, when the student is trained in this very run)."""
+        """(field overrides, variables, the source's parameter count) of the smaller model that
+        prune.channel_prune cuts from the model this stage starts from, and self.model becomes it;
+        None before that model exists (the pre-flight, when the student is trained in this run)."""
         if self.init_from is not None:
             source = jax.device_get(self.variables_of(self.init_from))
         elif self.transfer:
