@@ -47,6 +47,9 @@ from kdjax import step as kstep
 
 ROLES = ("teacher", "student_init", "student", "student_scratch", "prune", "qat")
 FINE_TUNES = {"prune": "prune", "qat": "quant"}  # stages that fine-tune the distilled student -> their config
+# Paired baselines: the scratch student starts from the distilled student's initialisation (and,
+# like every stage, sees the same data order), so student - scratch is a paired difference.
+INIT_SEED_OFFSET = {"student_scratch": ROLES.index("student")}
 
 
 class NonFiniteError(RuntimeError):
@@ -252,6 +255,10 @@ def validate(config) -> None:
         raise ValueError(f"unknown config.distill.cache_teacher {cache!r}; choose one of: {', '.join(feed.CACHE_MODES)}")
     if cache == "on" and (obstacle := _cache_obstacle(config)):
         raise ValueError(f"config.distill.cache_teacher='on' is invalid here: {obstacle}; use 'auto' or 'off'")
+    patience = config.get("train", {}).get("early_stop_patience", 0)
+    if patience and (patience < 0 or not config.dataset.val_size):
+        raise ValueError(f"config.train.early_stop_patience={patience} needs a validation split to watch "
+                         "(config.dataset.val_size > 0) and a positive number of epochs")
     for name in ("eval_batch_size", "throughput_batch", "log_every_steps"):
         if config[name] <= 0:
             raise ValueError(f"config.{name} must be a positive integer, got {config[name]}")
@@ -277,6 +284,23 @@ def evaluate(eval_fn, par: kstep.DataParallel, variables, split: kdata.Split, ba
         for k in totals:
             totals[k] += float(out[k])
     return {"accuracy": totals["correct"] / totals["count"], "loss": totals["loss_sum"] / totals["count"]}
+
+
+def _patience_exhausted(meta: dict, patience: int) -> bool:
+    """Early stopping: `patience` > 0 epochs have passed since the validation score last strictly
+    improved. Decided from the checkpointed history alone, so a resumed run stops where it would have."""
+    history = meta["history"]
+    if patience <= 0 or not history:
+        return False
+    scores = [h["score"] for h in history]
+    return len(scores) - 1 - scores.index(max(scores)) >= patience
+
+
+def predict_logits(model, variables, images, mean, std, batch: int = 512) -> np.ndarray:
+    """Eval-mode float32 logits of uint8 `images` on one device, in batches."""
+    fwd = jax.jit(lambda v, x: models.apply_model(model, v, kdata.normalize(x, mean, std), train=False)[0])
+    return np.concatenate([np.asarray(fwd(variables, images[i:i + batch]), np.float32)
+                           for i in range(0, len(images), batch)])
 
 
 def inference_throughput(model, variables, image_shape, mean, std, batch: int = 256, seconds: float = 1.0) -> float:
@@ -335,8 +359,9 @@ class Stage:
     """
 
     def __init__(self, role, config, dataset: kdata.Dataset, par: kstep.DataParallel, workdir: str,
-                 teachers=(), teacher_vars=(), init_from=None):
+                 teachers=(), teacher_vars=(), init_from=None, on_epoch=None):
         self.role, self.config, self.ds, self.par = role, config, dataset, par
+        self.on_epoch = on_epoch
         self.dir = os.path.join(workdir, role)
         self.metrics_path = os.path.join(workdir, "metrics.jsonl")
         model_cfg = config.teacher if role == "teacher" else config.student
@@ -449,7 +474,8 @@ class Stage:
         `transfer`, the model's variables come from config.init.from_run (transfer learning)."""
         state = kstep.init_state(
             self.model, self.distiller, self.teachers, self.teacher_vars, self.tx, self.ds.image_shape,
-            self.config.seed + ROLES.index(self.role) * 1000, ema=self.step_cfg.ema_decay > 0,
+            self.config.seed + INIT_SEED_OFFSET.get(self.role, ROLES.index(self.role)) * 1000,
+            ema=self.step_cfg.ema_decay > 0,
             init_from=None if self.surgery else self.init_from)
         if self.surgery:  # the channel-pruned student's surviving weights
             variables = dict(jax.tree.map(jnp.asarray, self.surgery[1]))
@@ -551,7 +577,8 @@ class Stage:
         control = _Control(c.checkpoint.every_steps, c.checkpoint.every_minutes)
         pending = []  # (step, metrics) not yet checked for NaN/Inf: checked lazily, no per-step sync
         skipped = meta.get("skipped_steps", 0)
-        while step < self.total_steps:
+        patience = int(c.get("train", {}).get("early_stop_patience", 0) or 0)
+        while step < self.total_steps and not _patience_exhausted(meta, patience):
             batch = feed.train_batch(self.ds.train, self.batch_size, seed=c.seed, step=step,
                                      steps_per_epoch=self.spe, cache=cache)
             state, metrics = train_step(state, teacher_vars, self.par.shard(batch))
@@ -572,16 +599,21 @@ class Stage:
                 score = meta["history"][-1]["score"] if end_of_epoch else None
                 ckpts.save(step, self.par.unreplicate(state), meta, score=score)
                 control.saved()
+            if end_of_epoch and self.on_epoch is not None:  # e.g. a sweep's pruner (it may raise)
+                self.on_epoch(self.role, meta["history"][-1])
             if preempted:
                 raise Preempted(f"stage {self.role!r} stopped by {preempted.name} at step {step}; checkpoint "
                                 f"saved in {ckpts.directory}; rerun the same command to resume", preempted)
         ckpts.wait()
         train_seconds = time.time() - t0
+        if step < self.total_steps:
+            logging.info("[%s] early stop after epoch %d: no better validation accuracy for %d epochs",
+                         self.role, step // self.spe, patience)
 
         best_state, _ = ckpts.restore(meta["best_step"], self.par.unreplicate(state))
         best_vars = self.variables_of(best_state)
         hist = meta["history"]
-        best = max(hist, key=lambda h: h["score"])
+        best = next(h for h in hist if h["step"] == meta["best_step"])  # the restored one (ties: the later)
         result = {
             "model": self.model_name,
             "num_params": models.num_params(best_vars["params"]),
@@ -600,6 +632,10 @@ class Stage:
         }
         if self.ds.val is not None:
             result["val_accuracy"] = hist[-1]["val_accuracy"]
+            result["selected_val_accuracy"] = best["val_accuracy"]
+        if step < self.total_steps:
+            result["stopped_early_at_epoch"] = step // self.spe
+        self._write_predictions(best_vars)
         if self.surgery:  # the channels that survived, per layer
             result["channel_widths"] = {k: list(v) for k, v in self.surgery[0].items()}
             result["unpruned_num_params"] = self.surgery[2]
@@ -611,6 +647,16 @@ class Stage:
         if skipped:
             result["skipped_nonfinite_steps"] = skipped
         return result, best_state
+
+    def _write_predictions(self, variables) -> None:
+        """``<stage>/predictions.npz``: the selected model's test-set logits and the labels, from
+        which every figure of the evaluation report can be recomputed."""
+        logits = predict_logits(self.model, variables, self.ds.test.images, self.ds.mean, self.ds.std,
+                                self.config.eval_batch_size)
+        if _is_main():
+            tmp = os.path.join(self.dir, "predictions.tmp.npz")
+            np.savez(tmp, logits=logits, labels=np.asarray(self.ds.test.labels))
+            os.replace(tmp, os.path.join(self.dir, "predictions.npz"))
 
     def _teacher_cache(self) -> dict | None:
         """The frozen teacher's outputs for every training example (config.distill.cache_teacher),
@@ -856,24 +902,26 @@ def _mock_data(num_examples: int):
     return tfds.testing.mock_data(num_examples=num_examples, policy=tfds.testing.MockPolicy.USE_CODE)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False, on_epoch=None) -> dict:
     """Runs every stage of `config` in `workdir`; returns the summary dict.
 
     On SIGTERM (what TPU VMs and Colab send before they stop a machine) or SIGINT (Ctrl-C, a
     notebook's interrupt) the current stage saves a checkpoint and `Preempted` is raised; rerunning
-    the same command resumes.
+    the same command resumes. `on_epoch(role, row)` is called after every epoch's evaluation and
+    checkpoint with that epoch's row of the history (epoch, accuracies, score); an exception it
+    raises (e.g. a sweep pruning the trial) propagates, the checkpoint already saved.
     """
     _SIGNALLED.clear()
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, _on_signal) for sig in STOP_SIGNALS} if in_main_thread else {}
     try:
-        return _run(config, workdir, overwrite)
+        return _run(config, workdir, overwrite, on_epoch)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> dict:
+def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, on_epoch=None) -> dict:
     validate(config)
     runtime.enable_compilation_cache(config.get("compile_cache_dir"))
     dataset = load_dataset(config.dataset, config.seed)
@@ -913,7 +961,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> di
         if role == "teacher" and config.teacher.checkpoint:
             continue  # loaded above
         stage = Stage(role, config, dataset, par, workdir, teachers=teachers, teacher_vars=teacher_vars,
-                      init_from=init_state if role == "student" else student_state if role in FINE_TUNES else None)
+                      init_from=init_state if role == "student" else student_state if role in FINE_TUNES else None,
+                      on_epoch=on_epoch)
         result_path = os.path.join(stage.dir, "result.json")
         result = _read_json(result_path)
         _agree("answers to 'is this stage finished (result.json)?'", result is not None, stage.dir)

@@ -65,6 +65,45 @@ def test_offline_default_shrunk_writes_summary(tmp_path):
     assert os.path.exists(os.path.join(workdir, "config.json"))
     table = train.format_table(summary)
     assert "student_scratch" in table and "cnn_tiny" in table
+    for role in ("teacher", "student", "student_scratch"):  # the selected model's test logits
+        pred = np.load(os.path.join(workdir, role, "predictions.npz"))
+        assert pred["logits"].shape == (360, 10) and pred["labels"].shape == (360,)
+        assert np.mean(pred["logits"].argmax(-1) == pred["labels"]) == pytest.approx(
+            on_disk[role]["selected_test_accuracy"])
+
+
+def test_scratch_baseline_is_paired_with_the_student(tmp_path):
+    """student and student_scratch start from the same initialisation (and data order), so their
+    difference is paired: with the distillation weight at 0 the two trainings are the same."""
+    workdir = str(tmp_path / "run")
+    config = tiny_digits_config(stages="teacher,student,student_scratch", **{"distill.method": "kd",
+                                                                            "distill.kd.weight": 0.0,
+                                                                            "distill.ce_weight": 1.0})
+    summary = train.run(config, workdir)
+    a = np.load(os.path.join(workdir, "student", "predictions.npz"))["logits"]
+    b = np.load(os.path.join(workdir, "student_scratch", "predictions.npz"))["logits"]
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert summary["student"]["test_accuracy"] == summary["student_scratch"]["test_accuracy"]
+
+
+def test_early_stopping_and_the_epoch_callback(tmp_path):
+    """With a learning rate too small to change anything, the validation score never strictly
+    improves after epoch 1: patience 2 stops the stage after epoch 3 of 6, and a rerun (resume)
+    does not train further. on_epoch sees every evaluated epoch."""
+    seen = []
+    config = tiny_digits_config(stages="teacher", **{"teacher.epochs": 6, "dataset.val_size": 0.2, "teacher.model": "mlp",
+                                                     "train.early_stop_patience": 2,
+                                                     "optimizer.learning_rate": 1e-12})
+    workdir = str(tmp_path / "run")
+    summary = train.run(config, workdir, on_epoch=lambda role, row: seen.append((role, row["epoch"])))
+    assert seen == [("teacher", 1), ("teacher", 2), ("teacher", 3)]
+    assert summary["teacher"]["stopped_early_at_epoch"] == 3 and summary["teacher"]["selected_epoch"] == 3
+    os.remove(os.path.join(workdir, "teacher", "result.json"))  # as if killed after the last checkpoint
+    seen.clear()
+    again = train.run(config, workdir, on_epoch=lambda role, row: seen.append((role, row["epoch"])))
+    assert seen == [] and again["teacher"]["stopped_early_at_epoch"] == 3
+    with pytest.raises(ValueError, match="early_stop_patience=2 needs a validation split"):
+        train.validate(tiny_digits_config(**{"train.early_stop_patience": 2}))
 
 
 def test_jit_and_pmap_on_two_devices_match_one_device(tmp_path):

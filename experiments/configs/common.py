@@ -139,6 +139,11 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
     c.init.stages = "teacher"
     c.init.reinit = ""
 
+    # Early stopping: end a stage once the validation accuracy has not improved for this many
+    # epochs (0: off; needs dataset.val_size > 0). The best-validation checkpoint is the one used.
+    c.train = ml_collections.ConfigDict()
+    c.train.early_stop_patience = 0
+
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "sgd"  # sgd, adam, adamw, rmsprop, adagrad, adadelta
     # The base learning rate; each stage multiplies it by its <stage>.learning_rate_scale.
