@@ -38,6 +38,7 @@ from kdjax import checkpoint as kckpt
 from kdjax import data as kdata
 from kdjax import distill
 from kdjax import feed
+from kdjax import logs
 from kdjax import models
 from kdjax import optim
 from kdjax import prune
@@ -259,6 +260,7 @@ def validate(config) -> None:
     if patience and (patience < 0 or not config.dataset.val_size):
         raise ValueError(f"config.train.early_stop_patience={patience} needs a validation split to watch "
                          "(config.dataset.val_size > 0) and a positive number of epochs")
+    logs.check_wandb(bool(config.get("log", {}).get("wandb", False)))
     for name in ("eval_batch_size", "throughput_batch", "log_every_steps"):
         if config[name] <= 0:
             raise ValueError(f"config.{name} must be a positive integer, got {config[name]}")
@@ -363,7 +365,7 @@ class Stage:
         self.role, self.config, self.ds, self.par = role, config, dataset, par
         self.on_epoch = on_epoch
         self.dir = os.path.join(workdir, role)
-        self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+        self.workdir = workdir
         model_cfg = config.teacher if role == "teacher" else config.student
         self.model_name = model_cfg.model
         dtype = _DTYPES[config.dtype]
@@ -540,10 +542,13 @@ class Stage:
             os.makedirs(self.dir, exist_ok=True)
             _write_json(os.path.join(self.dir, "model.json"), {"model": self.model_name, "kwargs": self.model_kwargs})
         ckpts = kckpt.StageCheckpoints(os.path.join(self.dir, "checkpoints"), keep=self.config.checkpoint.keep)
+        self.logger = None
         try:
             return self._train(ckpts)
         finally:
             ckpts.close()
+            if self.logger is not None:
+                self.logger.close()
 
     def _train(self, ckpts: kckpt.StageCheckpoints) -> tuple[dict, Any]:
         c = self.config
@@ -559,6 +564,11 @@ class Stage:
             logging.info("stage %r: training %s for %d epochs (%d steps of batch %d), terms: %s",
                          self.role, self.model_name, self.epochs, self.total_steps, self.batch_size,
                          ", ".join(f"{t.weight:g}*{t.name}" for t in self.terms))
+        lc = c.get("log", {})
+        self.logger = logs.StageLog(
+            self.workdir, self.role, total_steps=self.total_steps, steps_per_epoch=self.spe, batch_size=self.batch_size,
+            start_step=latest or 0, progress=lc.get("progress", True), progress_seconds=lc.get("progress_seconds", 30.0),
+            tensorboard=lc.get("tensorboard", True), wandb=lc.get("wandb", False), config=run_identity(c))
 
         cache_start = time.time()
         cache = self._teacher_cache()  # frozen teacher outputs computed once, or None
@@ -636,6 +646,11 @@ class Stage:
         if step < self.total_steps:
             result["stopped_early_at_epoch"] = step // self.spe
         self._write_predictions(best_vars)
+        logging.info("[%s] done: test accuracy %.4f (last epoch), %.4f (selected epoch %d)%s", self.role,
+                     result["test_accuracy"], result["selected_test_accuracy"], result["selected_epoch"],
+                     f", {result['stopped_early_at_epoch']} epochs (early stop)" if "stopped_early_at_epoch" in result else "")
+        self.logger.close(result)
+        self.logger = None
         if self.surgery:  # the channels that survived, per layer
             result["channel_widths"] = {k: list(v) for k, v in self.surgery[0].items()}
             result["unpruned_num_params"] = self.surgery[2]
@@ -713,12 +728,7 @@ class Stage:
         return {"history": history, "best_step": best_step, "best_score": best_score}
 
     def _log(self, step: int, values: dict, kind: str = "train") -> None:
-        epoch = step / self.spe
-        text = " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))
-        logging.info("[%s] %s step %d epoch %.2f: %s", self.role, kind, step, epoch, text)
-        if _is_main():
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps({"role": self.role, "kind": kind, "step": step, "epoch": epoch, **values}) + "\n")
+        self.logger.log(step, values, kind)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -728,7 +738,7 @@ class Stage:
 # Fields that do not change what a run computes: where it runs and with how many devices, how
 # often it logs and saves, where the data and caches live. They are left out of a run's identity,
 # so changing them neither moves the default workdir nor blocks a resume (e.g. on another machine).
-RUNTIME_FIELDS = ("compile_cache_dir", "log_every_steps", "throughput_batch", "eval_batch_size", "parallel",
+RUNTIME_FIELDS = ("compile_cache_dir", "log", "log_every_steps", "throughput_batch", "eval_batch_size", "parallel",
                   "num_devices", "checkpoint", "dataset.data_dir", "dataset.manual_dir", "dataset.download",
                   "distill.cache_teacher")
 

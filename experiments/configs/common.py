@@ -143,6 +143,14 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
     # epochs (0: off; needs dataset.val_size > 0). The best-validation checkpoint is the one used.
     c.train = ml_collections.ConfigDict()
     c.train.early_stop_patience = 0
+    # Where the numbers go (kdjax/logs.py): a progress bar on a terminal (else a line every
+    # progress_seconds), TensorBoard event files in <workdir>/tensorboard/<stage>, and W&B when
+    # wandb is installed. Per-step and per-evaluation lines: --verbosity=1; always metrics.jsonl.
+    c.log = ml_collections.ConfigDict()
+    c.log.progress = True
+    c.log.progress_seconds = 30.0
+    c.log.tensorboard = True
+    c.log.wandb = False
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "sgd"  # sgd, adam, adamw, rmsprop, adagrad, adadelta
