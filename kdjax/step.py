@@ -29,6 +29,7 @@ from kdjax import losses
 from kdjax import models
 
 AXIS = distill.AXIS  # "data"
+DROPOUT_STREAM = 0x0D0  # folded into a step's key for the models' dropout masks
 
 
 @flax.struct.dataclass
@@ -193,10 +194,13 @@ def make_train_step(
             indices=batch["index"], rng=term_key,
         )
         epoch = state.step.astype(jnp.float32) / cfg.steps_per_epoch
+        # The models' dropout: from the step key (so a resumed run draws the same masks), and
+        # different on every device.
+        dropout_key = jax.random.fold_in(jax.random.fold_in(step_key, DROPOUT_STREAM), jax.lax.axis_index(AXIS))
 
         def loss_fn(params):
             s_vars = {"params": params["student"], **state.model_state["student"]}
-            logits, s_feats, s_stats = models.apply_model(student, s_vars, x, train=True)
+            logits, s_feats, s_stats = models.apply_model(student, s_vars, x, train=True, rng=dropout_key)
             values, d_state = _apply_distiller(
                 distiller, params["distiller"], state.model_state["distiller"], s_feats, t_feats, ctx
             )

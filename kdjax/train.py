@@ -19,6 +19,7 @@ per finished stage. This module is the only one that reads the config object as 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -202,6 +203,12 @@ def validate(config) -> None:
         raise ValueError(f"unknown config.dtype {config.dtype!r}; choose one of: {', '.join(_DTYPES)}")
     for role in ("teacher", "student"):
         models.get_model(config[role].model, num_classes=2)  # raises on an unknown name
+        rate = config[role].get("dropout", 0.0)
+        if rate and not 0.0 < rate < 1.0:
+            raise ValueError(f"config.{role}.dropout must be in [0, 1), got {rate}")
+        if rate and "dropout" not in {f.name for f in dataclasses.fields(models.get_model(config[role].model, 2))}:
+            raise ValueError(f"config.{role}.dropout={rate}: model {config[role].model!r} has no dropout; models with "
+                             f"dropout: mlp, cnn_small, cnn_tiny, wrn_*")
         if config[role].epochs <= 0:
             raise ValueError(f"config.{role}.epochs must be > 0, got {config[role].epochs}")
     parse_classes(config.dataset.get("classes", ""))
@@ -370,6 +377,8 @@ class Stage:
         self.model_name = model_cfg.model
         dtype = _DTYPES[config.dtype]
         self.model_kwargs = dict(model_cfg.get("kwargs") or {})
+        if model_cfg.get("dropout"):  # a rate for the models that have dropout (MLP, SmallCNN, WRN)
+            self.model_kwargs["dropout"] = float(model_cfg.dropout)
         self.model = models.get_model(
             model_cfg.model, num_classes=dataset.num_classes, dtype=dtype, bn_axis_name=kstep.AXIS,
             **self.model_kwargs,

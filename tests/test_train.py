@@ -326,3 +326,22 @@ def test_run_identity_ignores_unused_methods_new_fields_and_runtime_settings(tmp
     changed.distill.kd.weight = 0.5
     with pytest.raises(ValueError, match=r"differs in: distill\.kd\.weight"):
         train._prepare_workdir(changed, workdir, overwrite=False)
+
+
+def test_dropout_is_seeded_per_step_and_changes_training(tmp_path):
+    """Dropout in the MLP student: the same run twice gives identical weights (masks come from the
+    step's key, so a resume draws them again), and the masks really act (weights differ from the
+    same run without dropout). A model without dropout is refused in one line."""
+    cfg = lambda rate: tiny_digits_config(stages="teacher,student", **{"teacher.model": "mlp",  # noqa: E731
+                                                                       "student.dropout": rate})
+    runs = {}
+    for name, rate in (("a", 0.5), ("b", 0.5), ("none", 0.0)):
+        train.run(cfg(rate), str(tmp_path / name))
+        runs[name] = final_params(str(tmp_path / name), "student")[1]
+    same = jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), runs["a"], runs["b"])
+    assert all(jax.tree.leaves(same))
+    assert not np.allclose(runs["a"]["student"]["fc1"]["kernel"], runs["none"]["student"]["fc1"]["kernel"])
+    with pytest.raises(ValueError, match=r"config.student.dropout must be in \[0, 1\), got 1.5"):
+        train.validate(tiny_digits_config(**{"student.dropout": 1.5}))
+    with pytest.raises(ValueError, match="model 'resnet8' has no dropout; models with dropout: mlp"):
+        train.validate(tiny_digits_config(**{"teacher.model": "resnet8", "teacher.dropout": 0.2}))

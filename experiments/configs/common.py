@@ -69,6 +69,7 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
         m = ml_collections.ConfigDict()
         m.model = ""
         m.kwargs = ml_collections.ConfigDict()  # extra constructor arguments of the model
+        m.dropout = 0.0  # dropout rate, for the models that have it (mlp, cnn_small, cnn_tiny, wrn_*)
         m.epochs = 1
         # This stage's (peak) learning rate = optimizer.learning_rate x this scale, so a changed
         # optimizer or optimizer.learning_rate reaches every stage and keeps their ratio.

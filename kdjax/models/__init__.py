@@ -57,13 +57,14 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     return MODELS[name](num_classes=num_classes, **kwargs)
 
 
-def apply_model(model: nn.Module, variables, x, *, train: bool, mutable_stats: bool | None = None):
+def apply_model(model: nn.Module, variables, x, *, train: bool, mutable_stats: bool | None = None, rng=None):
     """Run ``model`` and collect its sown features.
 
     Returns ``(logits, features, new_batch_stats)``: float32 logits, a flat dict
     name -> array of the features, and the updated batch_stats when ``train`` and the model has
     batch_stats (else None). ``mutable_stats=False`` in train mode still normalises with batch
-    statistics but discards the running-average update (returns None).
+    statistics but discards the running-average update (returns None). ``rng``: the key of the
+    models' dropout (train mode).
 
     ``features`` is built in forward order (hidden*/stage* by number, embedding, logits), but
     note that a dict passing through a JAX transform (jit, eval_shape, ...) comes back with
@@ -75,7 +76,8 @@ def apply_model(model: nn.Module, variables, x, *, train: bool, mutable_stats: b
     # values are fresh.
     variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
     mutable = ["features"] + (["batch_stats"] if train and has_stats else [])
-    logits, state = model.apply(variables, x, train=train, mutable=mutable)
+    logits, state = model.apply(variables, x, train=train, mutable=mutable,
+                                rngs={"dropout": rng} if rng is not None else None)
     flat = _flatten(state.get("features", {}))
     features = {k: flat[k] for k in sorted(flat, key=_order)}
     new_stats = state.get("batch_stats") if (train and has_stats and mutable_stats) else None

@@ -14,11 +14,14 @@ class MLP(nn.Module):
 
     Features: ``hidden1`` .. ``hidden{len(hidden)}`` (post-ReLU), ``embedding`` (the last
     hidden activation, or the flattened input if ``hidden`` is empty), ``logits``.
-    ``bn_axis_name`` is accepted for interface uniformity (there is no BatchNorm)."""
+    ``bn_axis_name`` is accepted for interface uniformity (there is no BatchNorm).
+    ``dropout``: rate of the dropout after every hidden layer (training only; the features are
+    taken before it)."""
     num_classes: int
     hidden: Sequence[int] = (32,)
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -26,7 +29,11 @@ class MLP(nn.Module):
         for i, h in enumerate(self.hidden):
             x = nn.relu(nn.Dense(h, dtype=self.dtype, name=f"fc{i + 1}")(x))
             sow_feature(self, f"hidden{i + 1}", x)
-        sow_feature(self, "embedding", x)
+            if i == len(self.hidden) - 1:
+                sow_feature(self, "embedding", x)
+            x = nn.Dropout(self.dropout, deterministic=not train or not self.dropout)(x)
+        if not self.hidden:
+            sow_feature(self, "embedding", x)
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
         sow_feature(self, "logits", logits)
         return logits
@@ -44,13 +51,15 @@ class SmallCNN(nn.Module):
 
     Features: ``stage1`` .. ``stage{len(channels)}`` (post-ReLU maps), ``embedding`` (B, C) with C
     the last conv's width (``channels[-1]``, or ``widths[-1]``), ``logits``. On 8x8 digits with two
-    stages the maps are 8x8 and 4x4."""
+    stages the maps are 8x8 and 4x4. ``dropout``: rate of the dropout before the classifier
+    (training only)."""
     num_classes: int
     channels: Sequence[int] = (32, 64)
     layers_per_stage: Sequence[int] = (2, 2)
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
     widths: Sequence[int] | None = None
+    dropout: float = 0.0
 
     def conv_widths(self) -> tuple[int, ...]:
         """The output channels of every conv, in forward order (``widths`` or from ``channels``)."""
@@ -77,6 +86,7 @@ class SmallCNN(nn.Module):
             sow_feature(self, f"stage{s + 1}", x)
         x = global_avg_pool(x)
         sow_feature(self, "embedding", x)
+        x = nn.Dropout(self.dropout, deterministic=not train or not self.dropout)(x)
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
         sow_feature(self, "logits", logits)
         return logits

@@ -1,4 +1,4 @@
-"""Wide ResNets (RepDistiller ``models/wrn.py``, pre-activation, dropout 0)."""
+"""Wide ResNets (RepDistiller ``models/wrn.py``, pre-activation; dropout 0 there, ``dropout`` here)."""
 from __future__ import annotations
 
 from typing import Any
@@ -11,11 +11,13 @@ from .layers import batch_norm, conv, global_avg_pool, sow_feature
 
 class WideBasic(nn.Module):
     """Pre-activation block: BN -> ReLU -> conv3x3(stride) -> BN -> ReLU -> conv3x3, plus the
-    input (identity) or, when channels change, conv1x1(stride) of the *pre-activated* input."""
+    input (identity) or, when channels change, conv1x1(stride) of the *pre-activated* input.
+    ``dropout`` between the two convolutions, as in Zagoruyko & Komodakis (training only)."""
     features: int
     stride: int = 1
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -23,7 +25,8 @@ class WideBasic(nn.Module):
         equal = x.shape[-1] == self.features
         a = nn.relu(bn("bn1")(x))
         y = conv(self.features, 3, self.stride, dtype=self.dtype, name="conv1")(a)
-        y = conv(self.features, 3, 1, dtype=self.dtype, name="conv2")(nn.relu(bn("bn2")(y)))
+        y = nn.Dropout(self.dropout, deterministic=not train or not self.dropout)(nn.relu(bn("bn2")(y)))
+        y = conv(self.features, 3, 1, dtype=self.dtype, name="conv2")(y)
         if equal:
             return x + y  # RepDistiller: equal in/out channels implies stride 1 here
         return conv(self.features, 1, self.stride, dtype=self.dtype, name="shortcut_conv")(a) + y
@@ -40,6 +43,7 @@ class WideResNet(nn.Module):
     widen_factor: int = 2
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    dropout: float = 0.0  # inside every block (WRN's dropout; RepDistiller's default 0)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -50,7 +54,7 @@ class WideResNet(nn.Module):
         for s, c in enumerate((16, 32, 64)):
             for b in range(n):
                 stride = 2 if (s > 0 and b == 0) else 1
-                x = WideBasic(c * self.widen_factor, stride, self.dtype, self.bn_axis_name,
+                x = WideBasic(c * self.widen_factor, stride, self.dtype, self.bn_axis_name, self.dropout,
                               name=f"block{s + 1}_{b}")(x, train)
             sow_feature(self, f"stage{s + 1}", x)
         x = nn.relu(batch_norm(train, self.bn_axis_name, self.dtype, name="bn1")(x))
