@@ -164,6 +164,8 @@ def load(
     download: bool = True,
     classes: Sequence[int] | None = None,
     train_per_class: int | None = None,
+    folds: int = 0,
+    fold: int = 0,
 ) -> Dataset:
     """Loads a data set fully into host memory.
 
@@ -186,6 +188,9 @@ def load(
         given order (e.g. (5, 6, 7, 8, 9) -> labels 0..4). None: all classes.
       train_per_class: keep a seeded random ``train_per_class`` training examples of every
         class (few-shot), after the validation split. None: all.
+      folds, fold: k-fold cross-validation (``folds`` >= 2, instead of ``val_size``): the
+        validation split is fold ``fold`` (0-based) of a seeded stratified k-fold partition of
+        train (sklearn's StratifiedKFold), the other folds are the training split.
 
     The normalisation statistics are always those of the full official train split, so a model
     trained on a subset normalises its inputs as one trained on the whole data set.
@@ -215,7 +220,10 @@ def load(
             raise DataError(f'classes={classes!r}: give distinct class ids in [0, {num_classes}) of {name}')
         train, test = _keep_classes(train, classes), _keep_classes(test, classes)
         num_classes = len(classes)
-    train, val = _split_validation(train, val_size, seed)
+    if folds:
+        train, val = _split_fold(train, int(folds), int(fold), val_size, seed)
+    else:
+        train, val = _split_validation(train, val_size, seed)
     if train_per_class is not None:
         train = _few_shot(train, int(train_per_class), num_classes, seed)
     return Dataset(name=name, train=train, val=val, test=test, num_classes=num_classes, mean=mean, std=std)
@@ -273,6 +281,20 @@ def _channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, 
     std = np.sqrt(np.maximum(s2 / n - mean * mean, 0.0))
     std = np.where(std > 0, std, 1.0)
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def _split_fold(train: Split, folds: int, fold: int, val_size, seed: int) -> tuple[Split, Split]:
+    """Fold `fold` of a seeded stratified `folds`-fold partition of train as validation."""
+    if val_size:
+        raise DataError(f'folds={folds} makes the validation split itself; set val_size to 0 (got {val_size!r})')
+    if not 2 <= folds <= len(train) or not 0 <= fold < folds:
+        raise DataError(f'folds={folds}, fold={fold}: need 2 <= folds <= {len(train)} and 0 <= fold < folds')
+    from sklearn.model_selection import StratifiedKFold
+
+    splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(train)), train.labels)
+    idx_train, idx_val = list(splits)[fold]
+    return (Split(train.images[idx_train], train.labels[idx_train]),
+            Split(train.images[idx_val], train.labels[idx_val]))
 
 
 def _split_validation(train: Split, val_size: float | int, seed: int) -> tuple[Split, Split | None]:

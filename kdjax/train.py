@@ -264,7 +264,7 @@ def validate(config) -> None:
     if cache == "on" and (obstacle := _cache_obstacle(config)):
         raise ValueError(f"config.distill.cache_teacher='on' is invalid here: {obstacle}; use 'auto' or 'off'")
     patience = config.get("train", {}).get("early_stop_patience", 0)
-    if patience and (patience < 0 or not config.dataset.val_size):
+    if patience and (patience < 0 or not (config.dataset.val_size or config.dataset.get("folds"))):
         raise ValueError(f"config.train.early_stop_patience={patience} needs a validation split to watch "
                          "(config.dataset.val_size > 0) and a positive number of epochs")
     logs.check_wandb(bool(config.get("log", {}).get("wandb", False)))
@@ -909,7 +909,8 @@ def load_dataset(ds_cfg, seed: int) -> kdata.Dataset:
     with _mock_data(get("mock_examples", 0)):
         return kdata.load(get("name"), data_dir=get("data_dir"), manual_dir=get("manual_dir"),
                           val_size=get("val_size", 0.0), seed=seed, download=get("download", True),
-                          classes=parse_classes(get("classes", "")), train_per_class=get("train_per_class"))
+                          classes=parse_classes(get("classes", "")), train_per_class=get("train_per_class"),
+                          folds=get("folds", 0) or 0, fold=get("fold", 0) or 0)
 
 
 def _mock_data(num_examples: int):
@@ -934,10 +935,50 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, _on_signal) for sig in STOP_SIGNALS} if in_main_thread else {}
     try:
+        if config.dataset.get("folds"):
+            return _run_folds(config, workdir, overwrite, on_epoch)
         return _run(config, workdir, overwrite, on_epoch)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+CV_FIELDS = ("test_accuracy", "best_test_accuracy", "selected_test_accuracy", "selected_val_accuracy")
+
+
+def _run_folds(config, workdir: str, overwrite: bool, on_epoch) -> dict:
+    """k-fold cross-validation (config.dataset.folds = k): the whole run once per fold in
+    ``<workdir>/fold<i>`` (fold i as the validation split), then ``<workdir>/cv.json`` with every
+    stage's figures per fold and their mean and sample std. Returns the summary of means (with
+    ``<field>_std`` entries) in the shape of a single run's."""
+    k = int(config.dataset.folds)
+    if k < 2:
+        raise ValueError(f"config.dataset.folds={k}: cross-validation needs at least 2 folds (0 turns it off)")
+    if config.dataset.val_size:
+        raise ValueError(f"config.dataset.folds={k} makes the validation split itself; set "
+                         f"config.dataset.val_size to 0 (got {config.dataset.val_size})")
+    summaries = []
+    for fold in range(k):
+        fold_config = config.copy_and_resolve_references()
+        with fold_config.unlocked():
+            fold_config.dataset.fold = fold
+        logging.info("cross-validation: fold %d of %d", fold + 1, k)
+        summaries.append(_run(fold_config, os.path.join(workdir, f"fold{fold}"), overwrite, on_epoch))
+    out = {}
+    for role in ROLES:
+        rows = [s[role] for s in summaries if role in s]
+        if len(rows) != k:
+            continue
+        entry = {"model": rows[0].get("model"), "num_params": rows[0].get("num_params"), "folds": k}
+        for field in CV_FIELDS + ("images_per_sec",):
+            values = [r[field] for r in rows if field in r]
+            if len(values) == k:
+                entry[field] = float(np.mean(values))
+                entry[f"{field}_std"] = float(np.std(values, ddof=1))
+                entry[f"{field}_per_fold"] = values
+        out[role] = entry
+    _write_json(os.path.join(workdir, "cv.json"), out)
+    return out
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, on_epoch=None) -> dict:
@@ -1008,14 +1049,15 @@ def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, on_ep
 
 def format_table(summary: dict) -> str:
     """The comparison table printed at the end of a run."""
-    rows = [("role", "model", "test acc (last)", "test acc (best)", "params", "inference img/s")]
+    rows = [("role", "model", "test acc (last)", "test acc (best)", "val acc (selected)", "params", "inference img/s")]
     for role in ROLES:
         if role not in summary:
             continue
         r = summary[role]
+        pm = lambda key: (f"{r[key]:.4f}" + (f" +- {r[key + '_std']:.4f}" if key + "_std" in r else "")  # noqa: E731
+                          if key in r else "-")
         rows.append((
-            role, str(r.get("model", "?")), f"{r['test_accuracy']:.4f}",
-            f"{r['best_test_accuracy']:.4f}" if "best_test_accuracy" in r else "-",
+            role, str(r.get("model", "?")), pm("test_accuracy"), pm("best_test_accuracy"), pm("selected_val_accuracy"),
             f"{r['num_params']:,}", f"{r['images_per_sec']:,.0f}" if "images_per_sec" in r else "-",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

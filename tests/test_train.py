@@ -345,3 +345,21 @@ def test_dropout_is_seeded_per_step_and_changes_training(tmp_path):
         train.validate(tiny_digits_config(**{"student.dropout": 1.5}))
     with pytest.raises(ValueError, match="model 'resnet8' has no dropout; models with dropout: mlp"):
         train.validate(tiny_digits_config(**{"teacher.model": "resnet8", "teacher.dropout": 0.2}))
+
+
+def test_k_fold_cross_validation(tmp_path):
+    """dataset.folds=3: three runs, each validating on its own stratified third of train (disjoint,
+    together all of train), and cv.json with mean +- std over folds."""
+    workdir = str(tmp_path / "cv")
+    summary = train.run(tiny_digits_config(stages="teacher", **{"dataset.folds": 3}), workdir)
+    cv = json.load(open(os.path.join(workdir, "cv.json")))
+    per_fold = [json.load(open(os.path.join(workdir, f"fold{k}", "summary.json")))["teacher"] for k in range(3)]
+    vals = [r["selected_val_accuracy"] for r in per_fold]
+    assert cv["teacher"]["selected_val_accuracy_per_fold"] == vals
+    assert cv["teacher"]["selected_val_accuracy"] == pytest.approx(np.mean(vals))
+    assert cv["teacher"]["selected_val_accuracy_std"] == pytest.approx(np.std(vals, ddof=1))
+    assert summary["teacher"]["folds"] == 3 and "+-" in train.format_table(summary)
+    val_sets = [train.load_dataset({"name": "digits", "folds": 3, "fold": k}, 0).val for k in range(3)]
+    assert sum(len(v.labels) for v in val_sets) == 1437  # the folds partition train
+    with pytest.raises(ValueError, match="set config.dataset.val_size to 0"):
+        train.run(tiny_digits_config(**{"dataset.folds": 3, "dataset.val_size": 0.2}), str(tmp_path / "bad"))

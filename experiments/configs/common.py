@@ -54,6 +54,11 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
     c.dataset.data_dir = config_dict.placeholder(str)  # a prepared tfds data_dir
     c.dataset.manual_dir = config_dict.placeholder(str)  # a folder of the original archives
     c.dataset.val_size = 0.0  # fraction (or count) of train held out for checkpoint selection
+    # k-fold cross-validation: folds >= 2 runs the whole experiment once per fold (fold k of a
+    # stratified partition of train is the validation split; <workdir>/fold<k>/) and reports mean
+    # +- std over folds in <workdir>/cv.json. `fold` is set per run by the trainer.
+    c.dataset.folds = 0
+    c.dataset.fold = 0
     c.dataset.download = True  # let tfds try to download when the data is not prepared
     c.dataset.mock_examples = 0  # > 0: use tfds.testing.mock_data with this many examples
     c.dataset.classes = ""  # e.g. '5,6,7,8,9': only these classes, relabelled 0..k-1 ('' = all)
