@@ -122,6 +122,19 @@ def _fail(error: BaseException, default_config: str | None = None) -> None:
     sys.exit(2)
 
 
+def _report(workdir: str) -> None:
+    """The evaluation report (kdjax.evaluate) of a finished run; a failure there is a warning, not
+    a failed run."""
+    try:
+        from kdjax import evaluate
+
+        if evaluate.report(workdir) is not None:
+            print(f"report: {os.path.join(workdir, 'report.md')}")
+    except Exception as e:  # noqa: BLE001 - the run itself succeeded
+        logging.warning("the evaluation report failed (%s: %s); rerun python -m experiments.evaluate "
+                        "--workdir=%s", type(e).__name__, e, workdir)
+
+
 def run_main(default_config: str | None = None, runner=None, show=None) -> None:
     """absl main of an entry point: defines --config (a config file, `default_config` if given),
     runs `runner(config, workdir, overwrite=...)` (default kdjax.train.run) and prints `show(result,
@@ -174,8 +187,10 @@ def run_main(default_config: str | None = None, runner=None, show=None) -> None:
             sys.exit(e.exit_code)
         if show is not None:
             print(show(summary, workdir))
-            return
-        print(train.format_table(summary))
-        print(f"summary: {os.path.join(workdir, 'summary.json')}")
+        else:
+            print(train.format_table(summary))
+            print(f"summary: {os.path.join(workdir, 'summary.json')}")
+        if config.get("log", {}).get("report", True) and not config.dataset.get("folds"):
+            _report(workdir)
 
     app.run(main, flags_parser=parse_flags)

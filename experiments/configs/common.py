@@ -157,6 +157,8 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
     c.log.progress_seconds = 30.0
     c.log.tensorboard = True
     c.log.wandb = False
+    # The evaluation report (python -m experiments.evaluate) at the end of every run.
+    c.log.report = True
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "sgd"  # sgd, adam, adamw, rmsprop, adagrad, adadelta
