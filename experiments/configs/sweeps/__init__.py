@@ -1,0 +1,1 @@
+"""Sweep configs for `python -m experiments.sweep` (see kdjax/sweep.py for the fields)."""
