@@ -189,7 +189,7 @@ def run_main(default_config: str | None = None, runner=None, show=None) -> None:
             print(show(summary, workdir))
         else:
             print(train.format_table(summary))
-            print(f"summary: {os.path.join(workdir, 'summary.json')}")
+            print(f"summary: {os.path.join(workdir, 'cv.json' if config.dataset.get('folds') else 'summary.json')}")
         if config.get("log", {}).get("report", True) and not config.dataset.get("folds"):
             _report(workdir)
 
