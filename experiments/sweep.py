@@ -81,6 +81,9 @@ def main() -> None:
         except train.Preempted as e:  # the trial saved a checkpoint; a rerun resumes it
             print(f"preempted: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
+        except KeyboardInterrupt:  # outside a training loop (e.g. waiting for a shared teacher)
+            print("interrupted: rerun the same command to continue the sweep (the trial is retried)", file=sys.stderr)
+            sys.exit(130)
         print(sweep.format_report(best))
 
     app.run(run, flags_parser=parse_flags)

@@ -110,6 +110,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.max_retries = 3  # an interrupted trial is retried (resumed) at most this many times
     c.stale_after_minutes = 10.0  # a RUNNING trial of another machine with no heartbeat for this long is dead
     c.max_failures_in_a_row = 3  # stop the worker when this many trials in a row fail with an error
+    c.plots = True  # the PNGs, drawn when a worker ends (a few seconds)
     return c
 
 
@@ -306,6 +307,7 @@ class Plan:
     max_retries: int
     stale_after_s: float
     max_failures_in_a_row: int
+    plots: bool = True
 
     def setup(self) -> dict:
         """What identifies the sweep in sweep.json (everything but n_trials)."""
@@ -393,7 +395,7 @@ def plan(sweep_config) -> Plan:
     objective = str(get("objective"))
     if objective not in stages:
         raise ValueError(f"objective stage {objective!r} is not run by the base config (its stages: {', '.join(stages)})")
-    if not base.dataset.get("val_size"):
+    if not (base.dataset.get("val_size") or base.dataset.get("folds")):
         raise ValueError("the sweep needs a validation split to select trials on (the test set never drives a "
                          "search): set dataset.val_size > 0 in the sweep's overrides, e.g. 0.2")
     for p in params:
@@ -427,8 +429,10 @@ def plan(sweep_config) -> Plan:
     sharing = get("teacher_sharing")
     if sharing not in TEACHER_SHARING:
         raise ValueError(f"unknown config.teacher_sharing {sharing!r}; choose one of: {', '.join(TEACHER_SHARING)}")
+    # With k-fold cross-validation each fold needs the teacher of its own fold, which one
+    # teacher.checkpoint cannot name: each trial then trains its teachers in its own run.
     share = ("teacher" in stages and objective != "teacher" and not base.teacher.checkpoint
-             and base.teacher.source == "trained")
+             and base.teacher.source == "trained" and not base.dataset.get("folds"))
     enqueue = [dict(e) for e in (get("enqueue") or ())]
     fields = {p.field for p in params}
     for e in enqueue:
@@ -442,7 +446,7 @@ def plan(sweep_config) -> Plan:
                 stages=stages, n_trials=n_trials, sampler=sampler, pruner=pruner, teacher_sharing=sharing,
                 share_teacher=share, enqueue=enqueue, max_retries=int(get("max_retries")),
                 stale_after_s=60.0 * float(get("stale_after_minutes")),
-                max_failures_in_a_row=int(get("max_failures_in_a_row")))
+                max_failures_in_a_row=int(get("max_failures_in_a_row")), plots=bool(get("plots")))
 
 
 def default_workdir(study: str) -> str:
@@ -461,7 +465,9 @@ def check_workdir(p: Plan, workdir: str) -> None:
     if saved is None:
         return
     old, new = _flatten(saved.get("setup", {})), _flatten(_roundtrip(p.setup()))
-    changed = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
+    # As kdjax.train does for a run: a config field that kdjax added or removed since is not compared.
+    changed = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>")
+                     and not (k.startswith("base_identity.") and (k not in old or k not in new)))
     if changed:
         shown = ", ".join(changed[:5]) + (", ..." if len(changed) > 5 else "")
         raise ValueError(f"sweep folder {workdir} holds a sweep with another setup (differs in: {shown}); rerun with "
@@ -769,26 +775,38 @@ class _Objective:
         logging.info("trial %d (%s): %s", trial.number, what, ", ".join(f"{k}={v!r}" for k, v in params.items()))
 
         # Reported each epoch: the best validation accuracy so far, i.e. what the objective would be
-        # if the stage ended now (the objective is the selected, best-validation epoch's). A retry
-        # inherits the interrupted trial's reports, so the running best continues from them.
-        best = [max(frozen.intermediate_values.values(), default=float("-inf"))]
+        # if the stage ended now (the objective is the selected, best-validation epoch's). With
+        # k-fold cross-validation (dataset.folds) the stage runs once per fold: fold f's epoch e is
+        # step f * epochs + e, and the running best restarts with each fold. A retry inherits the
+        # interrupted trial's reports, so the running best (and the fold count) continue from them.
+        epochs = _objective_epochs(config, self.p.objective)
+        seen = frozen.intermediate_values
+        last = max(seen, default=0)
+        fold = max(last - 1, 0) // epochs
+        state = {"fold": fold, "epoch": last - fold * epochs,
+                 "best": max((v for k, v in seen.items() if k > fold * epochs), default=float("-inf"))}
 
         def on_epoch(role, row):
             if role != self.p.objective or "val_accuracy" not in row:
                 return
-            best[0] = max(best[0], float(row["val_accuracy"]))
-            trial.report(best[0], int(row["epoch"]))
+            epoch = int(row["epoch"])
+            if epoch <= state["epoch"]:  # the next fold's run of the stage
+                state.update(fold=state["fold"] + 1, best=float("-inf"))
+            state["epoch"] = epoch
+            state["best"] = max(state["best"], float(row["val_accuracy"]))
+            trial.report(state["best"], state["fold"] * epochs + epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after epoch {row['epoch']} of stage {role!r} "
-                                         f"(best val accuracy so far {best[0]:.4f})")
+                where = f"epoch {epoch}" + (f" of fold {state['fold']}" if config.dataset.get("folds") else "")
+                raise optuna.TrialPruned(f"pruned after {where} of stage {role!r} "
+                                         f"(best val accuracy so far {state['best']:.4f})")
 
         try:
             with _Heartbeat(self.workdir, trial.number, self.heartbeat_s):
                 if teacher_config is not None:
                     _ensure_teacher(teacher_config, teacher_dir, os.path.join(self.workdir, "locks"))
-                _check_folder(config, run_dir)
                 run_config = _copy(config)
                 run_config.stages = self.p.trial_stages()
+                _check_folder(run_config, run_dir)
                 summary = train.run(run_config, run_dir, on_epoch=on_epoch)
         except optuna.TrialPruned:
             raise
@@ -861,7 +879,7 @@ def run(sweep_config, workdir: str | None = None, storage: str | None = None, re
             raise ValueError(f"{failures} trials in a row failed; the last with: {last.user_attrs['error']} "
                              f"(see {os.path.join(workdir, 'trials.csv')})")
     with lock:
-        return write_report(p, study, workdir, plots=True)
+        return write_report(p, study, workdir, plots=p.plots, report_only=report_only)
 
 
 def _last_of_mine(study):
@@ -880,7 +898,7 @@ def _last_of_mine(study):
 
 def _best_config_text(p: Plan, trial, workdir: str) -> str:
     params = dict(trial.params)
-    config, _, teacher_dir = p.configs(params, workdir)
+    _, _, teacher_dir = p.configs(params, workdir)
     overrides = dict(p.overrides)
     lines = ["OVERRIDES = {"]
     if p.overrides:
@@ -894,10 +912,9 @@ def _best_config_text(p: Plan, trial, workdir: str) -> str:
         lines.append(f"    'teacher.checkpoint': {teacher_dir!r},")
         overrides["teacher.checkpoint"] = teacher_dir
     lines.append("}")
-    identity = _digest(train.run_identity(config))
-    value = trial.value
     run_dir = os.path.join(workdir, trial.user_attrs.get("run_dir", f"trials/{root_number(trial)}"))
-    doc = (f'"""Best trial of the sweep {p.study!r}: trial {trial.number}, {p.objective} validation accuracy {value:.4f}\n'
+    trial_config = os.path.abspath(os.path.join(run_dir, "config.json"))
+    doc = (f'"""Best trial of the sweep {p.study!r}: trial {trial.number}, {p.objective} validation accuracy {trial.value:.4f}\n'
            f"(the accuracy of its selected, best-validation epoch). Written by kdjax.sweep.\n\n"
            f"    python -m experiments.digits --config={os.path.join(workdir, 'best_config.py')}\n\n"
            f"reproduces the trial's {p.objective} stage exactly (any experiment entry point works: the config is\n"
@@ -905,34 +922,42 @@ def _best_config_text(p: Plan, trial, workdir: str) -> str:
            + ("" if p.trial_stages() == ",".join(p.stages) else
               f"It runs the base config's stages ({','.join(p.stages)}); the trial ran only {p.trial_stages()}\n"
               f"(later stages do not change earlier ones; --config.stages={p.trial_stages()} gives its exact config).\n")
+           + "get_config() refuses to run if the result no longer matches the trial's config.json (e.g. the base\n"
+           "config file was edited since); fields kdjax added or removed since are not compared.\n"
            + '"""\n\n')
+    check = f"TRIAL_CONFIG = {trial_config!r}  # checked against, where it still exists\n\n\n"
     if p.base_ref is not None:
-        body = (f"BASE = {p.base_ref!r}\n" + "\n".join(lines) + "\n"
-                f"IDENTITY = {identity!r}  # of the config below: a changed base file is refused, not silently used\n\n\n"
+        body = (f"BASE = {p.base_ref!r}\n" + "\n".join(lines) + "\n" + check +
                 "def get_config(arg=None):\n"
                 "    from kdjax import sweep\n\n"
-                "    return sweep.build_config(BASE, OVERRIDES, IDENTITY)\n")
+                "    return sweep.build_config(BASE, OVERRIDES, check_against=TRIAL_CONFIG)\n")
     else:
         full = _json(apply(p.base, {k: v for k, v in overrides.items() if k not in p.overrides}))
         body = ("import json\n\n"
                 f"CONFIG = json.loads({json.dumps(json.dumps(full, sort_keys=True))})  # the base config was a ConfigDict\n"
-                + "\n".join(lines) + "\n"
-                f"IDENTITY = {identity!r}\n\n\n"
+                + "\n".join(lines) + "  # (already in CONFIG)\n" + check +
                 "def get_config(arg=None):\n"
                 "    from kdjax import sweep\n\n"
-                "    return sweep.build_config(CONFIG, {}, IDENTITY)\n")
+                "    return sweep.build_config(CONFIG, {}, check_against=TRIAL_CONFIG)\n")
     return doc + body
 
 
-def build_config(base, overrides: dict, identity: str | None = None) -> ml_collections.ConfigDict:
+def build_config(base, overrides: dict, check_against: str | None = None) -> ml_collections.ConfigDict:
     """The config of a best_config.py: the base (a file 'path[:arg]' or a plain dict) with
-    `overrides`; with `identity`, refuses a result whose run identity differs from the sweep's
-    trial (e.g. the base config file was edited since)."""
+    `overrides`. With `check_against` (the trial's config.json), a result whose run identity
+    differs from the trial's (stages aside: the trial may have run fewer) is refused in one line,
+    e.g. when the base config file was edited since; fields present on one side only (added to or
+    removed from kdjax since) are not compared, as when a run resumes."""
     config = load_config_file(base) if isinstance(base, str) else ml_collections.ConfigDict(base)
     config = apply(config, overrides)
-    if identity and _digest(train.run_identity(config)) != identity:
-        raise ValueError(f"this config no longer matches the sweep's best trial (run identity {identity}): "
-                         f"{base if isinstance(base, str) else 'the base config'} has changed since the sweep")
+    saved = _read_json(check_against) if check_against else None
+    if saved is not None:
+        old, new = train.run_identity(saved), train.run_identity(config)
+        changed = sorted(k for k in set(old) & set(new) if k != "stages" and old[k] != new[k])
+        if changed:
+            raise ValueError(f"this config no longer matches the sweep's trial {check_against} (differs in: "
+                             f"{', '.join(changed[:5])}): {base if isinstance(base, str) else 'the base config'} "
+                             "has changed since the sweep")
     return config
 
 
@@ -946,7 +971,8 @@ def _rows(p: Plan, study) -> list[dict]:
         if "interrupted" in t.user_attrs:
             note = f"interrupted ({t.user_attrs['interrupted']})" + ("; retried" if t.number in retried else "")
         elif t.state.name == "PRUNED" and not note and t.intermediate_values:
-            note = f"pruned after epoch {max(t.intermediate_values)}"
+            note = f"pruned after step {max(t.intermediate_values)}" if p.base.dataset.get("folds") else \
+                f"pruned after epoch {max(t.intermediate_values)}"
         rows.append({"number": t.number, "state": t.state.name,
                      "value": "" if t.value is None or (isinstance(t.value, float) and math.isnan(t.value)) else t.value,
                      **{q.field: t.params.get(q.field, "") for q in p.params},
@@ -956,9 +982,10 @@ def _rows(p: Plan, study) -> list[dict]:
     return rows
 
 
-def write_report(p: Plan, study, workdir: str, plots: bool) -> dict:
-    """trials.csv, best.json, best_config.py and (with `plots`) the PNGs. Called under the sweep
-    lock; every file is replaced atomically. Returns the content of best.json."""
+def write_report(p: Plan, study, workdir: str, plots: bool, report_only: bool = False) -> dict:
+    """trials.csv, best.json, best_config.py and (with `plots`, once the sweep has finished or
+    with `report_only`) the PNGs. Called under the sweep lock; every file is replaced atomically.
+    Returns the content of best.json."""
     rows = _rows(p, study)
     buf = io.StringIO()
     header = ["number", "state", "value", *[q.field for q in p.params], "run_dir", "teacher_dir", "duration_s",
@@ -971,7 +998,7 @@ def write_report(p: Plan, study, workdir: str, plots: bool) -> dict:
     state = progress(p, study)
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     best = {"study": p.study, "workdir": workdir, "objective": f"{p.objective}: selected_val_accuracy (the validation "
-            "accuracy of the epoch the stage selects; maximised)", "n_trials": p.n_trials, "trials": state["states"],
+            "accuracy of the epoch the stage selects; mean over folds with dataset.folds; maximised)", "n_trials": p.n_trials, "trials": state["states"],
             "finished": state["finished"], "best_trial": None}
     if complete:
         t = max(complete, key=lambda t: (t.value, -t.number))  # ties: the earliest trial
@@ -991,8 +1018,11 @@ def write_report(p: Plan, study, workdir: str, plots: bool) -> dict:
             best["test_accuracy_note"] = "reported once the sweep has finished"
         _write_text(os.path.join(workdir, "best_config.py"), _best_config_text(p, t, workdir))
     _write_text(os.path.join(workdir, "best.json"), json.dumps(best, indent=2, sort_keys=True, default=str) + "\n")
-    if plots:
+    if plots and (state["finished"] or report_only):
         best["plots"] = write_plots(p, study, workdir, len(complete))
+    elif plots:
+        logging.info("plots not drawn: trials of other workers are still running (the worker that ends the sweep "
+                     "draws them; --report_only draws them any time)")
     return best
 
 

@@ -18,7 +18,9 @@ from kdjax import sweep, train
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # teacher cnn_tiny 1 epoch, MLP student 2 epochs, on 80% of digits' training images
 TINY = {"dataset.val_size": 0.2, "teacher.model": "cnn_tiny", "teacher.epochs": 1, "student.epochs": 2,
-        "stages": "teacher,student", "throughput_batch": 16, "log_every_steps": 1000}
+        "stages": "teacher,student,student_scratch", "throughput_batch": 16, "log_every_steps": 1000,
+        "log.tensorboard": False, "log.progress": False}
+# Trials run the stages up to the objective ('student'); best_config.py runs all three.
 KD_SPACE = {"distill.temperature": {"kind": "float", "low": 1.0, "high": 8.0},
             "distill.kd.weight": {"kind": "float", "low": 0.1, "high": 0.99}}
 
@@ -135,8 +137,8 @@ BAD = {
                      "error: search space entry distill.temperature: unknown kind 'uniform'; choose one of: float, int, categorical"),
     "bad choice": ({"search_space": {"optimizer.name": {"kind": "categorical", "choices": ["adam", "adamax"]}}},
                    "error: search space entry optimizer.name='adamax' cannot run: unknown optimizer 'adamax'"),
-    "objective not run": ({"objective": "student_scratch"},
-                          "error: objective stage 'student_scratch' is not run by the base config (its stages: teacher, student)"),
+    "objective not run": ({"objective": "qat"}, "error: objective stage 'qat' is not run by the base config (its "
+                          "stages: teacher, student, student_scratch)"),
     "no validation split": ({"overrides": dict(TINY, **{"dataset.val_size": 0.0})},
                             "error: the sweep needs a validation split to select trials on (the test set never drives a search)"),
     "unknown sampler": ({"sampler__name": "cmaes"}, "error: unknown sampler 'cmaes'; choose one of: grid, random, tpe"),
@@ -248,6 +250,7 @@ def test_the_teacher_is_trained_once_and_shared(kd_sweep):
         trial = os.path.join(workdir, "trials", str(n))
         assert json.load(open(os.path.join(trial, "config.json")))["teacher"]["checkpoint"] == os.path.abspath(teacher_dir)
         assert not os.path.exists(os.path.join(trial, "teacher"))  # loaded, not trained
+        assert not os.path.exists(os.path.join(trial, "student_scratch"))  # after the objective: not run
         assert json.load(open(os.path.join(trial, "summary.json")))["teacher"]["reused_from"] == os.path.abspath(teacher_dir)
 
 
@@ -260,6 +263,7 @@ def test_best_config_reruns_to_the_same_validation_accuracy(kd_sweep, tmp_path):
     assert config.teacher.checkpoint == os.path.abspath(best["teacher_dir"])
     summary = train.run(config, str(tmp_path / "rerun"))
     assert summary["student"]["selected_val_accuracy"] == best["val_accuracy"]
+    assert "student_scratch" in summary  # the base config's stages: the comparison table is complete
     assert summary["student"]["selected_epoch"] == best["selected_epoch"]
 
 
@@ -281,7 +285,7 @@ def test_own_teacher_per_trial_and_the_pruner_stops_a_hopeless_trial(tmp_path):
 
 
 def test_two_workers_share_one_study_and_run_exactly_n_trials(tmp_path):
-    config = write_sweep_file(tmp_path / "two.py", study="two", n_trials=3)
+    config = write_sweep_file(tmp_path / "two.py", study="two", n_trials=3, plots=False)
     workdir = str(tmp_path / "sw")
     procs = [cli(f"--config={config}", f"--workdir={workdir}", env=one_device_env()) for _ in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
@@ -297,7 +301,7 @@ def test_two_workers_share_one_study_and_run_exactly_n_trials(tmp_path):
 
 def test_killed_sweep_reruns_to_n_trials_resuming_the_interrupted_trial(tmp_path):
     config = write_sweep_file(tmp_path / "kill.py", study="kill", n_trials=2,
-                              overrides=dict(TINY, **{"student.epochs": 12}), pruner__name="none")
+                              overrides=dict(TINY, **{"student.epochs": 8}), pruner__name="none", plots=False)
     workdir = str(tmp_path / "sw")
     proc = cli(f"--config={config}", f"--workdir={workdir}", env=one_device_env())
     checkpoints = os.path.join(workdir, "trials", "1", "student", "checkpoints")
@@ -324,6 +328,23 @@ def test_killed_sweep_reruns_to_n_trials_resuming_the_interrupted_trial(tmp_path
     retry = next(t for t in trials if t.system_attrs.get("failed_trial") == 1)
     assert retry.params == trials[1].params
     result = json.load(open(os.path.join(workdir, "trials", "1", "student", "result.json")))
-    assert result["epochs"] == 12 and killed_at < result["steps"]
+    assert result["epochs"] == 8 and killed_at < result["steps"]
     assert not [n for n in os.listdir(os.path.join(workdir, "trials")) if "replaced" in n]
     assert json.load(open(os.path.join(workdir, "best.json")))["trials"] == {"COMPLETE": 2}
+
+
+def test_cross_validated_trials_report_every_fold(tmp_path):
+    """dataset.folds=2: the objective is the mean over folds of the student's selected validation
+    accuracy, each fold trains its own teacher inside the trial, and the pruner sees fold f's
+    epoch e as step f * epochs + e."""
+    overrides = dict(TINY, **{"dataset.val_size": 0.0, "dataset.folds": 2})
+    workdir = str(tmp_path / "sw")
+    sweep.run(sweep_config(study="cv", n_trials=1, overrides=overrides, plots=False), workdir)
+    (trial,) = load_study(workdir, "cv").get_trials()
+    cv = json.load(open(os.path.join(workdir, "trials", "0", "cv.json")))["student"]
+    assert trial.value == cv["selected_val_accuracy"] and len(cv["selected_val_accuracy_per_fold"]) == 2
+    assert sorted(trial.intermediate_values) == [1, 2, 3, 4]
+    assert trial.intermediate_values[2] == cv["selected_val_accuracy_per_fold"][0]
+    assert trial.intermediate_values[4] == cv["selected_val_accuracy_per_fold"][1]
+    assert os.path.exists(os.path.join(workdir, "trials", "0", "fold1", "teacher", "result.json"))
+    assert not [n for n in os.listdir(workdir) if n.startswith("teacher-")]
