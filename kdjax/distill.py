@@ -11,7 +11,12 @@ Config (``config.distill``, built by `get_config`)::
 
     method        'kd'; several joined with '+' combine their terms ('kd+at'); 'ce' = labels only
     temperature   softening temperature shared by the logit methods whose own ``temperature``
-                  is None (kd, dkd, dist); lskd and fm carry their reference temperature
+                  is None (kd, dkd, dist); lskd, nkd and fm carry their reference temperature
+                  (wttm has none: its teacher is power-transformed, its student at T = 1)
+    logit_standardize  modifier: per-sample z-scored student and teacher logits for every term
+                  that reads both (Sun et al. CVPR 2024), e.g. dkd + logit standardisation
+    ctkd          modifier: ctkd.enabled learns the temperature of the temperature-based methods
+                  (CTKD, Li et al. AAAI 2023: gradient reversal, cosine curriculum of lambda)
     ce_weight     weight of the hard-label cross-entropy; None -> the largest reference CE weight
                   of the chosen methods
     <method>      one sub-dict per method with its hyper-parameters, e.g. distill.kd.weight;
@@ -60,6 +65,7 @@ from kdjax import losses
 
 AXIS = "data"  # the data-parallel axis name (kdjax.step uses the same)
 CRD_COLLECTION = "crd_memory"
+CTKD_COLLECTION = "ctkd"  # CTKDTemperature's step count (its lambda curriculum's clock)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +78,9 @@ class Context:
     mix_lam: jax.Array | None = None  # weight of the example itself
     indices: jax.Array | None = None  # global data-set index of each example (CRD)
     rng: jax.Array | None = None  # for terms that sample (CRD negatives)
+    # The learned distillation temperature (CTKD), set by the Distiller from its temperature term
+    # before the other terms run; None: every term uses its configured temperature.
+    temperature: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +92,9 @@ class Term:
     patterns such as 'stage*' are resolved against the model's features first).
     `weight` is multiplied by a linear ramp min(1, epoch / warmup_epochs) when warmup_epochs > 0.
     `paired`: the i-th student feature goes with the i-th teacher feature (counts must match).
+    `provides_temperature`: fn(None, None, ctx) returns the learned temperature (CTKD) instead of
+    a loss; the Distiller evaluates it first, hands it to the other terms as ctx.temperature and
+    reports it (gradient stopped) as this term's value, which enters the total with weight 0.
     """
 
     name: str
@@ -92,6 +104,7 @@ class Term:
     teacher: tuple[str, ...] = ()
     warmup_epochs: float = 0.0
     paired: bool = False
+    provides_temperature: bool = False
 
     def weight_at(self, epoch: jax.Array) -> jax.Array:
         if self.warmup_epochs <= 0:
@@ -175,10 +188,17 @@ class Distiller(nn.Module):
 
     @nn.compact
     def __call__(self, student_features, teacher_features, ctx: Context) -> dict[str, jax.Array]:
-        return {
-            t.name: t.fn(_pick(student_features, t.student), _pick(teacher_features, t.teacher), ctx)
-            for t in self.terms
-        }
+        values = {}
+        for t in self.terms:
+            if t.provides_temperature:
+                temperature = t.fn(None, None, ctx)
+                ctx = dataclasses.replace(ctx, temperature=temperature)
+                values[t.name] = jax.lax.stop_gradient(temperature)
+        for t in self.terms:
+            if not t.provides_temperature:
+                values[t.name] = t.fn(_pick(student_features, t.student),
+                                      _pick(teacher_features, t.teacher), ctx)
+        return {t.name: values[t.name] for t in self.terms}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,6 +405,50 @@ class CRD(nn.Module):
         return loss
 
 
+class CTKDTemperature(nn.Module):
+    """CTKD's global learnable temperature (zhengli97/CTKD ``Global_T``), with its curriculum.
+
+    One trainable scalar 'raw' (initialised to `init`); T = t_start + t_end * sigmoid(raw) behind a
+    gradient-reversal layer of weight lambda (`losses.ctkd_temperature`), so the student's optimiser
+    moves T to increase the distillation loss. lambda follows `losses.ctkd_lambda` at the 1-based
+    epoch floor(step / steps_per_epoch) + 1, as the reference evaluates it once per epoch. The step
+    count is this module's own state (collection 'ctkd', advanced only when ``ctx.train``), so the
+    trainer passes nothing new; steps_per_epoch is num_data // global batch, as
+    `kdjax.data.steps_per_epoch`, unless given. Outside training lambda is irrelevant (no update).
+    'raw' is optimised with the student by the trainer's optimizer; the reference's SGD also
+    weight-decays it (5e-4), which kdjax's default mask (kernels only) does not unless
+    ``optimizer.decay_all=True``. Only the reference's global temperature is implemented, not its
+    per-instance variant."""
+
+    t_start: float = 1.0
+    t_end: float = 20.0
+    init: float = 1.0
+    lambda_start: float = 0.0
+    lambda_end: float = 1.0
+    lambda_epochs: float = 10.0
+    num_data: int | None = None
+    steps_per_epoch: int | None = None
+
+    @nn.compact
+    def __call__(self, ctx: Context):
+        raw = self.param("raw", nn.initializers.constant(self.init), (), jnp.float32)
+        step = self.variable(CTKD_COLLECTION, "step", lambda: jnp.zeros((), jnp.float32))
+        lam = jnp.zeros((), jnp.float32)
+        if ctx.train:
+            spe = self.steps_per_epoch
+            if spe is None:
+                if self.num_data is None:
+                    raise ValueError("ctkd needs the epoch length: pass build_terms(..., num_data=N) or "
+                                     "set distill.ctkd.steps_per_epoch")
+                spe = int(self.num_data) // (ctx.labels.shape[0] * jax.lax.axis_size(AXIS))
+            spe = max(int(spe), 1)
+            epoch = jnp.floor(step.value / spe) + 1.0
+            lam = losses.ctkd_lambda(epoch, self.lambda_start, self.lambda_end, self.lambda_epochs)
+            if self.is_mutable_collection(CTKD_COLLECTION) and not self.is_initializing():
+                step.value = step.value + 1.0
+        return losses.ctkd_temperature(raw, lam, self.t_start, self.t_end)
+
+
 # ----------------------------------------------------------------------------------------------
 # Term functions. Each adapts one `kdjax.losses` function to (student, teacher, ctx).
 
@@ -418,12 +482,15 @@ class Method:
     the trainer adds with weight `ce_weight`). `h` is the method's sub-dict of the config merged
     over `defaults` (its keys are the only ones allowed); `temperature` the shared temperature;
     `data` = {'num_data': int | None, 'dataset_labels': array | None} from the trainer.
+    `temperature`: the method's terms soften with a temperature (their fn takes a ``temperature=``
+    keyword), which CTKD (``distill.ctkd.enabled``) replaces by its learned one.
     """
 
     paper: str
     ce_weight: float
     defaults: Mapping[str, Any]
     build: Callable[[Mapping[str, Any], float, Mapping[str, Any]], list[Term]]
+    temperature: bool = False
 
 
 def _defaults(weight, student="logits", teacher="logits", warmup_epochs=0.0, **extra):
@@ -469,11 +536,40 @@ def _dist(h, temperature, data):
 
 
 # Logit standardisation: Sun et al. CVPR 2024; sunshangquan/logit-standardization-KD README
-# (KD + --logit-stand --base-temp 2 --kd-weight 9, CE_WEIGHT 0.1 from its KD config).
+# (KD + --logit-stand --base-temp 2 --kd-weight 9, CE_WEIGHT 0.1 from its KD config). It is KD
+# with the logit-standardisation modifier (the one `distill.logit_standardize` applies to any
+# logit method) always on: losses.logit_standardized_kd, computed the same way.
+def _standardized(fn):
+    """A logit term's fn on per-sample z-scored student and teacher logits (before its
+    temperature); extra keywords (CTKD's learned temperature) pass through."""
+    def term(student, teacher, ctx, **kw):
+        return fn(losses.logit_standardize(student), losses.logit_standardize(teacher), ctx, **kw)
+    term.standardized = True
+    return term
+
+
 def _lskd(h, temperature, data):
-    fn = functools.partial(_loss_term, losses.logit_standardized_kd,
-                           temperature=_temp(h, temperature))
-    return [_term("lskd", fn, h)]
+    fn = functools.partial(_loss_term, losses.kd, temperature=_temp(h, temperature))
+    return [_term("lskd", _standardized(fn), h)]
+
+
+# WTTM: Zheng & Yang ICLR 2024; zkxufo/TTM README's WTTM command (`--add wttm --ttm_l 0.2 -a 4`,
+# CE weight -r 1, the train_student.py default): gamma 0.2, weight 4. The student is at T = 1
+# and the teacher is power-transformed (gamma = 1/T), so the shared temperature does not apply.
+def _wttm(h, temperature, data):
+    return [_term("wttm", functools.partial(_loss_term, losses.wttm, gamma=float(h["gamma"])), h)]
+
+
+# NKD: Yang et al. ICCV 2023; yzd-v/cls_KD configs/distillers/cifar100/res34_distill_res18_cifar.py
+# (NKDLoss temp 3, gamma 3.5; the student's CE weight 1, NKD weight 1). Its ImageNet configs use
+# temp 1, gamma 1.5 (the class defaults; DeiT: gamma 1). NKD carries its own temperature.
+def _nkd_fn(student, teacher, ctx, **kw):
+    return losses.nkd(student, teacher, ctx.labels, **kw)
+
+
+def _nkd(h, temperature, data):
+    fn = functools.partial(_nkd_fn, gamma=float(h["gamma"]), temperature=_temp(h, temperature))
+    return [_term("nkd", fn, h)]
 
 
 # Function matching, Beyer et al. CVPR 2022 (big_vision proj/distill): no labels (CE 0).
@@ -625,23 +721,31 @@ def _crd(h, temperature, data):
 METHODS: dict[str, Method] = {
     "kd": Method(
         paper="Hinton, Vinyals, Dean. Distilling the Knowledge in a Neural Network (2015)",
-        ce_weight=0.1, defaults=_defaults(0.9, temperature=None), build=_kd),
+        ce_weight=0.1, defaults=_defaults(0.9, temperature=None), build=_kd, temperature=True),
     "dkd": Method(
         paper="Zhao, Cui, Song, Qiu, Liang. Decoupled Knowledge Distillation (CVPR 2022)",
         ce_weight=1.0, defaults=_defaults(1.0, warmup_epochs=20.0, alpha=1.0, beta=8.0, temperature=None),
-        build=_dkd),
+        build=_dkd, temperature=True),
     "dist": Method(
         paper="Huang, You, Wang, Qian, Xu. Knowledge Distillation from A Stronger Teacher (NeurIPS 2022)",
-        ce_weight=1.0, defaults=_defaults(2.0, beta=1.0, gamma=1.0, temperature=None), build=_dist),
+        ce_weight=1.0, defaults=_defaults(2.0, beta=1.0, gamma=1.0, temperature=None), build=_dist,
+        temperature=True),
     "lskd": Method(
         paper="Sun, Ren, Li, Wang, Cao. Logit Standardization in Knowledge Distillation (CVPR 2024)",
-        ce_weight=0.1, defaults=_defaults(9.0, temperature=2.0), build=_lskd),
+        ce_weight=0.1, defaults=_defaults(9.0, temperature=2.0), build=_lskd, temperature=True),
+    "wttm": Method(
+        paper="Zheng, Yang. Knowledge Distillation Based on Transformed Teacher Matching (ICLR 2024)",
+        ce_weight=1.0, defaults=_defaults(4.0, gamma=0.2), build=_wttm),
+    "nkd": Method(
+        paper="Yang, Zeng, Yuan, Li. From Knowledge Distillation to Self-Knowledge Distillation: A Unified "
+              "Approach with Normalized Loss and Customized Soft Labels (ICCV 2023)",
+        ce_weight=1.0, defaults=_defaults(1.0, gamma=3.5, temperature=3.0), build=_nkd, temperature=True),
     "mse_logits": Method(
         paper="Beyer et al. Knowledge distillation: A good teacher is patient and consistent (CVPR 2022)",
         ce_weight=0.0, defaults=_defaults(1.0), build=_mse_logits),
     "fm": Method(
         paper="Beyer et al. Knowledge distillation: A good teacher is patient and consistent (CVPR 2022)",
-        ce_weight=0.0, defaults=_defaults(1.0, temperature=1.0), build=_fm),
+        ce_weight=0.0, defaults=_defaults(1.0, temperature=1.0), build=_fm, temperature=True),
     "fitnet": Method(
         paper="Romero et al. FitNets: Hints for Thin Deep Nets (ICLR 2015)",
         ce_weight=1.0, defaults=_defaults(100.0, "stage2", "stage2", use_relu=True), build=_fitnet),
@@ -688,6 +792,38 @@ METHODS: dict[str, Method] = {
 }
 
 
+# CTKD (Li et al. AAAI 2023), a modifier of the temperature-based methods: zhengli97/CTKD
+# scripts/run_cifar_distill.sh and train_student.py (global temperature: --t_start 1 --t_end 20,
+# Global_T initialised to 1; --cosine_decay 1 --decay_max 0 --decay_min -1 --decay_loops 10, i.e.
+# lambda rises 0 -> 1 over 10 epochs). Its KD run uses -r 0.1 -a 0.9, kd's weights here.
+CTKD_DEFAULTS = {"enabled": False, "t_start": 1.0, "t_end": 20.0, "init": 1.0, "lambda_start": 0.0,
+                 "lambda_end": 1.0, "lambda_epochs": 10.0, "steps_per_epoch": None}
+
+
+def _ctkd_fn(_student, _teacher, ctx, **kw):
+    return CTKDTemperature(**kw, name="ctkd")(ctx)
+
+
+def _ctkd_term(h, num_data) -> Term:
+    kw = {k: float(h[k]) for k in ("t_start", "t_end", "init", "lambda_start", "lambda_end", "lambda_epochs")}
+    if kw["lambda_epochs"] <= 0:
+        raise ValueError(f"distill.ctkd.lambda_epochs must be > 0, got {kw['lambda_epochs']}")
+    spe = h["steps_per_epoch"]
+    fn = functools.partial(_ctkd_fn, **kw, num_data=None if num_data is None else int(num_data),
+                           steps_per_epoch=None if spe is None else int(spe))
+    return Term("ctkd_temperature", fn, 0.0, (), (), provides_temperature=True)
+
+
+def _learned_temperature(fn):
+    """A temperature-based term's fn that uses ctx.temperature (CTKD's) when it is set."""
+    def term(student, teacher, ctx, **kw):
+        if ctx.temperature is not None:
+            kw["temperature"] = ctx.temperature
+        return fn(student, teacher, ctx, **kw)
+    term.standardized = getattr(fn, "standardized", False)
+    return term
+
+
 def get_config(method: str = "kd") -> ml_collections.ConfigDict:
     """The `config.distill` block: the chosen method plus every method's default sub-dict."""
     cfg = ml_collections.ConfigDict()
@@ -698,6 +834,15 @@ def get_config(method: str = "kd") -> ml_collections.ConfigDict:
     # is the same every epoch, i.e. no augmentation, and they fit in memory), 'on' (refused with one
     # line when invalid), 'off'. See kdjax.train.Stage._teacher_cache.
     cfg.cache_teacher = "auto"
+    # Modifiers of the logit methods (not methods; they change the chosen methods' terms):
+    # logit_standardize: z-score the student's and the teacher's logits per sample before every
+    #   term that reads both (kd, dkd, dist, wttm, nkd, mse_logits, fm, custom terms), as the
+    #   reference's --logit-stand (Sun et al. CVPR 2024); lskd is kd with it always on. The
+    #   reference pairs it with T 2 and 9x the KD weight(s): set those yourself.
+    # ctkd.enabled: learn the temperature of the temperature-based methods (kd, dkd, dist, lskd,
+    #   nkd, fm) with CTKD's curriculum (Li et al. AAAI 2023); see CTKD_DEFAULTS.
+    cfg.logit_standardize = False
+    cfg.ctkd = dict(CTKD_DEFAULTS)
     for name, m in METHODS.items():
         if m.defaults:
             cfg[name] = dict(m.defaults)
@@ -750,10 +895,22 @@ def build_terms(distill: Mapping[str, Any], *, label_smoothing: float = 0.0,
         ce_weight = max(METHODS[n].ce_weight for n in names)
     ce_weight = _check_weight("distill.ce_weight", ce_weight)
     data = {"num_data": num_data, "dataset_labels": dataset_labels}
+    standardize = distill.get("logit_standardize", False)
+    if not isinstance(standardize, (bool, np.bool_)):
+        raise ValueError(f"distill.logit_standardize must be True or False, got {standardize!r}")
+    ctkd = dict(distill.get("ctkd") or {})
+    _check_keys("distill.ctkd", ctkd, CTKD_DEFAULTS)
+    ctkd = {**CTKD_DEFAULTS, **ctkd}
+    if ctkd["enabled"] and not any(METHODS[n].temperature for n in names):
+        raise ValueError(
+            f"distill.ctkd.enabled: CTKD learns a distillation temperature, but {'+'.join(names)} has "
+            "none; combine it with one of: " + ", ".join(n for n, m in METHODS.items() if m.temperature))
     terms: list[Term] = []
     if ce_weight:
         ce = functools.partial(_ce_term, label_smoothing=label_smoothing)
         terms.append(Term("ce", ce, ce_weight, ("logits",), ()))
+    if ctkd["enabled"]:
+        terms.append(_ctkd_term(ctkd, num_data))
     for n in names:
         given = dict(distill.get(n) or {})
         _check_keys(f"distill.{n}", given, METHODS[n].defaults)
@@ -761,7 +918,10 @@ def build_terms(distill: Mapping[str, Any], *, label_smoothing: float = 0.0,
         if "weight" in h:
             _check_weight(f"distill.{n}.weight", h["weight"])
             _check_weight(f"distill.{n}.warmup_epochs", h["warmup_epochs"])
-        terms.extend(METHODS[n].build(h, temperature, data))
+        built = METHODS[n].build(h, temperature, data)
+        if ctkd["enabled"] and METHODS[n].temperature:
+            built = [dataclasses.replace(t, fn=_learned_temperature(t.fn)) for t in built]
+        terms.extend(built)
     for name, spec in dict(distill.get("terms") or {}).items():
         spec = dict(spec)
         _check_keys(f"distill.terms.{name}", spec, _TERM_KEYS)
@@ -783,6 +943,11 @@ def build_terms(distill: Mapping[str, Any], *, label_smoothing: float = 0.0,
                 _check_weight(f"distill.terms.{name}.warmup_epochs", spec.get("warmup_epochs", 0.0)),
             )
         )
+    if standardize:  # one place for every logit term (lskd's own is already on)
+        terms = [dataclasses.replace(t, fn=_standardized(t.fn))
+                 if t.student == ("logits",) and t.teacher == ("logits",)
+                 and not getattr(t.fn, "standardized", False) else t
+                 for t in terms]
     seen = set()
     for t in terms:
         if t.name in seen:

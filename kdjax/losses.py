@@ -53,7 +53,8 @@ RepDistiller (HobbitLong/RepDistiller @1e2f816), mdistiller
 (hunto/image_classification_sota @6f7a70a, lib/models/losses/dist_kd.py),
 logit standardisation (sunshangquan/logit-standardization-KD @f6e5aa5),
 big_vision (google-research/big_vision @0127fb6,
-big_vision/evaluators/proj/distill/distance.py).
+big_vision/evaluators/proj/distill/distance.py), WTTM (zkxufo/TTM @fe457b3), NKD
+(yzd-v/cls_KD @1e5d48f), CTKD (zhengli97/CTKD @7d52522).
 """
 
 from __future__ import annotations
@@ -74,7 +75,14 @@ __all__ = [
     "dkd",
     "dist",
     "logit_standardized_kd",
+    "logit_standardize",
+    "wttm",
+    "nkd",
     "mse_logits",
+    # learnable temperature (CTKD)
+    "gradient_reversal",
+    "ctkd_lambda",
+    "ctkd_temperature",
     # features
     "fitnet",
     "attention_transfer",
@@ -391,18 +399,186 @@ def logit_standardized_kd(student_logits, teacher_logits,
     Args:
       student_logits, teacher_logits: (B, K), K >= 2.
       temperature: base temperature T applied after standardisation.
+
+    Equal to ``kd(logit_standardize(s), logit_standardize(t), T)``; in the method layer the
+    same standardisation is a modifier of any logit method (``distill.logit_standardize``).
     """
     _check("logit_standardized_kd",
            {"student_logits": student_logits, "teacher_logits": teacher_logits},
            ndim=2, layout="(B, K)", match="shape")
 
-    def zscore(z):
-        z = _f32(z)
-        c = z - jnp.mean(z, axis=-1, keepdims=True)
-        std = _safe_sqrt(jnp.sum(c * c, axis=-1, keepdims=True) / (z.shape[-1] - 1))
-        return c / (std + 1e-7)
+    return kd(logit_standardize(student_logits), logit_standardize(teacher_logits), temperature)
 
-    return kd(zscore(student_logits), zscore(teacher_logits), temperature)
+
+def logit_standardize(logits, eps: float = 1e-7) -> jax.Array:
+    """Per-sample z-score of logits over the class axis (logit standardisation).
+
+    z' = (z - mean_k z) / (std_k z + eps), std with Bessel's correction (unbiased, as
+    ``torch.Tensor.std``). Returns float32 logits of the input's shape (B, K), not a loss.
+
+    Paper: Sun, Ren, Li, Wang, Cao, "Logit Standardization in Knowledge Distillation", CVPR
+    2024. Reproduces sunshangquan/logit-standardization-KD ``normalize`` (mdistiller/distillers/
+    KD.py, DKD.py, MLKD.py), which the reference applies to the teacher's and the student's
+    logits before the temperature of any of its logit losses (``--logit-stand``). kdjax applies
+    it the same way to every logit term with ``distill.logit_standardize=True``.
+
+    Args:
+      logits: (B, K), K >= 2.
+      eps: added to the standard deviation (1e-7 in the reference).
+    """
+    _check("logit_standardize", {"logits": logits}, ndim=2, layout="(B, K)")
+    z = _f32(logits)
+    c = z - jnp.mean(z, axis=-1, keepdims=True)
+    std = _safe_sqrt(jnp.sum(c * c, axis=-1, keepdims=True) / (z.shape[-1] - 1))
+    return c / (std + eps)
+
+
+def wttm(student_logits, teacher_logits, gamma: float = 0.2) -> jax.Array:
+    """Weighted transformed teacher matching (WTTM).
+
+    With p = softmax(t) and q = softmax(s) (both at temperature 1) and the power transform
+    p^gamma (gamma = 1/T in the paper's terms):
+      U_b  = sum_k p_bk^gamma                         (power sum: the per-sample weight)
+      p~_b = p_b^gamma / U_b  (= softmax(gamma * t_b), the transformed teacher)
+      loss = mean_b U_b * KL( p~_b || q_b )
+    Only the teacher is transformed; the student stays at T = 1 and there is no T^2 factor.
+    U_b lies in [1, K^(1 - gamma)]: smoother teacher outputs get larger weights. It is not
+    normalised over the batch, so the loss scale grows with K (the method weight absorbs it).
+
+    Reduction: sum over classes, weighted by U_b, mean over the batch.
+    Paper: Zheng & Yang, "Knowledge Distillation Based on Transformed Teacher Matching", ICLR
+    2024. Reproduces zkxufo/TTM ``WTTM`` (distiller_zoo/wttm.py @fe457b3): ``pow(softmax(y_t),
+    l)``, ``norm = sum``, ``mean(norm * KL)``. The power is taken in log space here
+    (gamma * log_softmax), which is the same value without underflow of tiny probabilities.
+    TTM, the unweighted variant (``TTM`` in the same repository), is this with U_b = 1, i.e.
+    ``kd(s, gamma * t, 1)``.
+
+    Args:
+      student_logits, teacher_logits: (B, K).
+      gamma: power-transform exponent, 0 < gamma <= 1 (the reference's ``--ttm_l``).
+    """
+    _check("wttm", {"student_logits": student_logits, "teacher_logits": teacher_logits},
+           ndim=2, layout="(B, K)", match="shape")
+    log_pt = gamma * jax.nn.log_softmax(_f32(teacher_logits), axis=-1)  # log p^gamma
+    weight = jnp.exp(jax.nn.logsumexp(log_pt, axis=-1))  # U = sum p^gamma
+    kl = _kl_logits(log_pt, _f32(student_logits))  # softmax(log p^gamma) = p^gamma / U
+    return jnp.mean(weight * kl)
+
+
+def nkd(student_logits, teacher_logits, labels, gamma: float = 1.5,
+        temperature: float = 1.0) -> jax.Array:
+    """Normalized knowledge distillation (NKD): target term + normalised non-target term.
+
+    With g = target class, S = softmax(s), T = softmax(t) at temperature 1, and the non-target
+    distributions renormalised over the K - 1 other classes at temperature tau,
+    N(T^tau)_i = softmax_{i != g}(t_i / tau), N(S^tau)_i = softmax_{i != g}(s_i / tau):
+      L_target = -mean_b T_b,g log S_b,g
+      L_non    = -gamma * tau^2 * mean_b sum_{i != g} N(T^tau)_b,i log N(S^tau)_b,i
+      loss     = L_target + L_non
+    Both parts are cross-entropies (not KL: no teacher entropy is subtracted), so the loss
+    is not 0 when student == teacher. Softmax over the K - 1 non-target logits is exactly the
+    paper's renormalisation N(.) of the non-target probabilities.
+
+    Reduction: sum over classes, mean over the batch.
+    Paper: Yang, Zeng, Yuan, Li, "From Knowledge Distillation to Self-Knowledge Distillation:
+    A Unified Approach with Normalized Loss and Customized Soft Labels", ICCV 2023. Reproduces
+    yzd-v/cls_KD ``NKDLoss`` (mmcls/models/dis_losses/nkd.py @1e5d48f): the target
+    probability at T = 1 (``.detach()`` there; the teacher is constant here anyway), the
+    non-target logits gathered by a mask and softmaxed at ``temp``. Its class defaults are
+    temp 1, gamma 1.5 (ImageNet ResNet configs); the CIFAR-100 config uses temp 3, gamma 3.5.
+    Soft (mixed) labels are reduced to their argmax in the reference; pass that class here.
+
+    Args:
+      student_logits, teacher_logits: (B, K), K >= 2.
+      labels: (B,) integer target classes.
+      gamma: weight of the non-target term.
+      temperature: tau, applied to the non-target part only.
+    """
+    _check("nkd", {"student_logits": student_logits, "teacher_logits": teacher_logits},
+           ndim=2, layout="(B, K)", match="shape")
+    _check("nkd", {"labels": labels}, ndim=1, layout="(B,)")
+    _check("nkd", {"student_logits": student_logits, "labels": labels}, match="batch")
+    zs, zt = _f32(student_logits), _f32(teacher_logits)
+    labels = jnp.asarray(labels, jnp.int32)[:, None]
+    t_target = jnp.take_along_axis(jax.nn.softmax(zt, axis=-1), labels, axis=-1)
+    log_s_target = jnp.take_along_axis(jax.nn.log_softmax(zs, axis=-1), labels, axis=-1)
+    loss_t = -jnp.mean(t_target * log_s_target)
+    # Column j of the K - 1 non-target classes is class j, or j + 1 from the target on.
+    k = zs.shape[-1]
+    cols = jnp.arange(k - 1)[None, :]
+    others = cols + (cols >= labels).astype(jnp.int32)
+    zs_non = jnp.take_along_axis(zs, others, axis=-1) / temperature
+    zt_non = jnp.take_along_axis(zt, others, axis=-1) / temperature
+    ce_non = optax.losses.softmax_cross_entropy(zs_non, jax.nn.softmax(zt_non, axis=-1))
+    return loss_t + gamma * temperature**2 * jnp.mean(ce_non)
+
+
+@jax.custom_vjp
+def gradient_reversal(x, lam):
+    """Gradient-reversal layer: identity forward, gradient times -lam backward.
+
+    y = x;  dL/dx = -lam * dL/dy;  no gradient to lam. Ganin & Lempitsky, "Unsupervised Domain
+    Adaptation by Backpropagation", ICML 2015. CTKD uses it so that the temperature ascends
+    the distillation loss the student descends (zhengli97/CTKD ``GradientReversalFunction``,
+    which multiplies by its schedule value in [-1, 0], i.e. by -lam here).
+
+    Args:
+      x: any array (CTKD: the raw temperature parameter).
+      lam: scalar >= 0 (may be traced).
+    """
+    return x
+
+
+def _grl_fwd(x, lam):
+    return x, lam
+
+
+def _grl_bwd(lam, g):
+    return (jax.tree.map(lambda v: (-lam * v).astype(v.dtype), g), jnp.zeros_like(lam))
+
+
+gradient_reversal.defvjp(_grl_fwd, _grl_bwd)
+
+
+def ctkd_lambda(epoch, lambda_start: float = 0.0, lambda_end: float = 1.0,
+                epochs: float = 10.0) -> jax.Array:
+    """CTKD's cosine curriculum for the gradient-reversal weight lambda.
+
+    i = clip(epoch, 0, epochs);
+    lambda = lambda_start + (lambda_end - lambda_start) * (1 - cos(pi * i / epochs)) / 2,
+    so lambda rises from lambda_start to lambda_end over `epochs` epochs, then stays.
+
+    Paper: Li, Li, Yang, Zhao, Song, Wang, Chen, Yang, Wang, "Curriculum Temperature for
+    Knowledge Distillation", AAAI 2023. Reproduces zhengli97/CTKD ``CosineDecay``
+    (train_student.py @7d52522) with ``--decay_max 0 --decay_min -1 --decay_loops 10``: its
+    value is -lambda (the sign of the reversal), evaluated once per epoch at the 1-based epoch
+    number (the method layer passes floor(step / steps_per_epoch) + 1).
+
+    Args:
+      epoch: scalar, possibly traced.
+      lambda_start, lambda_end: -decay_max and -decay_min of the reference.
+      epochs: the reference's ``decay_loops``.
+    """
+    i = jnp.clip(jnp.asarray(epoch, jnp.float32), 0.0, epochs)
+    return lambda_start + (lambda_end - lambda_start) * (1.0 - jnp.cos(jnp.pi * i / epochs)) / 2.0
+
+
+def ctkd_temperature(raw, lam, t_start: float = 1.0, t_end: float = 20.0) -> jax.Array:
+    """CTKD's global learnable temperature: T = t_start + t_end * sigmoid(GRL(raw, lam)).
+
+    `raw` is the trainable scalar (initialised to 1 in the reference, so T starts at
+    1 + 20 * sigmoid(1) = 15.62); the gradient-reversal layer makes the optimiser move `raw`
+    to increase the distillation loss, weighted by lam (``ctkd_lambda``). T stays in
+    (t_start, t_start + t_end). Reproduces zhengli97/CTKD ``Global_T`` (models/temp_global.py)
+    and ``temp = t_start + t_end * sigmoid(temp)`` (helper/loops.py).
+
+    Args:
+      raw: () trainable parameter.
+      lam: () reversal weight.
+      t_start, t_end: the reference's ``--t_start 1 --t_end 20``.
+    """
+    x = gradient_reversal(_f32(raw), jnp.asarray(lam, jnp.float32))
+    return t_start + t_end * jax.nn.sigmoid(x)
 
 
 def mse_logits(student_logits, teacher_logits) -> jax.Array:

@@ -128,6 +128,8 @@ def _direct_losses(s, t, labels):
         "dkd": losses.dkd(s["logits"], t["logits"], labels, 1.0, 8.0, T),
         "dist": losses.dist(s["logits"], t["logits"], 1.0, 1.0, T),
         "lskd": losses.logit_standardized_kd(s["logits"], t["logits"], 2.0),
+        "wttm": losses.wttm(s["logits"], t["logits"], 0.2),
+        "nkd": losses.nkd(s["logits"], t["logits"], labels, 3.5, 3.0),
         "mse_logits": losses.mse_logits(s["logits"], t["logits"]),
         "fm": losses.kd(s["logits"], t["logits"], 1.0),
         "at": sum(losses.attention_transfer(s[k], t[k]) for k in ("stage1", "stage2")),
@@ -283,6 +285,97 @@ def test_combining_and_validation():
     # Comma-separated feature names from the command line.
     terms = distill.build_terms({"method": "at", "at": {"student": "stage2, stage3", "teacher": "stage2,stage3"}})
     assert terms[-1].student == ("stage2", "stage3")
+
+
+def _np_standardize(x):
+    x = np.asarray(x, np.float64)
+    return ((x - x.mean(1, keepdims=True)) / (1e-7 + x.std(1, ddof=1, keepdims=True))).astype(np.float32)
+
+
+def test_logit_standardize_modifier_applies_to_every_logit_term():
+    """distill.logit_standardize=True: every term reading student and teacher logits sees per-sample
+    z-scored logits (numpy z-score here), before its temperature; CE and feature terms do not; lskd
+    (kd with the modifier built in) is not standardised twice."""
+    s, t, labels = _inputs("digits")
+    cfg = distill.get_config("kd+dkd+wttm+nkd+lskd+sp").to_dict()
+    cfg["logit_standardize"] = True
+    cfg["terms"] = {"raw_mse": {"loss": "mse_logits"}}
+    distiller = distill.Distiller(distill.build_terms(cfg))
+    got = jax.jit(lambda s, t, y: distiller.apply({}, s, t, _ctx(y)))(s, t, labels)
+    zs, zt = {**s, "logits": _np_standardize(s["logits"])}, {**t, "logits": _np_standardize(t["logits"])}
+    want = jax.jit(lambda s, t, zs, zt, y: {
+        "ce": losses.cross_entropy(s["logits"], y),
+        "kd": losses.kd(zs["logits"], zt["logits"], 4.0),
+        "dkd": losses.dkd(zs["logits"], zt["logits"], y, 1.0, 8.0, 4.0),
+        "wttm": losses.wttm(zs["logits"], zt["logits"], 0.2),
+        "nkd": losses.nkd(zs["logits"], zt["logits"], y, 3.5, 3.0),
+        "lskd": losses.logit_standardized_kd(s["logits"], t["logits"], 2.0),
+        "sp": losses.similarity_preserving(s["stage2"], t["stage2"]),
+        "raw_mse": losses.mse_logits(zs["logits"], zt["logits"]),
+    })(s, t, zs, zt, labels)
+    assert set(got) == set(want)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=2e-5, atol=1e-6, err_msg=name)
+    # lskd == kd + the modifier with lskd's temperature and weights.
+    cfg = distill.get_config("kd").to_dict()
+    cfg.update(logit_standardize=True, ce_weight=0.1, kd={**cfg["kd"], "temperature": 2.0, "weight": 9.0})
+    kd_ls = distill.Distiller(distill.build_terms(cfg))
+    np.testing.assert_allclose(jax.jit(lambda s, t, y: kd_ls.apply({}, s, t, _ctx(y)))(s, t, labels)["kd"],
+                               got["lskd"], rtol=1e-6)
+    with pytest.raises(ValueError, match="distill.logit_standardize must be True or False"):
+        distill.build_terms({"method": "kd", "logit_standardize": "yes"})
+
+
+def test_ctkd_learned_temperature_gradient_reversal_and_curriculum():
+    """CTKD on kd: T = 1 + 20 sigmoid(raw), raw initialised to 1; the kd term uses T; raw gets
+    -lambda times the plain gradient (lambda at epoch floor(step / steps_per_epoch) + 1 from the
+    reference cosine curriculum), the student the ordinary one; the step count advances in train
+    mode, identically on 1 and 2 devices (steps per epoch from the global batch: 64 // 8 = 8)."""
+    s, t, labels = _inputs("digits", seed=4)
+    indices = np.arange(B, dtype=np.int32)
+    cfg = distill.get_config("kd").to_dict()
+    cfg["ctkd"]["enabled"] = True
+    terms = distill.build_terms(cfg, num_data=N, dataset_labels=LABELS)
+    assert [(x.name, x.weight) for x in terms] == [("ce", 0.1), ("ctkd_temperature", 0.0), ("kd", 0.9)]
+    distiller = distill.Distiller(terms)
+    variables = _init(distiller, s, t, labels, indices)
+    assert float(variables["params"]["ctkd"]["raw"]) == 1.0 and float(variables["ctkd"]["ctkd"]["step"]) == 0.0
+    t0 = 1.0 + 20.0 / (1.0 + np.exp(-1.0))
+
+    def plain(raw, s_logits):  # kd at T(raw), no reversal: the gradients CTKD reverses
+        temp = 1.0 + 20.0 * jax.nn.sigmoid(raw)
+        return losses.cross_entropy(s_logits, labels) + losses.kd(s_logits, t["logits"], temp)
+
+    g_raw, g_logits = jax.jit(jax.grad(plain, argnums=(0, 1)))(1.0, s["logits"])
+
+    def cosine_decay(i):  # zhengli97/CTKD CosineDecay(max 0, min -1, loops 10): -lambda
+        i = min(max(i, 0), 10)
+        return (np.cos(i * np.pi / 10) + 1.0) * 0.5 * 1.0 - 1.0
+
+    meshes = [jax.make_mesh((n,), (distill.AXIS,), devices=jax.devices()[:n]) for n in (1, 2)]
+    for step, epoch in ((0.0, 1), (8.0 * 10, 11)):
+        variables["ctkd"]["ctkd"]["step"] = jnp.asarray(step, jnp.float32)
+        for mesh in meshes:
+            values, grads, state = jax.device_get(_train_apply(distiller, variables, mesh, s, t, labels, indices))
+            np.testing.assert_allclose(values["ctkd_temperature"], t0, rtol=1e-6)
+            np.testing.assert_allclose(values["kd"], losses.kd(s["logits"], t["logits"], t0), rtol=1e-5)
+            np.testing.assert_allclose(grads["ctkd"]["raw"], cosine_decay(epoch) * g_raw, rtol=1e-4)
+            np.testing.assert_array_equal(state["ctkd"]["ctkd"]["step"], step + 1.0)
+    # The student's gradient is the ordinary one (values and ce/kd at the same T, unit weights).
+    f = lambda v, s_logits: sum(distiller.apply(v, {**s, "logits": s_logits}, t, _ctx(labels)).values())
+    np.testing.assert_allclose(jax.jit(jax.grad(f, argnums=1))(variables, s["logits"]), g_logits,
+                               rtol=1e-4, atol=1e-7)
+    # dkd + ctkd: DKD reads the learned temperature too; a method without one is refused.
+    cfg = distill.get_config("dkd+at").to_dict()
+    cfg["ctkd"]["enabled"] = True
+    v = distill.Distiller(distill.build_terms(cfg, num_data=N))
+    out = jax.jit(lambda s, t, y: v.apply(v.init(jax.random.key(0, impl="rbg"), s, t, _ctx(y)), s, t, _ctx(y)))(
+        s, t, labels)
+    np.testing.assert_allclose(out["dkd"], losses.dkd(s["logits"], t["logits"], labels, 1.0, 8.0, t0), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"CTKD learns a distillation temperature, but at\+wttm has none"):
+        distill.build_terms({"method": "at+wttm", "ctkd": {"enabled": True}})
+    with pytest.raises(ValueError, match=r"distill.ctkd: unknown key\(s\) t_max"):
+        distill.build_terms({"method": "kd", "ctkd": {"enabled": True, "t_max": 3.0}})
 
 
 def test_crd_needs_data_size():

@@ -104,6 +104,35 @@ def np_lskd(s, t, T):
     return np_kd(z(s), z(t), T)
 
 
+def np_standardize(x):
+    x = np.asarray(x, np.float64)
+    return (x - x.mean(1, keepdims=True)) / (1e-7 + x.std(1, ddof=1, keepdims=True))
+
+
+def np_wttm(s, t, gamma):
+    """Literal transcription of zkxufo/TTM WTTM.forward (pow of the teacher's probabilities)."""
+    tot = 0.0
+    for i in range(len(s)):
+        p = np_softmax(t[i]) ** gamma
+        norm = p.sum()
+        tot += norm * np_kl(p / norm, np_log_softmax(s[i]))
+    return tot / len(s)
+
+
+def np_nkd(s, t, y, gamma, temp):
+    """Literal transcription of yzd-v/cls_KD NKDLoss.forward (mask out the target, reshape)."""
+    b, k = s.shape
+    loss_t = 0.0
+    loss_non = 0.0
+    for i in range(b):
+        loss_t += np_softmax(t[i])[y[i]] * np_log_softmax(s[i])[y[i]]
+        keep = np.arange(k) != y[i]
+        log_sn = np_log_softmax(s[i][keep] / temp)
+        tn = np_softmax(t[i][keep] / temp)
+        loss_non += np.sum(tn * log_sn)
+    return -loss_t / b - gamma * temp**2 * loss_non / b
+
+
 def np_pool(x, oh, ow):
     """torch adaptive_avg_pool2d on NHWC, loops."""
     b, h, w, c = x.shape
@@ -277,6 +306,7 @@ def np_contrast(x, n_data, eps=1e-7):
 B, K = 6, 7
 S_LOG, T_LOG = rnd(B, K, seed=1, scale=2.0), rnd(B, K, seed=2, scale=3.0)
 Y = labels_for(B, K)
+W_LOG = rnd(B, K, seed=17)  # weights that turn an array-valued function into a scalar
 FS = rnd(B, 4, 4, 3, seed=3)           # student NHWC
 FT_SAME = rnd(B, 4, 4, 3, seed=4)
 FT_BIG = rnd(B, 6, 6, 5, seed=5)       # teacher: larger spatial (non-divisible) + more channels
@@ -301,6 +331,15 @@ CASES = {
              np_dist(S_LOG, T_LOG, 1.0, 2.0, 4.0)),
     "logit_standardized_kd": (lambda s: L.logit_standardized_kd(s, T_LOG, 2.0), S_LOG,
                               np_lskd(S_LOG, T_LOG, 2.0)),
+    "logit_standardize": (lambda s: jnp.sum(L.logit_standardize(s) * W_LOG), S_LOG,
+                          np.sum(np_standardize(S_LOG) * W_LOG)),
+    "wttm": (lambda s: L.wttm(s, T_LOG, 0.2), S_LOG, np_wttm(S_LOG, T_LOG, 0.2)),
+    "wttm_gamma_0p5": (lambda s: L.wttm(s, T_LOG, 0.5), S_LOG, np_wttm(S_LOG, T_LOG, 0.5)),
+    # gamma = 1: no transform, U = 1, i.e. KL at T = 1.
+    "wttm_gamma_1_is_kd_at_1": (lambda s: L.wttm(s, T_LOG, 1.0), S_LOG, np_kd(S_LOG, T_LOG, 1.0)),
+    "nkd": (lambda s: L.nkd(s, T_LOG, Y, 3.5, 3.0), S_LOG, np_nkd(S_LOG, T_LOG, Y, 3.5, 3.0)),
+    "nkd_reference_class_defaults": (lambda s: L.nkd(s, T_LOG, Y), S_LOG,
+                                     np_nkd(S_LOG, T_LOG, Y, 1.5, 1.0)),
     "mse_logits": (lambda s: L.mse_logits(s, T_LOG), S_LOG,
                    np.mean(np.sum((S_LOG.astype(np.float64) - T_LOG) ** 2, axis=1))),
     "fitnet": (lambda s: L.fitnet(s, FT_SAME), FS,
@@ -366,6 +405,60 @@ def test_kd_hand_values():
     expected = 4.0 * (0.75 * math.log(1.5) + 0.25 * math.log(0.5))  # 0.523248...
     assert float(L.kd(s, t, temperature=2.0)) == pytest.approx(expected, rel=1e-5)
     assert expected == pytest.approx(0.523248, abs=1e-6)
+
+
+def test_wttm_hand_values():
+    # t = [ln 3, 0] -> p = [3/4, 1/4]; gamma = 1/2 -> p^g = [sqrt(3)/2, 1/2], U = (sqrt(3) + 1)/2,
+    # p~ = [sqrt(3), 1] / (sqrt(3) + 1); s = [0, 0] -> q = [1/2, 1/2].
+    t = jnp.asarray([[math.log(3.0), 0.0]])
+    u = (math.sqrt(3.0) + 1.0) / 2.0
+    a, b = math.sqrt(3.0) / (math.sqrt(3.0) + 1.0), 1.0 / (math.sqrt(3.0) + 1.0)
+    expected = u * (a * math.log(2 * a) + b * math.log(2 * b))
+    assert float(L.wttm(jnp.zeros((1, 2)), t, gamma=0.5)) == pytest.approx(expected, rel=1e-5)
+    # A confident teacher (p ~ one-hot) gets weight ~1, a uniform one K^(1 - gamma).
+    assert float(L.wttm(jnp.zeros((1, 4)), jnp.zeros((1, 4)), 0.5)) == pytest.approx(0.0, abs=1e-6)
+    v, g = jax.value_and_grad(L.wttm)(jnp.zeros((1, 4)), jnp.asarray([[300.0, 0, 0, 0]]), 0.2)
+    assert np.isfinite(float(v)) and bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_nkd_hand_values():
+    # K = 3, label 0. Student [0, 0, ln 3] -> S = [1, 1, 3]/5, log S_0 = -ln 5; its non-target
+    # part [0, ln 3] -> [1/4, 3/4]. Teacher [ln 2, 0, 0] -> T_0 = 1/2; non-target [1/2, 1/2].
+    s = jnp.asarray([[0.0, 0.0, math.log(3.0)]])
+    t = jnp.asarray([[math.log(2.0), 0.0, 0.0]])
+    y = jnp.asarray([0])
+    expected = 0.5 * math.log(5.0) - 1.5 * (0.5 * math.log(0.25) + 0.5 * math.log(0.75))
+    assert float(L.nkd(s, t, y, gamma=1.5, temperature=1.0)) == pytest.approx(expected, rel=1e-5)
+    # The non-target part ignores the target logits entirely.
+    s2, t2 = s.at[0, 0].set(-5.0), t.at[0, 0].set(9.0)
+    non = lambda s, t: float(L.nkd(s, t, y, 1.0, 2.0)) - float(L.nkd(s, t, y, 0.0, 2.0))
+    assert non(s, t) == pytest.approx(non(s2, t2), rel=1e-5)
+
+
+def test_gradient_reversal_and_ctkd_temperature():
+    x = jnp.asarray([0.5, -2.0])
+    y, g = jax.value_and_grad(lambda x: jnp.sum(L.gradient_reversal(x, 0.3) ** 2))(x)
+    assert float(y) == pytest.approx(4.25)
+    np.testing.assert_allclose(np.asarray(g), -0.3 * 2 * np.asarray(x), rtol=1e-6)
+    # lambda gets no gradient; lambda = 0 stops the parameter's gradient.
+    assert float(jax.grad(lambda lam: L.gradient_reversal(2.0, lam) * 3.0)(0.7)) == 0.0
+    assert float(jax.grad(lambda r: L.ctkd_temperature(r, 0.0))(1.0)) == 0.0
+    # Reference Global_T init 1, --t_start 1 --t_end 20: T0 = 1 + 20 sigmoid(1).
+    t0 = 1.0 + 20.0 / (1.0 + math.exp(-1.0))
+    assert float(L.ctkd_temperature(1.0, 0.0)) == pytest.approx(t0, rel=1e-6)
+    dsig = 20.0 * math.exp(-1.0) / (1.0 + math.exp(-1.0)) ** 2
+    assert float(jax.grad(lambda r: L.ctkd_temperature(r, 0.25))(1.0)) == pytest.approx(-0.25 * dsig, rel=1e-5)
+
+
+def test_ctkd_lambda_matches_reference_cosine_decay():
+    def cosine_decay(i, max_value=0.0, min_value=-1.0, num_loops=10):  # zhengli97/CTKD CosineDecay
+        i = min(max(i, 0), num_loops)
+        value = (math.cos(i * math.pi / num_loops) + 1.0) * 0.5
+        return value * (max_value - min_value) + min_value
+
+    lam = jax.jit(L.ctkd_lambda)(jnp.arange(0, 14, dtype=jnp.float32))
+    np.testing.assert_allclose(np.asarray(lam), [-cosine_decay(e) for e in range(14)], atol=1e-6)
+    assert float(L.ctkd_lambda(3, 0.2, 0.6, 6)) == pytest.approx(0.2 + 0.4 * 0.5, rel=1e-6)
 
 
 def test_kd_bf16_inputs_computed_in_float32():
@@ -529,6 +622,10 @@ def test_crd_sample_negatives(replace):
      "kd: student_logits must have rank 2 (B, K), got shape (10,)"),
     (lambda: L.dkd(np.zeros((8, 10)), np.zeros((8, 10)), np.zeros(6, np.int32)),
      "dkd: student_logits and labels must have the same batch size, got (8, 10) and (6,)"),
+    (lambda: L.nkd(np.zeros((8, 10)), np.zeros((8, 10)), np.zeros(6, np.int32)),
+     "nkd: student_logits and labels must have the same batch size, got (8, 10) and (6,)"),
+    (lambda: L.wttm(np.zeros((8, 10)), np.zeros((8, 100))),
+     "wttm: student_logits and teacher_logits must have the same shape, got (8, 10) and (8, 100)"),
     (lambda: L.cross_entropy(np.zeros((8, 10)), np.zeros((8, 1), np.int32)),
      "cross_entropy: labels must have rank 1 (B,), got shape (8, 1)"),
     (lambda: L.attention_transfer(np.zeros((8, 4, 4)), np.zeros((8, 4, 4, 3))),
