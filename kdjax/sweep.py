@@ -755,6 +755,7 @@ class _Objective:
 
     def __init__(self, p: Plan, workdir: str, lock: _FileLock, heartbeat_s: float):
         self.p, self.workdir, self.lock, self.heartbeat_s = p, workdir, lock, heartbeat_s
+        self.interrupted: BaseException | None = None
 
     def __call__(self, trial) -> float:
         import optuna
@@ -813,9 +814,10 @@ class _Objective:
         except train.NonFiniteError as e:  # diverged: as hopeless as a pruned trial, and TPE learns from it
             trial.set_user_attr("note", f"diverged: {e}".splitlines()[0][:300])
             raise optuna.TrialPruned(f"diverged ({str(e).split(';')[0]})") from None
-        except (train.Preempted, KeyboardInterrupt) as e:
+        except (train.Preempted, KeyboardInterrupt) as e:  # FAIL quietly, then `run` re-raises it
             trial.set_user_attr("interrupted", str(e) or type(e).__name__)
-            raise
+            self.interrupted = e
+            return float("nan")
         except ValueError as e:
             if str(e).startswith("trial folder "):
                 raise
@@ -871,6 +873,10 @@ def run(sweep_config, workdir: str | None = None, storage: str | None = None, re
             study.optimize(objective, n_trials=1, gc_after_trial=False)
         finally:
             lock.release()
+        if objective.interrupted is not None:  # SIGTERM/SIGINT: the trial is retried when the sweep reruns
+            with lock:
+                write_report(p, study, workdir, plots=False)
+            raise objective.interrupted
         last = _last_of_mine(study)
         failures = failures + 1 if last is not None and "error" in last.user_attrs else 0
         with lock:

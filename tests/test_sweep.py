@@ -348,3 +348,56 @@ def test_cross_validated_trials_report_every_fold(tmp_path):
     assert trial.intermediate_values[4] == cv["selected_val_accuracy_per_fold"][1]
     assert os.path.exists(os.path.join(workdir, "trials", "0", "fold1", "teacher", "result.json"))
     assert not [n for n in os.listdir(workdir) if n.startswith("teacher-")]
+
+
+def test_interrupted_trials_are_retried_and_live_ones_left_alone(tmp_path):
+    """No training: RUNNING trials whose worker is gone (a dead pid here; no heartbeat elsewhere)
+    and FAIL trials marked interrupted (SIGTERM) get exactly one retry with the same parameters,
+    which names the original trial (so it resumes trials/<original>); live trials are untouched."""
+    import optuna
+
+    p = sweep.plan(sweep_config(max_retries=2, stale_after_minutes=1.0))
+    workdir = str(tmp_path)
+    study = optuna.create_study(study_name="r", storage=sweep.make_storage(None, workdir), direction="maximize")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    me = sweep._me()
+    elsewhere = dict(me, ns="another-machine")
+    workers = {"dead": dict(me, pid=dead.pid), "alive": me, "silent elsewhere": elsewhere, "beating elsewhere": elsewhere}
+    trials = {}
+    for name, worker in workers.items():
+        t = study.ask({"distill.temperature": optuna.distributions.FloatDistribution(1.0, 8.0)})
+        t.set_user_attr("kdjax_worker", worker)
+        trials[name] = t
+    os.makedirs(os.path.join(workdir, "heartbeats"))
+    for name, age in (("silent elsewhere", 120), ("beating elsewhere", 0)):
+        path = os.path.join(workdir, "heartbeats", str(trials[name].number))
+        open(path, "w").close()
+        os.utime(path, (time.time() - age, time.time() - age))
+    preempted = study.ask({"distill.temperature": optuna.distributions.FloatDistribution(1.0, 8.0)})
+    preempted.set_user_attr("interrupted", "stage 'student' stopped by SIGTERM at step 6")
+    study.tell(preempted, state=optuna.trial.TrialState.FAIL)
+    for _ in range(2):  # a second pass retries nothing more
+        sweep._retry_interrupted(p, workdir, study)
+    by_number = {t.number: t for t in study.get_trials()}
+    retries = {t.system_attrs["failed_trial"]: t for t in by_number.values() if t.state.name == "WAITING"}
+    expected = {trials["dead"].number, trials["silent elsewhere"].number, preempted.number}
+    assert set(retries) == expected
+    for n in expected:
+        assert by_number[n].state.name == "FAIL" and retries[n].params == by_number[n].params
+    for name in ("alive", "beating elsewhere"):
+        assert by_number[trials[name].number].state.name == "RUNNING"
+    assert sweep.progress(p, study)["counted"] == 5  # 8 trials, 3 of them replaced by their retries
+    # A retry interrupted in turn is retried again, up to max_retries=2 times in all.
+    study = optuna.create_study(study_name="r2", storage=sweep.make_storage(None, workdir), direction="maximize")
+    study.enqueue_trial({"distill.temperature": 2.0})
+    for attempt in range(3):
+        t = study.ask()  # the original, then its retries (each waiting in turn)
+        assert t.suggest_float("distill.temperature", 1.0, 8.0) == 2.0
+        t.set_user_attr("interrupted", "SIGTERM")
+        study.tell(t, state=optuna.trial.TrialState.FAIL)
+        sweep._retry_interrupted(p, workdir, study)
+    chain = study.get_trials()
+    assert [t.state.name for t in chain] == ["FAIL"] * 3
+    assert [t.system_attrs.get("retry_history") for t in chain] == [None, [0], [0, 1]]
+    assert {sweep.root_number(t) for t in chain} == {0}  # every attempt resumes trials/0
