@@ -1023,6 +1023,13 @@ def write_report(p: Plan, study, workdir: str, plots: bool, report_only: bool = 
             best["test_accuracy_of_best_trial"] = None
             best["test_accuracy_note"] = "reported once the sweep has finished"
         _write_text(os.path.join(workdir, "best_config.py"), _best_config_text(p, t, workdir))
+    if state["finished"] and len(complete) >= 2 and len(p.params) >= 2:
+        import optuna
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            best["param_importances"] = {k: round(v, 4) for k, v in optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)).items()}
     _write_text(os.path.join(workdir, "best.json"), json.dumps(best, indent=2, sort_keys=True, default=str) + "\n")
     if plots and (state["finished"] or report_only):
         best["plots"] = write_plots(p, study, workdir, len(complete))
@@ -1047,21 +1054,23 @@ def write_plots(p: Plan, study, workdir: str, n_complete: int) -> list[str]:
         logging.info("importances.png not drawn: it needs >= 2 complete trials and >= 2 searched fields "
                      "(%d complete, %d searched)", n_complete, len(p.params))
     else:
-        wanted.append(("importances.png", ovm.plot_param_importances, None))
+        # fANOVA with a fixed seed: the same study gives the same importances
+        wanted.append(("importances.png", ovm.plot_param_importances,
+                       {"evaluator": optuna.importance.FanovaImportanceEvaluator(seed=0)}))
     wanted.append(("slice.png", ovm.plot_slice, None))
     if len(p.params) >= 2:
         wanted.append(("parallel_coordinate.png", ovm.plot_parallel_coordinate, None))
     if p.pruner["name"] != "none":
         wanted.append(("intermediate.png", ovm.plot_intermediate_values, None))
     written = []
-    for name, fn, _ in wanted:
+    for name, fn, kwargs in wanted:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 previous = optuna.logging.get_verbosity()
                 optuna.logging.set_verbosity(optuna.logging.ERROR)
                 try:
-                    axes = fn(study)
+                    axes = fn(study, **(kwargs or {}))
                 finally:
                     optuna.logging.set_verbosity(previous)
             ax = axes.flat[0] if hasattr(axes, "flat") else axes
@@ -1093,6 +1102,9 @@ def format_report(best: dict) -> str:
                      + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items()))
         if best.get("test_accuracy_of_best_trial") is not None:
             lines.append(f"its TEST accuracy (read once, not used for selection): {best['test_accuracy_of_best_trial']:.4f}")
+        if best.get("param_importances"):
+            lines.append("parameter importances (fANOVA): " + ", ".join(
+                f"{k} {v:.2f}" for k, v in sorted(best["param_importances"].items(), key=lambda kv: -kv[1])))
         lines.append(f"reproduce: {best['command']}")
     lines.append(f"outputs: {best['workdir']}/{{trials.csv,best.json,best_config.py}}"
                  + (f" and {', '.join(best['plots'])}" if best.get("plots") else ""))

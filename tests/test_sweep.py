@@ -236,6 +236,7 @@ def test_sweep_writes_its_outputs(kd_sweep):
     for png in ("history.png", "importances.png", "slice.png", "parallel_coordinate.png", "intermediate.png"):
         assert os.path.getsize(os.path.join(workdir, png)) > 1000, png
     assert best["best_trial"] == saved["best_trial"]
+    assert set(saved["param_importances"]) == set(KD_SPACE)
 
 
 def test_the_teacher_is_trained_once_and_shared(kd_sweep):
