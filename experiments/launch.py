@@ -124,7 +124,13 @@ def _fail(error: BaseException, default_config: str | None = None) -> None:
 
 def _report(workdir: str) -> None:
     """The evaluation report (kdjax.evaluate) of a finished run; a failure there is a warning, not
-    a failed run."""
+    a failed run. Multi-process runs skip it: its checkpoint reads are collectives in Orbax, and
+    the report is one process's job (run experiments.evaluate afterwards)."""
+    import jax
+
+    if jax.process_count() > 1:
+        logging.info("multi-process run: no evaluation report; run python -m experiments.evaluate --workdir=%s", workdir)
+        return
     try:
         from kdjax import evaluate
 
