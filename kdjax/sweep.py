@@ -1026,10 +1026,13 @@ def write_report(p: Plan, study, workdir: str, plots: bool, report_only: bool = 
     if state["finished"] and len(complete) >= 2 and len(p.params) >= 2:
         import optuna
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            best["param_importances"] = {k: round(v, 4) for k, v in optuna.importance.get_param_importances(
-                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)).items()}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                best["param_importances"] = {k: round(v, 4) for k, v in optuna.importance.get_param_importances(
+                    study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)).items()}
+        except Exception as e:  # noqa: BLE001 - e.g. every complete trial has the same value
+            logging.info("parameter importances not computed: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
     _write_text(os.path.join(workdir, "best.json"), json.dumps(best, indent=2, sort_keys=True, default=str) + "\n")
     if plots and (state["finished"] or report_only):
         best["plots"] = write_plots(p, study, workdir, len(complete))
