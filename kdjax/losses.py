@@ -5,9 +5,34 @@ no hidden state. They are ``jax.jit``-able and differentiable, compute in
 float32 internally (so bf16 inputs are fine) and return a float32 scalar unless
 stated otherwise. Layout conventions:
 
-* logits ``(B, K)``, integer labels ``(B,)``;
+* logits ``(..., K)`` with integer labels of the leading shape ``(...)``: ``(B, K)`` and
+  ``(B,)`` for classifiers, ``(B, T, V)`` and ``(B, T)`` for sequence models (one position per
+  token), as optax's losses;
 * feature maps NHWC ``(B, H, W, C)``;
 * embeddings ``(B, D)`` (functions documented as flattening accept ``(B, ...)``).
+
+Every logit loss (``cross_entropy``, ``soft_cross_entropy``, ``kd``, ``dkd``, ``dist``,
+``logit_standardized_kd``, ``wttm``, ``nkd``, ``mse_logits``) also takes, keyword-only:
+
+* ``where``: an optional bool mask of the leading shape (e.g. ``(B, T)``), False for padding.
+  Padded positions are left out of the loss and get exactly zero gradient, whatever their
+  logits hold (they are replaced by zeros first, so even inf/NaN padding is harmless) and
+  whatever their labels are (e.g. -100);
+* ``reduction``: ``'mean'`` (default: the mean over the unmasked positions, 0 when there are
+  none), ``'sum'`` (over the unmasked positions) or ``'none'`` (the per-position values, of the
+  leading shape, 0 at padding). ``dist`` accepts only ``'mean'`` (its intra-class term is
+  defined over the whole batch; its leading axes are flattened into that batch).
+
+With the defaults, every value is the same as for ``(B, K)`` inputs before these arguments
+existed. Feature and relation losses take no mask: each docstring says which shapes it accepts
+(flatten a ``(B, T, D)`` sequence to the unpadded ``(N, D)`` tokens first where the loss relates
+rows of the batch to each other).
+
+Sequence distillation (a language model's (B, T, V) logits, ``mask`` (B, T) False at padding)::
+
+    def loss_fn(params, tokens, mask, teacher_logits):
+        logits = model.apply(params, tokens)                       # (B, T, V)
+        return losses.kd(logits, teacher_logits, temperature=2.0, where=mask)
 
 Shape errors (wrong rank, mismatched batch or shape) raise ``ValueError`` at
 trace time, e.g. ``kd: student_logits and teacher_logits must have the same
@@ -220,13 +245,83 @@ def _pool_to_common(fs: jax.Array, ft: jax.Array) -> tuple[jax.Array, jax.Array]
     return _adaptive_avg_pool(fs, hw), _adaptive_avg_pool(ft, hw)
 
 
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_logits(
+    fn: str,
+    logits: Mapping[str, Any],
+    *,
+    labels: Any = None,
+    where: Any = None,
+    reduction: str = "mean",
+    min_ndim: int = 1,
+    reductions: Sequence[str] = _REDUCTIONS,
+    why: str = "",
+) -> tuple[jax.Array | None, jax.Array | None]:
+    """Validates (..., K) logits, labels/where of the leading shape, and the reduction.
+
+    Returns ``(where, labels)``: ``where`` as a bool array (None if not given) and ``labels``
+    as an int array with the padded positions replaced by class 0 (None if not given), so
+    padding may carry any label (e.g. -100).
+    """
+    if reduction not in reductions:
+        choices = ", ".join(repr(r) for r in reductions)
+        raise ValueError(f"{fn}: reduction must be {choices if len(reductions) == 1 else 'one of ' + choices}"
+                         f"{why}, got {reduction!r}")
+    _check(fn, logits, min_ndim=min_ndim, layout="(..., K)" if min_ndim == 1 else "(B, ..., K)",
+           match="shape")
+    first = next(iter(logits))
+    shape = tuple(np.shape(logits[first]))
+    lead = shape[:-1]
+    for name, arr in (("labels", labels), ("where", where)):
+        if arr is not None and tuple(np.shape(arr)) != lead:
+            raise ValueError(f"{fn}: {name} must have shape {lead} (the leading axes of {first} "
+                             f"{shape}), got {tuple(np.shape(arr))}")
+    if where is not None:
+        dtype = jnp.asarray(where).dtype
+        if not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.integer)):
+            raise ValueError(f"{fn}: where must be a boolean mask, got dtype {dtype} (for "
+                             "per-position weights use reduction='none' and weight the result)")
+        where = jnp.asarray(where).astype(bool)
+    if labels is not None:
+        labels = jnp.asarray(labels)
+        if where is not None:
+            labels = jnp.where(where, labels, jnp.zeros((), labels.dtype))
+    return where, labels
+
+
+def _masked(z: jax.Array, where: jax.Array | None) -> jax.Array:
+    """float32 logits with the padded positions (where == False) replaced by zeros, so that
+    padding, whatever it holds (even inf or NaN), gives finite values and zero gradients."""
+    z = _f32(z)
+    return z if where is None else jnp.where(where[..., None], z, 0.0)
+
+
+def _reduce(values: jax.Array, where: jax.Array | None, reduction: str) -> jax.Array:
+    """Per-position values (leading shape) -> 'mean' over the unmasked positions (0 if none),
+    'sum' over them, or 'none': the values themselves with the padded positions set to 0."""
+    if where is None:
+        if reduction == "mean":
+            return jnp.mean(values)
+        return jnp.sum(values) if reduction == "sum" else values
+    values = jnp.where(where, values, 0.0)
+    if reduction == "none":
+        return values
+    total = jnp.sum(values)
+    if reduction == "sum":
+        return total
+    return total / jnp.maximum(jnp.sum(where, dtype=jnp.float32), 1.0)
+
+
 # --------------------------------------------------------------------------
 # Logit losses
 # --------------------------------------------------------------------------
 
 
-def cross_entropy(logits, labels, label_smoothing: float = 0.0) -> jax.Array:
-    """Softmax cross-entropy with integer labels, batch mean.
+def cross_entropy(logits, labels, label_smoothing: float = 0.0, *, where=None,
+                  reduction: str = "mean") -> jax.Array:
+    """Softmax cross-entropy with integer labels, mean over positions.
 
     loss = mean_b [ -sum_k y_bk log softmax(z_b)_k ],
     y_b = (1 - eps) * onehot(label_b) + eps / K   (eps = label_smoothing),
@@ -234,23 +329,28 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0) -> jax.Array:
     and ``optax.smooth_labels``. With eps = 0 this is the plain NLL of the label.
 
     Args:
-      logits: (B, K) student logits.
-      labels: (B,) integer class ids.
+      logits: (..., K) student logits, e.g. (B, K) or (B, T, K).
+      labels: (...) integer class ids (the leading shape of ``logits``); any value at padding.
       label_smoothing: eps in [0, 1); mass spread uniformly over all K classes.
+      where: optional bool mask of the leading shape (e.g. (B, T) for (B, T, K) logits); False
+        marks padding, which is left out of the loss and gets zero gradient.
+      reduction: 'mean' (default: over the unmasked positions; 0 if there are none), 'sum', or
+        'none' (the per-position values, of the leading shape, 0 at padding).
     """
-    _check("cross_entropy", {"logits": logits}, ndim=2, layout="(B, K)")
-    _check("cross_entropy", {"labels": labels}, ndim=1, layout="(B,)")
-    _check("cross_entropy", {"logits": logits, "labels": labels}, match="batch")
-    z = _f32(logits)
+    where, labels = _check_logits("cross_entropy", {"logits": logits}, labels=labels,
+                                  where=where, reduction=reduction)
+    z = _masked(logits, where)
     if isinstance(label_smoothing, (int, float)) and label_smoothing == 0:
-        return jnp.mean(optax.losses.softmax_cross_entropy_with_integer_labels(z, labels))
+        per = optax.losses.softmax_cross_entropy_with_integer_labels(z, labels)
+        return _reduce(per, where, reduction)
     y = optax.smooth_labels(jax.nn.one_hot(labels, z.shape[-1], dtype=jnp.float32),
                             label_smoothing)
-    return jnp.mean(optax.losses.softmax_cross_entropy(z, y))
+    return _reduce(optax.losses.softmax_cross_entropy(z, y), where, reduction)
 
 
-def soft_cross_entropy(student_logits, teacher_logits, temperature: float = 1.0) -> jax.Array:
-    """Cross-entropy against the teacher's softened distribution, batch mean.
+def soft_cross_entropy(student_logits, teacher_logits, temperature: float = 1.0, *,
+                       where=None, reduction: str = "mean") -> jax.Array:
+    """Cross-entropy against the teacher's softened distribution, mean over positions.
 
     loss = mean_b [ -sum_k softmax(t_b/T)_k log softmax(s_b/T)_k ]
 
@@ -261,24 +361,31 @@ def soft_cross_entropy(student_logits, teacher_logits, temperature: float = 1.0)
     entropy, a constant w.r.t. the student.
 
     Args:
-      student_logits, teacher_logits: (B, K).
+      student_logits, teacher_logits: (..., K), the same shape.
       temperature: T > 0, applied to both.
+      where: optional bool mask of the leading shape (e.g. (B, T) for (B, T, K) logits); False
+        marks padding, which is left out of the loss and gets zero gradient.
+      reduction: 'mean' (default: over the unmasked positions; 0 if there are none), 'sum', or
+        'none' (the per-position values, of the leading shape, 0 at padding).
     """
-    _check("soft_cross_entropy", {"student_logits": student_logits,
-                                  "teacher_logits": teacher_logits},
-           ndim=2, layout="(B, K)", match="shape")
-    s = _f32(student_logits) / temperature
-    t = _f32(teacher_logits) / temperature
-    return jnp.mean(optax.losses.softmax_cross_entropy(s, jax.nn.softmax(t, axis=-1)))
+    where, _ = _check_logits("soft_cross_entropy", {"student_logits": student_logits,
+                                                    "teacher_logits": teacher_logits},
+                             where=where, reduction=reduction)
+    s = _masked(student_logits, where) / temperature
+    t = _masked(teacher_logits, where) / temperature
+    per = optax.losses.softmax_cross_entropy(s, jax.nn.softmax(t, axis=-1))
+    return _reduce(per, where, reduction)
 
 
-def kd(student_logits, teacher_logits, temperature: float = 4.0) -> jax.Array:
+def kd(student_logits, teacher_logits, temperature: float = 4.0, *, where=None,
+       reduction: str = "mean") -> jax.Array:
     """Hinton knowledge distillation: T^2-scaled KL of softened distributions.
 
     loss = T^2 * mean_b KL( softmax(t_b/T) || softmax(s_b/T) )
          = T^2 * mean_b sum_k p_t,k (log p_t,k - log p_s,k)
 
-    Reduction: sum over classes, mean over the batch ("batchmean").
+    Reduction: sum over classes, mean over the batch ("batchmean"); with leading axes
+    (B, T, K), mean over all (unmasked) positions, i.e. per-token KL averaged over tokens.
     Paper: Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural
     Network", 2015. Reproduces RepDistiller ``DistillKL``
     (``kl_div(sum) * T^2 / B``).
@@ -287,18 +394,23 @@ def kd(student_logits, teacher_logits, temperature: float = 4.0) -> jax.Array:
     config, not arguments here: total = w_ce * cross_entropy + w_kd * kd.
 
     Args:
-      student_logits, teacher_logits: (B, K).
+      student_logits, teacher_logits: (..., K), the same shape, e.g. (B, K) or (B, T, V).
       temperature: softening temperature T (may be a traced scalar, e.g. CTKD).
+      where: optional bool mask of the leading shape (e.g. (B, T) for (B, T, K) logits); False
+        marks padding, which is left out of the loss and gets zero gradient.
+      reduction: 'mean' (default: over the unmasked positions; 0 if there are none), 'sum', or
+        'none' (the per-position values, of the leading shape, 0 at padding).
     """
-    _check("kd", {"student_logits": student_logits, "teacher_logits": teacher_logits},
-           ndim=2, layout="(B, K)", match="shape")
-    s = _f32(student_logits) / temperature
-    t = _f32(teacher_logits) / temperature
-    return jnp.mean(_kl_logits(t, s)) * temperature**2
+    where, _ = _check_logits("kd", {"student_logits": student_logits,
+                                    "teacher_logits": teacher_logits},
+                             where=where, reduction=reduction)
+    s = _masked(student_logits, where) / temperature
+    t = _masked(teacher_logits, where) / temperature
+    return _reduce(_kl_logits(t, s), where, reduction) * temperature**2
 
 
 def dkd(student_logits, teacher_logits, labels, alpha: float = 1.0, beta: float = 8.0,
-        temperature: float = 4.0) -> jax.Array:
+        temperature: float = 4.0, *, where=None, reduction: str = "mean") -> jax.Array:
     """Decoupled knowledge distillation: alpha * TCKD + beta * NCKD.
 
     With p = softmax(z/T) and g = target class:
@@ -315,19 +427,26 @@ def dkd(student_logits, teacher_logits, labels, alpha: float = 1.0, beta: float 
     teachers. DKD's linear warm-up (``min(epoch / warmup, 1)``) and CE weight
     are the trainer's job.
 
+    Both terms are per-example KLs averaged over the batch, so leading axes (..., K) are
+    simply more positions (each with its own target class): 'mean' averages TCKD and NCKD over
+    the unmasked positions, 'none' gives alpha * TCKD + beta * NCKD (times T^2) per position.
+
     Args:
-      student_logits, teacher_logits: (B, K), K >= 2.
-      labels: (B,) integer target classes.
+      student_logits, teacher_logits: (..., K), the same shape, K >= 2.
+      labels: (...) integer target classes (the leading shape); any value at padding.
       alpha: weight of the target-class term TCKD (mdistiller DKD.ALPHA).
       beta: weight of the non-target term NCKD (mdistiller DKD.BETA; 8 on CIFAR).
       temperature: T.
+      where: optional bool mask of the leading shape (e.g. (B, T) for (B, T, K) logits); False
+        marks padding, which is left out of the loss and gets zero gradient.
+      reduction: 'mean' (default: over the unmasked positions; 0 if there are none), 'sum', or
+        'none' (the per-position values, of the leading shape, 0 at padding).
     """
-    _check("dkd", {"student_logits": student_logits, "teacher_logits": teacher_logits},
-           ndim=2, layout="(B, K)", match="shape")
-    _check("dkd", {"labels": labels}, ndim=1, layout="(B,)")
-    _check("dkd", {"student_logits": student_logits, "labels": labels}, match="batch")
-    zs = _f32(student_logits) / temperature
-    zt = _f32(teacher_logits) / temperature
+    where, labels = _check_logits("dkd", {"student_logits": student_logits,
+                                          "teacher_logits": teacher_logits},
+                                  labels=labels, where=where, reduction=reduction)
+    zs = _masked(student_logits, where) / temperature
+    zt = _masked(teacher_logits, where) / temperature
     gt = jax.nn.one_hot(labels, zs.shape[-1], dtype=jnp.float32)
 
     def binary_log_probs(z):
@@ -336,14 +455,14 @@ def dkd(student_logits, teacher_logits, labels, alpha: float = 1.0, beta: float 
         log_p_other = jax.nn.logsumexp(jnp.where(gt > 0, -jnp.inf, z), axis=-1) - lse
         return jnp.stack([log_p_gt, log_p_other], axis=-1)
 
-    tckd = jnp.mean(optax.losses.kl_divergence_with_log_targets(
-        binary_log_probs(zs), binary_log_probs(zt)))
-    nckd = jnp.mean(_kl_logits(zt - 1000.0 * gt, zs - 1000.0 * gt))
+    tckd = _reduce(optax.losses.kl_divergence_with_log_targets(
+        binary_log_probs(zs), binary_log_probs(zt)), where, reduction)
+    nckd = _reduce(_kl_logits(zt - 1000.0 * gt, zs - 1000.0 * gt), where, reduction)
     return (alpha * tckd + beta * nckd) * temperature**2
 
 
 def dist(student_logits, teacher_logits, beta: float = 1.0, gamma: float = 1.0,
-         temperature: float = 1.0) -> jax.Array:
+         temperature: float = 1.0, *, where=None, reduction: str = "mean") -> jax.Array:
     """DIST: inter- and intra-class Pearson-correlation relation loss.
 
     With Y = softmax(z/T) (B, K) and rho(u, v) = <u - mean u, v - mean v> /
@@ -357,16 +476,30 @@ def dist(student_logits, teacher_logits, beta: float = 1.0, gamma: float = 1.0,
     ``DIST`` (lib/models/losses/dist_kd.py; the ``tau**2`` factor is from there,
     the segmentation copy in hunto/DIST_KD has no temperature).
 
+    The intra-class term is defined over the batch, not per example. Leading axes
+    (B, ..., K) are flattened into that batch: (B, T, K) logits are B*T rows, so each class
+    is correlated over all (unmasked) tokens of the batch, and `inter` is the mean over those
+    rows. With ``where``, padded rows are left out of both terms (each class's mean and
+    correlation are over the unmasked rows only). There is no per-position value and no
+    meaningful sum, so only ``reduction='mean'`` is accepted; 'sum' and 'none' are refused.
+    Needs at least one leading axis.
+
     Args:
-      student_logits, teacher_logits: (B, K).
+      student_logits, teacher_logits: (B, ..., K), the same shape.
       beta: weight of the inter-class (per-sample) relation.
       gamma: weight of the intra-class (per-class, across batch) relation.
       temperature: tau.
+      where: optional bool mask of the leading shape; False marks padding.
+      reduction: 'mean' only (see above).
     """
-    _check("dist", {"student_logits": student_logits, "teacher_logits": teacher_logits},
-           ndim=2, layout="(B, K)", match="shape")
-    ys = jax.nn.softmax(_f32(student_logits) / temperature, axis=-1)
-    yt = jax.nn.softmax(_f32(teacher_logits) / temperature, axis=-1)
+    where, _ = _check_logits(
+        "dist", {"student_logits": student_logits, "teacher_logits": teacher_logits},
+        where=where, reduction=reduction, min_ndim=2, reductions=("mean",),
+        why=" (its intra-class term correlates each class over the whole batch, so there is no "
+            "per-position value)")
+    k = np.shape(student_logits)[-1]
+    ys = jax.nn.softmax(_masked(student_logits, where).reshape(-1, k) / temperature, axis=-1)
+    yt = jax.nn.softmax(_masked(teacher_logits, where).reshape(-1, k) / temperature, axis=-1)
 
     def pearson(a, b, axis):
         a = a - jnp.mean(a, axis=axis, keepdims=True)
@@ -375,13 +508,28 @@ def dist(student_logits, teacher_logits, beta: float = 1.0, gamma: float = 1.0,
         den = _norm(a, axis, keepdims=False) * _norm(b, axis, keepdims=False) + 1e-8
         return num / den
 
-    inter = 1.0 - jnp.mean(pearson(ys, yt, axis=1))
-    intra = 1.0 - jnp.mean(pearson(ys, yt, axis=0))
+    if where is None:
+        inter = 1.0 - jnp.mean(pearson(ys, yt, axis=1))
+        intra = 1.0 - jnp.mean(pearson(ys, yt, axis=0))
+        return temperature**2 * (beta * inter + gamma * intra)
+
+    keep = where.reshape(-1)
+    inter = 1.0 - _reduce(pearson(ys, yt, axis=1), keep, "mean")
+    w = keep[:, None].astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(w), 1.0)
+
+    def centred(a):  # columns centred on the unmasked rows' mean; padded rows zero
+        return (a - jnp.sum(w * a, axis=0, keepdims=True) / n) * w
+
+    a, b = centred(ys), centred(yt)
+    rho = jnp.sum(a * b, axis=0) / (_norm(a, 0, keepdims=False) * _norm(b, 0, keepdims=False)
+                                     + 1e-8)
+    intra = 1.0 - jnp.mean(rho)
     return temperature**2 * (beta * inter + gamma * intra)
 
 
-def logit_standardized_kd(student_logits, teacher_logits,
-                          temperature: float = 2.0) -> jax.Array:
+def logit_standardized_kd(student_logits, teacher_logits, temperature: float = 2.0, *,
+                          where=None, reduction: str = "mean") -> jax.Array:
     """KD on z-scored logits (logit standardisation).
 
     z' = (z - mean_k z) / (std_k z + 1e-7), std with Bessel's correction
@@ -397,24 +545,30 @@ def logit_standardized_kd(student_logits, teacher_logits,
     ``normalize`` + ``kd_loss`` (mdistiller/distillers/KD.py).
 
     Args:
-      student_logits, teacher_logits: (B, K), K >= 2.
+      student_logits, teacher_logits: (..., K), the same shape, K >= 2.
       temperature: base temperature T applied after standardisation.
+      where: optional bool mask of the leading shape (e.g. (B, T) for (B, T, K) logits); False
+        marks padding, which is left out of the loss and gets zero gradient.
+      reduction: 'mean' (default: over the unmasked positions; 0 if there are none), 'sum', or
+        'none' (the per-position values, of the leading shape, 0 at padding).
 
     Equal to ``kd(logit_standardize(s), logit_standardize(t), T)``; in the method layer the
     same standardisation is a modifier of any logit method (``distill.logit_standardize``).
     """
-    _check("logit_standardized_kd",
-           {"student_logits": student_logits, "teacher_logits": teacher_logits},
-           ndim=2, layout="(B, K)", match="shape")
-
-    return kd(logit_standardize(student_logits), logit_standardize(teacher_logits), temperature)
+    where, _ = _check_logits("logit_standardized_kd",
+                             {"student_logits": student_logits, "teacher_logits": teacher_logits},
+                             where=where, reduction=reduction)
+    s, t = _masked(student_logits, where), _masked(teacher_logits, where)
+    return kd(logit_standardize(s), logit_standardize(t), temperature, where=where,
+              reduction=reduction)
 
 
 def logit_standardize(logits, eps: float = 1e-7) -> jax.Array:
     """Per-sample z-score of logits over the class axis (logit standardisation).
 
     z' = (z - mean_k z) / (std_k z + eps), std with Bessel's correction (unbiased, as
-    ``torch.Tensor.std``). Returns float32 logits of the input's shape (B, K), not a loss.
+    ``torch.Tensor.std``). Returns float32 logits of the input's shape (..., K), not a loss;
+    every position (row) is standardised on its own, so padding needs no mask here.
 
     Paper: Sun, Ren, Li, Wang, Cao, "Logit Standardization in Knowledge Distillation", CVPR
     2024. Reproduces sunshangquan/logit-standardization-KD ``normalize`` (mdistiller/distillers/
@@ -423,17 +577,18 @@ def logit_standardize(logits, eps: float = 1e-7) -> jax.Array:
     it the same way to every logit term with ``distill.logit_standardize=True``.
 
     Args:
-      logits: (B, K), K >= 2.
+      logits: (..., K), K >= 2, e.g. (B, K) or (B, T, K).
       eps: added to the standard deviation (1e-7 in the reference).
     """
-    _check("logit_standardize", {"logits": logits}, ndim=2, layout="(B, K)")
+    _check("logit_standardize", {"logits": logits}, min_ndim=1, layout="(..., K)")
     z = _f32(logits)
     c = z - jnp.mean(z, axis=-1, keepdims=True)
     std = _safe_sqrt(jnp.sum(c * c, axis=-1, keepdims=True) / (z.shape[-1] - 1))
     return c / (std + eps)
 
 
-def wttm(student_logits, teacher_logits, gamma: float = 0.2) -> jax.Array:
+def wttm(student_logits, teacher_logits, gamma: float = 0.2, *, where=None,
+         reduction: str = "mean") -> jax.Array:
     """Weighted transformed teacher matching (WTTM).
 
     With p = softmax(t) and q = softmax(s) (both at temperature 1) and the power transform
@@ -454,19 +609,25 @@ def wttm(student_logits, teacher_logits, gamma: float = 0.2) -> jax.Array:
     ``kd(s, gamma * t, 1)``.
 
     Args:
-      student_logits, teacher_logits: (B, K).
+      student_logits, teacher_logits: (..., K), the same shape (each position has its own
+        weight U).
       gamma: power-transform exponent, 0 < gamma <= 1 (the reference's ``--ttm_l``).
+      where: optional bool mask of the leading shape (e.g. (B, T) for (B, T, K) logits); False
+        marks padding, which is left out of the loss and gets zero gradient.
+      reduction: 'mean' (default: over the unmasked positions; 0 if there are none), 'sum', or
+        'none' (the per-position values, of the leading shape, 0 at padding).
     """
-    _check("wttm", {"student_logits": student_logits, "teacher_logits": teacher_logits},
-           ndim=2, layout="(B, K)", match="shape")
-    log_pt = gamma * jax.nn.log_softmax(_f32(teacher_logits), axis=-1)  # log p^gamma
+    where, _ = _check_logits("wttm", {"student_logits": student_logits,
+                                      "teacher_logits": teacher_logits},
+                             where=where, reduction=reduction)
+    log_pt = gamma * jax.nn.log_softmax(_masked(teacher_logits, where), axis=-1)  # log p^gamma
     weight = jnp.exp(jax.nn.logsumexp(log_pt, axis=-1))  # U = sum p^gamma
-    kl = _kl_logits(log_pt, _f32(student_logits))  # softmax(log p^gamma) = p^gamma / U
-    return jnp.mean(weight * kl)
+    kl = _kl_logits(log_pt, _masked(student_logits, where))  # softmax(log p^gamma) = p^gamma / U
+    return _reduce(weight * kl, where, reduction)
 
 
 def nkd(student_logits, teacher_logits, labels, gamma: float = 1.5,
-        temperature: float = 1.0) -> jax.Array:
+        temperature: float = 1.0, *, where=None, reduction: str = "mean") -> jax.Array:
     """Normalized knowledge distillation (NKD): target term + normalised non-target term.
 
     With g = target class, S = softmax(s), T = softmax(t) at temperature 1, and the non-target
@@ -488,29 +649,35 @@ def nkd(student_logits, teacher_logits, labels, gamma: float = 1.5,
     temp 1, gamma 1.5 (ImageNet ResNet configs); the CIFAR-100 config uses temp 3, gamma 3.5.
     Soft (mixed) labels are reduced to their argmax in the reference; pass that class here.
 
+    Both parts are per-example values averaged over the batch, so leading axes (..., K) are
+    more positions, each with its own target class; 'none' gives L_target + L_non per position.
+
     Args:
-      student_logits, teacher_logits: (B, K), K >= 2.
-      labels: (B,) integer target classes.
+      student_logits, teacher_logits: (..., K), the same shape, K >= 2.
+      labels: (...) integer target classes (the leading shape); any value at padding.
       gamma: weight of the non-target term.
       temperature: tau, applied to the non-target part only.
+      where: optional bool mask of the leading shape (e.g. (B, T) for (B, T, K) logits); False
+        marks padding, which is left out of the loss and gets zero gradient.
+      reduction: 'mean' (default: over the unmasked positions; 0 if there are none), 'sum', or
+        'none' (the per-position values, of the leading shape, 0 at padding).
     """
-    _check("nkd", {"student_logits": student_logits, "teacher_logits": teacher_logits},
-           ndim=2, layout="(B, K)", match="shape")
-    _check("nkd", {"labels": labels}, ndim=1, layout="(B,)")
-    _check("nkd", {"student_logits": student_logits, "labels": labels}, match="batch")
-    zs, zt = _f32(student_logits), _f32(teacher_logits)
-    labels = jnp.asarray(labels, jnp.int32)[:, None]
+    where, labels = _check_logits("nkd", {"student_logits": student_logits,
+                                          "teacher_logits": teacher_logits},
+                                  labels=labels, where=where, reduction=reduction)
+    zs, zt = _masked(student_logits, where), _masked(teacher_logits, where)
+    labels = jnp.asarray(labels, jnp.int32)[..., None]
     t_target = jnp.take_along_axis(jax.nn.softmax(zt, axis=-1), labels, axis=-1)
     log_s_target = jnp.take_along_axis(jax.nn.log_softmax(zs, axis=-1), labels, axis=-1)
-    loss_t = -jnp.mean(t_target * log_s_target)
+    loss_t = -_reduce((t_target * log_s_target)[..., 0], where, reduction)
     # Column j of the K - 1 non-target classes is class j, or j + 1 from the target on.
     k = zs.shape[-1]
-    cols = jnp.arange(k - 1)[None, :]
+    cols = jnp.arange(k - 1)
     others = cols + (cols >= labels).astype(jnp.int32)
     zs_non = jnp.take_along_axis(zs, others, axis=-1) / temperature
     zt_non = jnp.take_along_axis(zt, others, axis=-1) / temperature
     ce_non = optax.losses.softmax_cross_entropy(zs_non, jax.nn.softmax(zt_non, axis=-1))
-    return loss_t + gamma * temperature**2 * jnp.mean(ce_non)
+    return loss_t + gamma * temperature**2 * _reduce(ce_non, where, reduction)
 
 
 @jax.custom_vjp
@@ -581,8 +748,9 @@ def ctkd_temperature(raw, lam, t_start: float = 1.0, t_end: float = 20.0) -> jax
     return t_start + t_end * jax.nn.sigmoid(x)
 
 
-def mse_logits(student_logits, teacher_logits) -> jax.Array:
-    """Squared L2 distance between logits, summed over classes, batch mean.
+def mse_logits(student_logits, teacher_logits, *, where=None,
+               reduction: str = "mean") -> jax.Array:
+    """Squared L2 distance between logits, summed over classes, mean over positions.
 
     loss = mean_b sum_k (s_bk - t_bk)^2
 
@@ -592,12 +760,17 @@ def mse_logits(student_logits, teacher_logits) -> jax.Array:
     distillation: A good teacher is patient and consistent", CVPR 2022.
 
     Args:
-      student_logits, teacher_logits: (B, K).
+      student_logits, teacher_logits: (..., K), the same shape.
+      where: optional bool mask of the leading shape (e.g. (B, T) for (B, T, K) logits); False
+        marks padding, which is left out of the loss and gets zero gradient.
+      reduction: 'mean' (default: over the unmasked positions; 0 if there are none), 'sum', or
+        'none' (the per-position values, of the leading shape, 0 at padding).
     """
-    _check("mse_logits", {"student_logits": student_logits, "teacher_logits": teacher_logits},
-           ndim=2, layout="(B, K)", match="shape")
-    d = _f32(student_logits) - _f32(teacher_logits)
-    return jnp.mean(jnp.sum(d * d, axis=-1))
+    where, _ = _check_logits("mse_logits", {"student_logits": student_logits,
+                                            "teacher_logits": teacher_logits},
+                             where=where, reduction=reduction)
+    d = _masked(student_logits, where) - _masked(teacher_logits, where)
+    return _reduce(jnp.sum(d * d, axis=-1), where, reduction)
 
 
 # --------------------------------------------------------------------------
@@ -614,6 +787,10 @@ def fitnet(student_feat, teacher_feat) -> jax.Array:
     regressor is a trainer-side module). Paper: Romero et al., "FitNets:
     Hints for Thin Deep Nets", ICLR 2015. Reproduces RepDistiller ``HintLoss``
     (``nn.MSELoss()``, mean reduction).
+
+    Shapes: any (B, ...) of rank >= 2, student and teacher equal: (B, H, W, C) maps,
+    (B, D) embeddings, (B, T, D) token features. The mean runs over every element, padding
+    included: drop padded tokens (or zero them in both) first.
 
     Args:
       student_feat, teacher_feat: same shape (B, ...).
@@ -638,6 +815,9 @@ def attention_transfer(student_feat, teacher_feat, p: float = 2.0) -> jax.Array:
     Paper: Zagoruyko, Komodakis, "Paying More Attention to Attention", ICLR
     2017. Reproduces RepDistiller ``Attention.at_loss`` for one feature pair
     (RepDistiller's trainer sums the per-layer losses with weight beta=1000).
+
+    Shapes: NHWC (B, H, W, C) only; H, W and C may differ between student and teacher,
+    B may not.
 
     Args:
       student_feat: (B, H, W, Cs).
@@ -665,6 +845,10 @@ def similarity_preserving(student_feat, teacher_feat) -> jax.Array:
     Paper: Tung, Mori, "Similarity-Preserving Knowledge Distillation", ICCV
     2019. Reproduces RepDistiller ``Similarity.similarity_loss`` (note it is
     the Gram matrix rows that are normalised, not the rows of Q).
+
+    Shapes: (B, ...) of rank >= 2, flattened per sample to (B, N); only B must match. The
+    loss relates the B rows to each other, so for token features pass the unpadded tokens as
+    (N, D) rows, not padded (B, T, D).
 
     Args:
       student_feat, teacher_feat: (B, ...) of any rank >= 2; non-batch shapes
@@ -701,6 +885,9 @@ def nst(student_feat, teacher_feat) -> jax.Array:
     (full_loss=True); the reference detaches the teacher-teacher term, which
     is a constant w.r.t. the student anyway.
 
+    Shapes: NHWC (B, H, W, C) only; H, W and C may differ between student and teacher,
+    B may not.
+
     Args:
       student_feat: (B, H, W, Cs).
       teacher_feat: (B, H', W', Ct).
@@ -735,6 +922,9 @@ def vid(student_mean, teacher_feat, variance) -> jax.Array:
     Distillation for Knowledge Transfer", CVPR 2019. Reproduces RepDistiller
     ``VIDLoss.forward`` given the regressor output.
 
+    Shapes: ``student_mean`` and ``teacher_feat`` equal, (B, ..., C) of rank >= 2 (NHWC maps,
+    (B, D), (B, T, D)); ``variance`` (C,). Mean over every element, padding included.
+
     Args:
       student_mean: (B, ..., C) predicted mean mu (regressed student feature).
       teacher_feat: same shape as ``student_mean``.
@@ -761,6 +951,8 @@ def hcl(student_feats: Sequence[Any], teacher_feats: Sequence[Any]) -> jax.Array
 
     Paper: Chen, Liu, Zhao, Jia, "Distilling Knowledge via Knowledge Review",
     CVPR 2021. Reproduces mdistiller ``ReviewKD.hcl_loss``.
+
+    Shapes: two equal-length lists of NHWC (B, H, W, C) maps, the i-th pair of equal shape.
 
     Args:
       student_feats, teacher_feats: equal-length sequences of (B, H, W, C)
@@ -812,6 +1004,9 @@ def rkd(student_emb, teacher_emb, distance_weight: float = 25.0,
     Reproduces RepDistiller ``RKDLoss`` (the reference computes the teacher
     side under no_grad; no stop_gradient here).
 
+    Shapes: (B, ...) of rank >= 2, flattened per sample; only B must match. Relational over
+    the B rows (B x B distances, B^3 angles): pass unpadded token rows (N, D) for sequences.
+
     Args:
       student_emb: (B, ...) flattened to (B, Ns).
       teacher_emb: (B, ...) flattened to (B, Nt); Ns may differ from Nt.
@@ -851,6 +1046,9 @@ def pkt(student_emb, teacher_emb, eps: float = 1e-7) -> jax.Array:
     Knowledge Transfer", ECCV 2018. Reproduces RepDistiller
     ``PKT.cosine_similarity_loss``.
 
+    Shapes: (B, ...) of rank >= 2, flattened per sample; only B must match. Relational over
+    the B rows (B x B similarities): pass unpadded token rows (N, D) for sequences.
+
     Args:
       student_emb: (B, ...) flattened to (B, Ds).
       teacher_emb: (B, ...) flattened to (B, Dt); Ds may differ from Dt.
@@ -886,6 +1084,9 @@ def correlation_congruence(student_emb, teacher_emb, gamma: float = 0.4, order: 
     (e.g. CIRKD / image_classification_sota ``CC``) first l2-normalise and use
     ``mse_loss`` instead; ``normalize=True`` enables only the former.
 
+    Shapes: (B, ...) of rank >= 2, flattened per sample; only B must match. Relational
+    over the B rows (B x B kernel): pass unpadded token rows (N, D) for sequences.
+
     Args:
       student_emb: (B, ...) flattened to (B, Ds).
       teacher_emb: (B, ...) flattened to (B, Dt); Ds may differ from Dt.
@@ -920,6 +1121,10 @@ def cosine_distance(student_emb, teacher_emb, eps: float = 1e-8) -> jax.Array:
     ``optax.losses.cosine_distance`` (whose epsilon floors the squared norm,
     so it is passed eps^2). Common embedding-matching loss (e.g. big_vision
     feature distillation, DeiT-style); no single reference.
+
+    Shapes: (B, ...) of rank >= 2, student and teacher equal, flattened per sample to
+    (B, N); one distance per row, batch mean (for (B, T, D) tokens: reshape to (B*T, D) and
+    drop the padded rows).
 
     Args:
       student_emb, teacher_emb: (B, ...) of the same shape.
@@ -1023,6 +1228,8 @@ def crd_contrast_loss(probs, num_data: int, eps: float = 1e-7) -> jax.Array:
     Paper: Tian, Krishnan, Isola, "Contrastive Representation Distillation",
     ICLR 2020 (Eq. 18). Reproduces RepDistiller crd/criterion.py ContrastLoss.
 
+    Shapes: (B, 1 + m) only.
+
     Args:
       probs: (B, 1 + m) scores exp(<bank_row, emb>/T) / Z.
       num_data: N, the dataset size defining the noise distribution Pn = 1/N.
@@ -1055,6 +1262,8 @@ def crd_nce(student_emb, teacher_emb, memory: Mapping[str, jax.Array], indices,
     Paper: Tian, Krishnan, Isola, "Contrastive Representation Distillation",
     ICLR 2020. Reproduces RepDistiller ``CRDLoss`` minus the ``Embed``
     projections (trainer-side modules: linear + l2 normalisation).
+
+    Shapes: embeddings (B, D), indices (B,), negative_indices (B, m); memory banks (N, D).
 
     Args:
       student_emb, teacher_emb: (B, D) l2-normalised projected embeddings.

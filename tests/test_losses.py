@@ -618,16 +618,30 @@ def test_crd_sample_negatives(replace):
 @pytest.mark.parametrize("call, message", [
     (lambda: L.kd(np.zeros((8, 10)), np.zeros((8, 100))),
      "kd: student_logits and teacher_logits must have the same shape, got (8, 10) and (8, 100)"),
-    (lambda: L.kd(np.zeros(10), np.zeros(10)),
-     "kd: student_logits must have rank 2 (B, K), got shape (10,)"),
+    (lambda: L.kd(np.zeros(()), np.zeros(())),
+     "kd: student_logits must have rank >= 1 (..., K), got shape ()"),
+    (lambda: L.dist(np.zeros(10), np.zeros(10)),
+     "dist: student_logits must have rank >= 2 (B, ..., K), got shape (10,)"),
+    (lambda: L.dist(np.zeros((8, 10)), np.zeros((8, 10)), reduction="none"),
+     "dist: reduction must be 'mean' (its intra-class term correlates each class over the whole "
+     "batch, so there is no per-position value), got 'none'"),
+    (lambda: L.kd(np.zeros((8, 10)), np.zeros((8, 10)), reduction="avg"),
+     "kd: reduction must be one of 'mean', 'sum', 'none', got 'avg'"),
+    (lambda: L.kd(np.zeros((2, 5, 10)), np.zeros((2, 5, 10)), where=np.ones((2, 5))),
+     "kd: where must be a boolean mask, got dtype float32 (for per-position weights use "
+     "reduction='none' and weight the result)"),
+    (lambda: L.kd(np.zeros((2, 5, 10)), np.zeros((2, 5, 10)), where=np.ones((2, 4), bool)),
+     "kd: where must have shape (2, 5) (the leading axes of student_logits (2, 5, 10)), got "
+     "(2, 4)"),
     (lambda: L.dkd(np.zeros((8, 10)), np.zeros((8, 10)), np.zeros(6, np.int32)),
-     "dkd: student_logits and labels must have the same batch size, got (8, 10) and (6,)"),
+     "dkd: labels must have shape (8,) (the leading axes of student_logits (8, 10)), got (6,)"),
     (lambda: L.nkd(np.zeros((8, 10)), np.zeros((8, 10)), np.zeros(6, np.int32)),
-     "nkd: student_logits and labels must have the same batch size, got (8, 10) and (6,)"),
+     "nkd: labels must have shape (8,) (the leading axes of student_logits (8, 10)), got (6,)"),
     (lambda: L.wttm(np.zeros((8, 10)), np.zeros((8, 100))),
      "wttm: student_logits and teacher_logits must have the same shape, got (8, 10) and (8, 100)"),
     (lambda: L.cross_entropy(np.zeros((8, 10)), np.zeros((8, 1), np.int32)),
-     "cross_entropy: labels must have rank 1 (B,), got shape (8, 1)"),
+     "cross_entropy: labels must have shape (8,) (the leading axes of logits (8, 10)), got "
+     "(8, 1)"),
     (lambda: L.attention_transfer(np.zeros((8, 4, 4)), np.zeros((8, 4, 4, 3))),
      "attention_transfer: student_feat must have rank 4 (B, H, W, C), got shape (8, 4, 4)"),
     (lambda: L.nst(np.zeros((8, 4, 4, 3)), np.zeros((6, 4, 4, 3))),
@@ -661,3 +675,13 @@ def test_value_errors(call, message):
 def test_value_error_raised_at_trace_time_under_jit():
     with pytest.raises(ValueError, match="pkt: student_emb and teacher_emb must have the same"):
         jax.jit(L.pkt)(jnp.zeros((4, 3)), jnp.zeros((5, 3)))
+
+
+def test_all_lists_exactly_the_public_functions():
+    public = {n for n, v in vars(L).items()
+              if not n.startswith("_") and callable(v) and getattr(v, "__module__", None) == L.__name__}
+    assert set(L.__all__) == public
+    assert len(L.__all__) == len(set(L.__all__))
+    namespace = {}
+    exec("from kdjax.losses import *", namespace)
+    assert not {"jax", "jnp", "np", "optax", "math"} & set(namespace)
