@@ -271,23 +271,12 @@ def _error(message: str, status: int = 2):
     sys.exit(status)
 
 
-def _config_argument() -> str | None:
-    value = None
-    argv = sys.argv[1:]
-    for i, arg in enumerate(argv):
-        if arg in ("--config", "-config") and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith(("--config=", "-config=")):
-            value = arg.split("=", 1)[1]
-    return value
-
-
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Teacher/student config file, with an optional ':arg'.")
 
 
 def parse_flags(argv):
     """absl parsing; a missing or broken --config, a bad override or unknown flag: one line, exit 2."""
-    argument = _config_argument()
+    argument = launch.config_argument(None)
     if not argument:
         _error("--config is required, e.g. --config=experiments/configs/digits.py")
     if problem := launch.config_file_error(argument):

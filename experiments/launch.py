@@ -75,7 +75,7 @@ def _one_line(error: BaseException) -> str:
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
-def _config_argument(default_config: str | None) -> str | None:
+def config_argument(default_config: str | None) -> str | None:
     """The --config value of this command line ('path[:arg]'), else the entry point's default."""
     argv = list(sys.argv[1:])
     value = default_config
@@ -118,7 +118,7 @@ def config_file_error(argument: str | None) -> str | None:
 
 def _fail(error: BaseException, default_config: str | None = None) -> None:
     """Exit 2 with one line: the config file's own failure if it has one, else `error`'s."""
-    print(f"error: {config_file_error(_config_argument(default_config)) or _one_line(error)}", file=sys.stderr)
+    print(f"error: {config_file_error(config_argument(default_config)) or _one_line(error)}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -156,7 +156,7 @@ def run_main(default_config: str | None = None, runner=None, show=None) -> None:
     def parse_flags(argv):
         """absl flag parsing, but a bad --config (missing file, file that fails to load, bad
         ':arg', unknown field, bad value) gives one line and exit status 2, not a traceback."""
-        path = _config_argument(default_config)
+        path = config_argument(default_config)
         if path and not os.path.isfile(path.partition(":")[0]):
             print(f"error: {config_file_error(path)}", file=sys.stderr)
             sys.exit(2)

@@ -46,10 +46,10 @@ def main() -> None:
     try:
         config_flag = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Sweep config file.", lock_config=True)
     except Exception as e:  # noqa: BLE001 - a bad override of the default config
-        _error(launch.config_file_error(launch._config_argument(DEFAULT_CONFIG)) or launch._one_line(e))
+        _error(launch.config_file_error(launch.config_argument(DEFAULT_CONFIG)) or launch._one_line(e))
 
     def parse_flags(argv):
-        argument = launch._config_argument(DEFAULT_CONFIG)
+        argument = launch.config_argument(DEFAULT_CONFIG)
         if missing := _missing_file_error(argument):
             _error(missing)
         try:
@@ -72,7 +72,7 @@ def main() -> None:
         try:
             config = config_flag.value
         except Exception as e:  # noqa: BLE001 - the config file failed to load
-            _error(launch.config_file_error(launch._config_argument(DEFAULT_CONFIG)) or launch._one_line(e))
+            _error(launch.config_file_error(launch.config_argument(DEFAULT_CONFIG)) or launch._one_line(e))
         try:
             best = sweep.run(config, launch._WORKDIR.value, storage=_STORAGE.value, report_only=_REPORT_ONLY.value)
         except ValueError as e:  # user mistakes: one clear line, exit 2

@@ -20,8 +20,6 @@ import json
 import os
 import sys
 import time
-from typing import Any
-
 import jax
 from absl import logging
 
@@ -122,18 +120,9 @@ class StageLog:
         if self.writer is not None:
             if result is not None and self.config is not None:
                 hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                           for k, v in _flatten(self.config).items()}
+                           for k, v in self.config.items()}
                 metrics = {f"final/{k}": v for k, v in _scalars(result).items()
                            if k.endswith("accuracy") or k == "num_params"}
                 self.writer.add_hparams(hparams, metrics, name="hparams")
             self.writer.close()
 
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

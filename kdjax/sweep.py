@@ -464,7 +464,7 @@ def check_workdir(p: Plan, workdir: str) -> None:
     saved = _read_json(os.path.join(workdir, "sweep.json"))
     if saved is None:
         return
-    old, new = _flatten(saved.get("setup", {})), _flatten(_roundtrip(p.setup()))
+    old, new = train.flatten_dict(saved.get("setup", {})), train.flatten_dict(_roundtrip(p.setup()))
     # As kdjax.train does for a run: a config field that kdjax added or removed since is not compared.
     changed = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>")
                      and not (k.startswith("base_identity.") and (k not in old or k not in new)))
@@ -472,16 +472,6 @@ def check_workdir(p: Plan, workdir: str) -> None:
         shown = ", ".join(changed[:5]) + (", ..." if len(changed) > 5 else "")
         raise ValueError(f"sweep folder {workdir} holds a sweep with another setup (differs in: {shown}); rerun with "
                          "the same sweep config to continue it (n_trials may change), or choose a new --workdir")
-
-
-def _flatten(tree, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _roundtrip(obj):

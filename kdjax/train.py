@@ -752,11 +752,12 @@ RUNTIME_FIELDS = ("compile_cache_dir", "log", "log_every_steps", "throughput_bat
                   "distill.cache_teacher")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flatten_dict(tree: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1} (empty sub-dicts stay as values)."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten_dict(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -777,7 +778,7 @@ def run_identity(config) -> dict:
         parts = key.split(".")
         return not (parts[0] == "distill" and len(parts) > 2 and parts[1] in distill.METHODS and parts[1] not in used)
 
-    return {k: v for k, v in _flatten(config).items() if kept(k)}
+    return {k: v for k, v in flatten_dict(config).items() if kept(k)}
 
 
 def _prepare_workdir(config, workdir: str, overwrite: bool) -> None:
