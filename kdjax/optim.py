@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,9 @@ __all__ = [
     'flat_paths',
     'partition',
     'learning_rate_at',
+    'dot',
+    'scale_by_dot',
+    'DotState',
 ]
 
 OPTIMIZERS = ('sgd', 'adam', 'adamw', 'rmsprop', 'adagrad', 'adadelta')
@@ -76,6 +79,13 @@ _DEFAULT_EPS = {
     'adagrad': 1e-10,
     'adadelta': 1e-6,
 }
+
+
+# DOT (kdjax.optim.dot) updates with two gradients, the task loss's and the distillation loss's;
+# the trainer's step computes one, of their sum, so it cannot select DOT yet.
+_DOT_NOT_WIRED = ("optimizer 'dot' needs the task-loss and distillation-loss gradients separately "
+                  "(tx.update(task_grads, state, params, kd_grads=...)), and kdjax.step's train step "
+                  "computes only the gradient of their sum; use kdjax.optim.dot in your own loop")
 
 
 def _choices_error(kind: str, name: Any, valid: Sequence[str]) -> ValueError:
@@ -301,7 +311,10 @@ def partition(transforms: dict[str, optax.GradientTransformation], rules: Sequen
         rel = path[len(within):]
         return next((lab for lab, rx in compiled if rx.search(rel)), default)
 
-    return optax.multi_transform(transforms, lambda params: jax.tree.map(label, param_paths(params)))
+    # mask_compatible_extra_args: extra arguments shaped like the parameters (DOT's kd_grads) are
+    # masked like the gradients, so each group's transform sees its own leaves of them.
+    return optax.multi_transform(transforms, lambda params: jax.tree.map(label, param_paths(params)),
+                                 mask_compatible_extra_args=True)
 
 
 def _check_nonneg(name: str, value: float) -> None:
@@ -380,6 +393,8 @@ def make_optimizer(
     Raises:
       ValueError: unknown name or invalid hyper-parameter.
     """
+    if isinstance(name, str) and name.strip().lower() == 'dot':
+        raise ValueError(_DOT_NOT_WIRED)
     key = _normalize_name(name, 'optimizer', OPTIMIZERS)
 
     if not callable(learning_rate):
@@ -435,3 +450,144 @@ def make_optimizer(
         chain.append(decay)
     chain.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*chain)
+
+
+# --------------------------------------------------------------------------- DOT
+
+
+class DotState(NamedTuple):
+    """State of :func:`scale_by_dot`: one momentum buffer per loss, shaped like the parameters,
+    and per leaf whether its distillation buffer has been set (the reference's first-step rule)."""
+    task: Any
+    kd: Any
+    kd_started: Any
+
+
+def scale_by_dot(
+    momentum: float = 0.9,
+    delta: float = 0.075,
+    *,
+    weight_decay: float = 0.0,
+    mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    """DOT's two momentum buffers (without the learning rate): see :func:`dot`.
+
+    ``update(task_grads, state, params, kd_grads=kd_grads)``: ``updates`` is the gradient of
+    the task loss, ``kd_grads`` (same tree) that of the distillation loss; returns the sum of
+    the two buffers (to be scaled by ``-learning_rate``). ``mask``: which leaves are
+    weight-decayed (a pytree of bools or a callable of the parameters; None: all).
+    """
+    beta, delta, weight_decay = float(momentum), float(delta), float(weight_decay)
+    if not math.isfinite(delta) or delta < 0:
+        raise ValueError(f'dot delta must be a finite number >= 0, got {delta}')
+    if not (0.0 <= beta - delta and beta + delta < 1.0):
+        raise ValueError(f'dot needs 0 <= momentum - delta and momentum + delta < 1 (the task and '
+                         f'distillation momenta), got momentum={beta}, delta={delta}')
+    _check_nonneg('weight_decay', weight_decay)
+    m_task, m_kd = beta - delta, beta + delta
+
+    def init_fn(params):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return DotState(task=zeros, kd=jax.tree.map(jnp.zeros_like, params),
+                        kd_started=jax.tree.map(lambda _: jnp.zeros((), bool), params))
+
+    def update_fn(updates, state, params=None, *, kd_grads=None, **extra_args):
+        del extra_args
+        if kd_grads is None:
+            raise ValueError('dot: the update needs the distillation-loss gradient too: '
+                             'tx.update(task_grads, state, params, kd_grads=kd_grads)')
+        if jax.tree.structure(kd_grads) != jax.tree.structure(updates):
+            raise ValueError('dot: kd_grads must have the same tree structure as the task gradients, '
+                             f'got {jax.tree.structure(kd_grads)} and {jax.tree.structure(updates)}')
+        if weight_decay > 0 and params is None:
+            raise ValueError('dot: weight_decay > 0 needs params: tx.update(task_grads, state, params, '
+                             'kd_grads=...)')
+        base = updates if params is None else params
+        if mask is None:
+            decayed = jax.tree.map(lambda _: True, base)
+        else:
+            decayed = mask(base) if callable(mask) else mask
+
+        def leaf(g_t, g_k, p, buf_t, buf_k, started, dec):
+            # Which losses reach this leaf: torch's `p.grad is not None` after each backward. A
+            # leaf outside a loss's graph gets an all-zero gradient here.
+            in_t, in_k = jnp.any(g_t != 0), jnp.any(g_k != 0)
+            wd = weight_decay if (weight_decay > 0 and dec) else 0.0
+            decay = wd * p if wd else jnp.zeros_like(g_t)
+            # Task pass: weight decay goes into the task gradient; momentum beta - delta where the
+            # distillation loss also reaches the leaf, else beta ((m_task + m_kd) / 2).
+            new_t = jnp.where(in_k, m_task, beta) * buf_t + (g_t + decay)
+            # Distillation pass: momentum beta + delta where both reach the leaf; a leaf only the
+            # distillation loss reaches (an adapter) gets beta, and the weight decay from its
+            # second step on (the reference sets a fresh buffer to the bare gradient).
+            d_k = g_k + jnp.where(~in_t & started, decay, 0.0)
+            new_k = jnp.where(in_t, m_kd, beta) * buf_k + d_k
+            new_t = jnp.where(in_t, new_t, buf_t)
+            new_k = jnp.where(in_k, new_k, buf_k)
+            out = jnp.where(in_t, new_t, 0.0) + jnp.where(in_k, new_k, 0.0)
+            return out.astype(g_t.dtype), new_t, new_k, started | in_k
+
+        res = jax.tree.map(leaf, updates, kd_grads, base, state.task, state.kd, state.kd_started,
+                           decayed)
+        treedef = jax.tree.structure(updates)
+        leaves = treedef.flatten_up_to(res)
+        pick = lambda i: treedef.unflatten([r[i] for r in leaves])  # noqa: E731
+        return pick(0), DotState(task=pick(1), kd=pick(2), kd_started=pick(3))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def dot(
+    learning_rate: float | optax.Schedule,
+    momentum: float = 0.9,
+    delta: float = 0.075,
+    *,
+    weight_decay: float = 0.0,
+    decay_all: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """DOT, the Distillation-Oriented Trainer: SGD with one momentum per loss.
+
+    Zhao, Song, Qiu, "DOT: A Distillation-Oriented Trainer", ICCV 2023; reproduces mdistiller
+    ``DistillationOrientedTrainer`` (mdistiller/engine/dot.py @a08d46f) as its ``DOT`` trainer
+    builds it (engine/trainer.py: ``momentum = MOMENTUM - DOT.DELTA``, ``momentum_kd = MOMENTUM
+    + DOT.DELTA``; ``SOLVER.DOT.DELTA = 0.075``). With beta = ``momentum``, per parameter, g_task
+    the gradient of the task (cross-entropy) loss and g_kd that of the distillation loss::
+
+        b_task <- (beta - delta) * b_task + g_task + wd * p    # smaller momentum: task loss
+        b_kd   <- (beta + delta) * b_kd   + g_kd               # larger momentum: distillation
+        p      <- p - lr * (b_task + b_kd)
+
+    Buffers start at zero (torch's first ``buf = d_p`` is the same). A parameter that only one
+    loss reaches (all-zero gradient from the other, torch's ``grad is None``) uses plain beta for
+    that loss: the task-only layers after a feature method's hint, a distillation adapter. The
+    weight decay of an adapter goes into its distillation gradient, from its second step on (the
+    reference initialises a fresh distillation buffer with the bare gradient). With delta = 0
+    this is SGD with momentum beta (torch semantics, coupled weight decay) on g_task + g_kd.
+    The reference has no Nesterov variant, dampening 0, and decays every parameter; here, as for
+    :func:`make_optimizer`, only kernels unless ``decay_all=True``.
+
+    Usage (two gradients of one forward pass; ``task``/``kd`` are the weighted losses)::
+
+        tx = optim.dot(0.05, momentum=0.9, delta=0.075, weight_decay=5e-4)
+        (task, kd), vjp = jax.vjp(lambda p: losses_of(p), params)
+        g_task, = vjp((jnp.ones(()), jnp.zeros(())))
+        g_kd, = vjp((jnp.zeros(()), jnp.ones(())))
+        updates, opt_state = tx.update(g_task, opt_state, params, kd_grads=g_kd)
+        params = optax.apply_updates(params, updates)
+
+    ``kd_grads`` is an optax extra argument: ``optax.chain`` passes it on, and
+    :func:`partition` masks it like the gradients (frozen parameters, a head with its own rate).
+
+    Args:
+      learning_rate: a float or an optax schedule (of the update count).
+      momentum: beta; the task momentum is beta - delta, the distillation momentum beta + delta.
+      delta: Delta >= 0 (0.075 in the reference).
+      weight_decay: coupled L2 coefficient (torch ``weight_decay``).
+      decay_all: decay every leaf, not only kernels (see :func:`weight_decay_mask`).
+    """
+    if not callable(learning_rate):
+        _check_nonneg('learning_rate', learning_rate)
+        learning_rate = float(learning_rate)
+    core = scale_by_dot(momentum, delta, weight_decay=weight_decay,
+                        mask=None if decay_all else weight_decay_mask)
+    return optax.chain(core, optax.scale_by_learning_rate(learning_rate))

@@ -378,3 +378,159 @@ def test_digits_default_distils_with_every_optimizer(name, digits_teacher, tmp_p
     config.stages, config.student.epochs, config.teacher.checkpoint = 'student', 20, digits_teacher
     summary = train.run(config, str(tmp_path / 'run'))
     assert summary['student']['test_accuracy'] >= 0.95, (name, summary['student'])
+
+
+# ----------------------------------------------------------------------------- DOT
+
+from kdjax import optim  # noqa: E402
+
+_D = np.random.default_rng(7)
+_A, _C = _D.normal(size=(3, 4)), np.abs(_D.normal(size=(4,))) + 0.5
+_BM, _E = _D.normal(size=(3, 4)), _D.normal(size=(2, 3))
+_DOT_P0 = {'w': _D.normal(size=(3, 4)), 'h': _D.normal(size=(4,)), 'u': _D.normal(size=(2, 3))}
+
+
+# A toy problem with all three kinds of parameter: 'w' is reached by both losses (the student),
+# 'h' by the task loss only (layers after a hint), 'u' by the distillation loss only (an adapter).
+def _task_loss(p, xp=jnp):
+    return xp.sum(xp.cos(p['w']) * _A) + 0.5 * xp.sum(p['h'] ** 2 * _C)
+
+
+def _kd_loss(p, xp=jnp):
+    return 0.5 * xp.sum((p['w'] - _BM) ** 2) + xp.sum(xp.sin(p['u']) * _E)
+
+
+def _np_task_grads(p):  # torch: only the parameters in the task loss's graph have a .grad
+    return {'w': -np.sin(p['w']) * _A, 'h': p['h'] * _C}
+
+
+def _np_kd_grads(p):
+    return {'w': p['w'] - _BM, 'u': np.cos(p['u']) * _E}
+
+
+def _np_dot_reference(p, steps, lr_fn, momentum, delta, wd):
+    """mdistiller DistillationOrientedTrainer (engine/dot.py), restated in numpy, float64: one
+    step = step_kd() after loss_kd.backward(), then step() after loss_ce.backward(); both
+    gradients at the same parameters; buffers None until a parameter first has a gradient."""
+    m_task, m_kd = momentum - delta, momentum + delta  # engine/trainer.py DOT.init_optimizer
+    p = {k: np.array(v, np.float64) for k, v in p.items()}
+    task_buf, kd_buf = {}, {}
+    for step in range(steps):
+        g_task, g_kd, lr = _np_task_grads(p), _np_kd_grads(p), lr_fn(step)
+        for k, g in g_task.items():  # dot(): task-loss pass
+            d_p = g + wd * p[k]
+            if k not in task_buf:
+                task_buf[k] = d_p.copy()
+            elif k in g_kd:
+                task_buf[k] = m_task * task_buf[k] + d_p
+            else:
+                task_buf[k] = (m_kd + m_task) / 2.0 * task_buf[k] + d_p
+            p[k] = p[k] - lr * task_buf[k]
+        for k, d_p in g_kd.items():  # dot(): kd-loss pass
+            if k not in kd_buf:
+                kd_buf[k] = d_p.copy()
+            elif k in g_task:
+                kd_buf[k] = m_kd * kd_buf[k] + d_p
+            else:
+                d_p = d_p + wd * p[k]
+                kd_buf[k] = (m_kd + m_task) / 2.0 * kd_buf[k] + d_p
+            p[k] = p[k] - lr * kd_buf[k]
+    return p
+
+
+def _run_dot(tx, steps):
+    p = {k: jnp.asarray(v, jnp.float32) for k, v in _DOT_P0.items()}
+
+    @jax.jit
+    def step(p, s):
+        g_task, g_kd = jax.grad(_task_loss)(p), jax.grad(_kd_loss)(p)
+        u, s = tx.update(g_task, s, p, kd_grads=g_kd)
+        return optax.apply_updates(p, u), s
+
+    s = tx.init(p)
+    for _ in range(steps):
+        p, s = step(p, s)
+    return p
+
+
+@pytest.mark.parametrize('wd', [0.0, 0.05])
+def test_dot_matches_the_reference_update(wd):
+    lr_fn = lambda step: 0.1 / (1.0 + step)  # noqa: E731  (the rate of update number `step`)
+    ref = _np_dot_reference(_DOT_P0, 5, lr_fn, 0.9, 0.075, wd)
+    got = _run_dot(optim.dot(lambda c: 0.1 / (1.0 + c), 0.9, 0.075, weight_decay=wd,
+                             decay_all=True), 5)
+    for k in ref:
+        np.testing.assert_allclose(np.asarray(got[k]), ref[k], rtol=2e-5, atol=1e-6)
+    # The sign of delta matters: the swapped momenta (larger one on the task loss) differ.
+    swapped = _np_dot_reference(_DOT_P0, 5, lr_fn, 0.9, -0.075, wd)
+    assert not np.allclose(swapped['w'], ref['w'], rtol=1e-4)
+
+
+def test_dot_momenta_by_hand():
+    # Constant gradients 1 (task) and 10 (distillation), lr 1: the buffers after two steps are
+    # 1 + (0.9 - 0.075) = 1.825 and 10 * (1 + 0.9 + 0.075) = 19.75.
+    tx = optim.dot(1.0, momentum=0.9, delta=0.075)
+    p = {'b': jnp.zeros((2,))}
+    s = tx.init(p)
+    g_t, g_k = {'b': jnp.ones((2,))}, {'b': jnp.full((2,), 10.0)}
+    u1, s = tx.update(g_t, s, p, kd_grads=g_k)
+    u2, s = tx.update(g_t, s, p, kd_grads=g_k)
+    np.testing.assert_allclose(np.asarray(u1['b']), -11.0, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(u2['b']), -(1.825 + 19.75), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(s[0].task['b']), 1.825, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(s[0].kd['b']), 19.75, rtol=1e-6)
+
+
+@pytest.mark.parametrize('decay_all', [False, True])
+def test_dot_with_delta_zero_is_sgd_momentum_on_the_summed_gradient(decay_all):
+    rng = np.random.default_rng(8)
+    p0 = {'k': jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
+          'b': jnp.asarray(rng.normal(size=(2,)), jnp.float32)}
+    task = lambda p: jnp.sum(jnp.cos(p['k'])) + jnp.sum(p['b'] ** 3) / 3  # noqa: E731
+    kd = lambda p: 0.5 * jnp.sum((p['k'] @ p['b'] - 1.0) ** 2)  # noqa: E731
+    dot_tx = optim.dot(0.05, momentum=0.9, delta=0.0, weight_decay=0.1, decay_all=decay_all)
+    sgd_tx = make_optimizer('sgd', 0.05, momentum=0.9, weight_decay=0.1, decay_all=decay_all)
+    pd, ps = p0, p0
+    sd, ss = dot_tx.init(p0), sgd_tx.init(p0)
+    for _ in range(4):
+        ud, sd = dot_tx.update(jax.grad(task)(pd), sd, pd, kd_grads=jax.grad(kd)(pd))
+        us, ss = sgd_tx.update(jax.grad(lambda p: task(p) + kd(p))(ps), ss, ps)
+        pd, ps = optax.apply_updates(pd, ud), optax.apply_updates(ps, us)
+    for k in p0:
+        np.testing.assert_allclose(np.asarray(pd[k]), np.asarray(ps[k]), rtol=1e-5, atol=1e-6)
+
+
+def test_dot_inside_partition_freezes_and_masks_kd_grads():
+    params = {'student': {'a': jnp.ones((2, 2)), 'b': jnp.ones((2,))}}
+    g_t = {'student': {'a': jnp.full((2, 2), 0.5), 'b': jnp.ones((2,))}}
+    g_k = {'student': {'a': jnp.full((2, 2), 2.0), 'b': jnp.ones((2,))}}
+    tx = optim.partition({'body': optim.dot(0.1), 'frozen': optax.set_to_zero()},
+                         [('frozen', '^b$')], default='body')
+    s = tx.init(params)
+    for _ in range(2):
+        u, s = tx.update(g_t, s, params, kd_grads=g_k)
+    alone = optim.dot(0.1)
+    sa = alone.init({'a': params['student']['a']})
+    for _ in range(2):
+        ua, sa = alone.update({'a': g_t['student']['a']}, sa, kd_grads={'a': g_k['student']['a']})
+    np.testing.assert_allclose(np.asarray(u['student']['a']), np.asarray(ua['a']), rtol=1e-6)
+    assert float(jnp.abs(u['student']['b']).max()) == 0.0
+
+
+def test_dot_errors():
+    tx = optim.dot(0.1)
+    p = {'w': jnp.ones((2, 2))}
+    with pytest.raises(ValueError, match=r'needs the distillation-loss gradient too'):
+        tx.update(p, tx.init(p), p)
+    with pytest.raises(ValueError, match=r'momentum \+ delta < 1'):
+        optim.dot(0.1, momentum=0.95, delta=0.075)
+    with pytest.raises(ValueError, match='delta must be'):
+        optim.dot(0.1, delta=-0.1)
+    with pytest.raises(ValueError, match='weight_decay > 0 needs params'):
+        wd = optim.dot(0.1, weight_decay=1e-4)
+        wd.update(p, wd.init(p), kd_grads=p)
+    # The trainer cannot feed DOT yet: optimizer.name=dot is refused in one line.
+    for name in ('dot', 'DOT'):
+        with pytest.raises(ValueError) as e:
+            make_optimizer(name, 0.1)
+        assert str(e.value) == optim._DOT_NOT_WIRED and '\n' not in str(e.value)

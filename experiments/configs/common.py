@@ -90,8 +90,15 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
     c.teacher.checkpoint_role = "teacher"
     c.teacher.ema_decay = 0.999
     # More teachers (comma-separated workdirs of earlier runs): the student learns from the
-    # ensemble, whose 'logits' are the log of the averaged class probabilities.
+    # ensemble. Each logit term's target is the weighted average of the teachers' class
+    # probabilities at that term's temperature (multi-teacher KD; kdjax.distill.ensemble_logits).
     c.teacher.ensemble = ""
+    # One weight per teacher, comma-separated, in the order: the trained or checkpoint teacher (if
+    # any), then teacher.ensemble's runs ('' = equal weights; normalised to sum 1).
+    c.teacher.ensemble_weights = ""
+    # Feature methods (at, fitnet, crd, ...) with several teachers read the features of the
+    # teacher with this index (same order as ensemble_weights); unset, they are refused.
+    c.teacher.feature_source = config_dict.placeholder(int)
     # Two-stage methods: stage 'student_init' (list it before 'student' in `stages`) first trains
     # the student with only these distillation terms (e.g. FitNet's hint: terms='fitnet').
     c.student_init = ml_collections.ConfigDict()
@@ -180,6 +187,10 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
     c.optimizer.eps = config_dict.placeholder(float)  # None: torch's (adam/adamw/rmsprop 1e-8, adagrad 1e-10, adadelta 1e-6)
     c.optimizer.rmsprop_decay = 0.9  # rmsprop: squared-gradient average decay (torch's alpha)
     c.optimizer.adadelta_rho = 0.9  # adadelta: decay of both running averages (torch's rho)
+    # DOT (Zhao et al. ICCV 2023, kdjax.optim.dot): SGD with momentum - dot_delta on the task loss's
+    # gradient and momentum + dot_delta on the distillation loss's (mdistiller SOLVER.DOT.DELTA).
+    # optimizer.name=dot is refused for now: the train step passes one gradient, of the summed loss.
+    c.optimizer.dot_delta = 0.075
     # Transfer learning: parameters frozen (regex over the model's parameter paths such as
     # 'conv1_0/kernel'; '^(?!head/)' freezes everything but the head: a linear probe), and the head's
     # own learning rate (head_learning_rate_scale x the stage's rate; discriminative fine-tuning).
