@@ -41,6 +41,28 @@ BatchNorm statistics and the CRD memory bank are non-parameter collections of th
 "inside the data-parallel step": the code runs under shard_map/pmap with axis `AXIS`, so adapter
 BatchNorm is synchronised over it and the CRD memory update all-gathers the global batch.
 
+Global batch. Batch-level terms (RKD, PKT, CC, SP, DIST, and custom terms with one of those
+losses; ``Term.global_batch``) compare examples with each other, so inside the data-parallel step
+the Distiller all-gathers their inputs (student and teacher features, labels, indices) over
+`AXIS` and every device evaluates the term on the *global* batch: 1, 2 or 8 devices give the same
+value and the same gradient. Gradient convention (kdjax.step): a device's loss is the mean of the
+per-example terms over its own share plus the global-batch terms; the step then averages the
+per-device gradients (pmean). The transpose of the all-gather sums every device's cotangent for
+this device's share (D identical copies of the term, so D times its part of the gradient), and
+the pmean divides by D again: the result is exactly the gradient of the global-batch term, with no
+double counting. CRD is per example (its negatives come from the memory bank, which is updated
+from the all-gathered batch; its normaliser Z is a global-batch mean), so it needs no gather.
+
+Ensembles. With several teachers, the teacher's 'logits' (kdjax.step.teacher_features) carry a
+teacher axis: (B, n, K). Every logit term combines them at its own temperature T (the learned one
+under CTKD), as multi-teacher KD defines it: the target is the weighted average of the teachers'
+softened distributions, sum_i w_i softmax(z_i / T) (`ensemble_logits`), with weights
+``Context.teacher_weights`` (the Distiller's ``teacher_weights``; default equal). Terms without a
+temperature (wttm, mse_logits, custom terms without one) combine at T = 1. With logit
+standardisation each teacher is standardised first. Every other teacher feature is the first
+teacher's: the trainer puts `teacher.feature_source` first, or refuses feature terms for an
+ensemble (`ensemble_order`).
+
 What the trainer passes (`build_terms` keyword arguments): ``num_data`` (training-set size: rows of
 the CRD memory) and ``dataset_labels`` (training labels: CRD draws negatives from other classes,
 as RepDistiller's default 'exact' mode). Only CRD needs them; without them CRD fails at trace
@@ -81,6 +103,9 @@ class Context:
     # The learned distillation temperature (CTKD), set by the Distiller from its temperature term
     # before the other terms run; None: every term uses its configured temperature.
     temperature: jax.Array | None = None
+    # Ensemble weights of the teachers along the teacher axis of the teacher's logits (normalised
+    # to sum 1); None: equal weights. The Distiller sets it from its `teacher_weights`.
+    teacher_weights: tuple[float, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +120,9 @@ class Term:
     `provides_temperature`: fn(None, None, ctx) returns the learned temperature (CTKD) instead of
     a loss; the Distiller evaluates it first, hands it to the other terms as ctx.temperature and
     reports it (gradient stopped) as this term's value, which enters the total with weight 0.
+    `global_batch`: a batch-level term (it relates the examples of a batch to each other); inside
+    the data-parallel step (ctx.train) it is evaluated on the all-gathered global batch, on every
+    device (see the module docstring for why the gradients come out right).
     """
 
     name: str
@@ -105,6 +133,7 @@ class Term:
     warmup_epochs: float = 0.0
     paired: bool = False
     provides_temperature: bool = False
+    global_batch: bool = False
 
     def weight_at(self, epoch: jax.Array) -> jax.Array:
         if self.warmup_epochs <= 0:
@@ -181,24 +210,150 @@ def _pairs(term: str, student, teacher) -> list[tuple[jax.Array, jax.Array]]:
     return list(zip(s, t))
 
 
+def global_batch(tree, ctx: Context):
+    """This device's share of a batch-first pytree -> the global batch (all-gathered over `AXIS`)
+    inside the data-parallel step (``ctx.train``); unchanged outside it."""
+    if not ctx.train:
+        return tree
+    return jax.tree.map(lambda x: jax.lax.all_gather(x, AXIS, tiled=True), tree)
+
+
+def _global_context(ctx: Context) -> Context:
+    """The Context of the global batch: labels, indices and the mix partners all-gathered (a mix
+    partner's index shifted by its device's offset)."""
+    if not ctx.train:
+        return ctx
+    perm = ctx.mix_perm
+    if perm is not None:
+        perm = perm + jax.lax.axis_index(AXIS) * ctx.labels.shape[0]
+    labels, indices, perm = global_batch((ctx.labels, ctx.indices, perm), ctx)
+    return dataclasses.replace(ctx, labels=labels, indices=indices, mix_perm=perm)
+
+
 class Distiller(nn.Module):
-    """Evaluates every term; owns the terms' trainable adapters as sub-modules."""
+    """Evaluates every term; owns the terms' trainable adapters as sub-modules.
+
+    `teacher_weights`: an ensemble's per-teacher weights, in the order of the teacher axis of the
+    teacher's logits (None: equal); handed to the terms as ``ctx.teacher_weights``. Terms with
+    ``global_batch`` see the all-gathered global batch inside the data-parallel step."""
 
     terms: tuple[Term, ...]
+    teacher_weights: tuple[float, ...] | None = None
 
     @nn.compact
     def __call__(self, student_features, teacher_features, ctx: Context) -> dict[str, jax.Array]:
+        if self.teacher_weights is not None and ctx.teacher_weights is None:
+            ctx = dataclasses.replace(ctx, teacher_weights=tuple(self.teacher_weights))
         values = {}
         for t in self.terms:
             if t.provides_temperature:
                 temperature = t.fn(None, None, ctx)
                 ctx = dataclasses.replace(ctx, temperature=temperature)
                 values[t.name] = jax.lax.stop_gradient(temperature)
+        global_ctx = None
         for t in self.terms:
-            if not t.provides_temperature:
-                values[t.name] = t.fn(_pick(student_features, t.student),
-                                      _pick(teacher_features, t.teacher), ctx)
+            if t.provides_temperature:
+                continue
+            student, teacher = _pick(student_features, t.student), _pick(teacher_features, t.teacher)
+            if t.global_batch and ctx.train:
+                if global_ctx is None:
+                    global_ctx = _global_context(ctx)
+                values[t.name] = t.fn(global_batch(student, ctx), global_batch(teacher, ctx), global_ctx)
+            else:
+                values[t.name] = t.fn(student, teacher, ctx)
         return {t.name: values[t.name] for t in self.terms}
+
+
+# ----------------------------------------------------------------------------------------------
+# Ensembles of teachers.
+
+
+def _normalized_weights(weights, n: int) -> jax.Array:
+    if weights is None:
+        return jnp.full((n,), 1.0 / n, jnp.float32)
+    w = np.asarray(weights, np.float64)
+    if w.shape != (n,):
+        raise ValueError(f"{len(np.atleast_1d(w))} ensemble weights for {n} teachers; give one weight per teacher")
+    if not (np.all(np.isfinite(w)) and np.all(w >= 0) and w.sum() > 0):
+        raise ValueError(f"ensemble weights must be finite, >= 0 and not all 0, got {list(w)}")
+    return jnp.asarray(w / w.sum(), jnp.float32)
+
+
+def ensemble_logits(teacher_logits, temperature=1.0, weights=None) -> jax.Array:
+    """Multi-teacher KD target: (B, n, K) logits of n teachers -> (B, K) logits z_ens with
+
+        softmax(z_ens / T) = sum_i w_i softmax(z_i / T)      (w normalised to sum 1; None: 1/n)
+
+    i.e. z_ens = T * log sum_i w_i softmax(z_i / T), computed as a log-sum-exp. A loss that
+    softens z_ens at temperature T therefore sees the weighted average of the teachers' softened
+    class probabilities at that T (not their average at T = 1, re-softened). `temperature` may be
+    a traced scalar (CTKD's learned one). Any leading axes before the teacher axis 1 are kept
+    ((B, n, T, V) -> (B, T, V))."""
+    z = jnp.asarray(teacher_logits).astype(jnp.float32)
+    w = _normalized_weights(weights, z.shape[1]).reshape((1, -1) + (1,) * (z.ndim - 2))
+    logp = jax.nn.log_softmax(z / temperature, axis=-1)
+    return temperature * jax.nn.logsumexp(logp, axis=1, b=w)
+
+
+def _teacher_logits(student, teacher, ctx: Context, temperature=1.0):
+    """The teacher's logits as a logit term reads them: an ensemble's (one more axis than the
+    student's logits: the teacher axis 1) combined at `temperature`; one teacher's unchanged."""
+    if jnp.ndim(teacher) == jnp.ndim(student) + 1:
+        return ensemble_logits(teacher, temperature, ctx.teacher_weights)
+    return teacher
+
+
+def ensemble_order(num_teachers: int, terms: Sequence[Term], weights="",
+                   feature_source: int | None = None) -> tuple[list[int], tuple[float, ...] | None]:
+    """The trainer's ensemble settings -> (order of the teachers, their weights in that order).
+
+    `weights`: ``config.teacher.ensemble_weights`` (comma-separated, one per teacher; '' or None:
+    equal). `feature_source`: ``config.teacher.feature_source``, the index of the teacher whose
+    non-logit features (stages, embedding, ...) the feature terms read; the teacher list is the
+    trained or checkpoint teacher first (if any), then the runs of ``teacher.ensemble`` in order.
+    kdjax.step.teacher_features takes those features from the first teacher, so that teacher is
+    moved first (the weights follow it). With several teachers, a term that reads a teacher
+    feature other than 'logits' and no `feature_source` is refused in one line: their features
+    differ, and silently taking one teacher's would not be an ensemble. No teachers (a stage
+    without a teacher): ([], None), nothing checked."""
+    n = int(num_teachers)
+    if n == 0:
+        return [], None
+    w = None
+    if isinstance(weights, str):
+        items = [x.strip() for x in weights.split(",") if x.strip()]
+    else:
+        items = list(weights or ())
+    if items:
+        try:
+            values = [float(x) for x in items]
+        except ValueError:
+            raise ValueError(f"config.teacher.ensemble_weights={weights!r}: give comma-separated numbers, "
+                             "one per teacher") from None
+        if len(values) != n:
+            raise ValueError(f"config.teacher.ensemble_weights has {len(values)} weights for {n} teacher(s) "
+                             "(the trained or checkpoint teacher first, then teacher.ensemble in order)")
+        if not all(math.isfinite(v) and v >= 0 for v in values) or sum(values) <= 0:
+            raise ValueError(f"config.teacher.ensemble_weights must be finite numbers >= 0, not all 0; got {weights!r}")
+        w = tuple(values)
+    if feature_source is not None and not 0 <= int(feature_source) < max(n, 1):
+        raise ValueError(f"config.teacher.feature_source={feature_source} is not a teacher index: there are {n} "
+                         f"teacher(s), 0..{max(n, 1) - 1}")
+    if n > 1 and feature_source is None:
+        for t in terms:
+            feats = [f for f in t.teacher if f != "logits"]
+            if feats:
+                raise ValueError(
+                    f"term {t.name!r} reads the teacher's {', '.join(feats)}, but the teacher is an ensemble of {n} "
+                    "models: set config.teacher.feature_source to the index of the one to read features from "
+                    "(0 = the trained or checkpoint teacher, then teacher.ensemble in order)")
+    order = list(range(n))
+    if feature_source is not None and n > 1:
+        order.remove(int(feature_source))
+        order.insert(0, int(feature_source))
+    if w is not None:
+        w = tuple(w[i] for i in order)
+    return order, w
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,6 +620,13 @@ def _loss_term(loss_fn, student, teacher, _ctx, **kwargs):
     return loss_fn(student, teacher, **kwargs)
 
 
+def _logit_term(loss_fn, student, teacher, ctx, **kwargs):
+    """A `kdjax.losses` function of (student logits, teacher logits); an ensemble's teachers are
+    combined at the loss's `temperature` keyword (T = 1 without one), see `ensemble_logits`."""
+    teacher = _teacher_logits(student, teacher, ctx, kwargs.get("temperature", 1.0))
+    return loss_fn(student, teacher, **kwargs)
+
+
 def _pairs_term(name, loss_fn, student, teacher, _ctx, **kwargs):
     """Sum of `loss_fn` over paired student/teacher features (RepDistiller sums the groups)."""
     return sum(loss_fn(s, t, **kwargs) for s, t in _pairs(name, student, teacher))
@@ -498,9 +660,9 @@ def _defaults(weight, student="logits", teacher="logits", warmup_epochs=0.0, **e
             "teacher": teacher, **extra}
 
 
-def _term(name: str, fn, h, paired: bool = False) -> Term:
+def _term(name: str, fn, h, paired: bool = False, global_batch: bool = False) -> Term:
     return Term(name, fn, float(h["weight"]), _as_names(h["student"]), _as_names(h["teacher"]),
-                float(h["warmup_epochs"]), paired)
+                float(h["warmup_epochs"]), paired, global_batch=global_batch)
 
 
 def _temp(h, temperature: float) -> float:
@@ -511,13 +673,14 @@ def _temp(h, temperature: float) -> float:
 
 # KD: Hinton, Vinyals, Dean 2015. RepDistiller `-r 0.1 -a 0.9 -b 0` (CE 0.1, KD 0.9), T = 4.
 def _kd(h, temperature, data):
-    return [_term("kd", functools.partial(_loss_term, losses.kd, temperature=_temp(h, temperature)), h)]
+    return [_term("kd", functools.partial(_logit_term, losses.kd, temperature=_temp(h, temperature)), h)]
 
 
 # DKD: Zhao et al. CVPR 2022; mdistiller configs/cifar100/dkd (CE_WEIGHT 1, ALPHA 1, BETA 8 for
 # res32x4->res8x4, 2 for res56->res20 / res110->res32, 6 for wrn40_2/vgg13 pairs; T 4; the DKD
 # weight warms up linearly over WARMUP = 20 epochs). alpha/beta are DKD's TCKD/NCKD weights.
 def _dkd_fn(student, teacher, ctx, **kw):
+    teacher = _teacher_logits(student, teacher, ctx, kw["temperature"])
     return losses.dkd(student, teacher, ctx.labels, **kw)
 
 
@@ -529,27 +692,38 @@ def _dkd(h, temperature, data):
 
 # DIST: Huang et al. NeurIPS 2022; hunto/image_classification_sota dist_cifar.yaml: CE 1
 # (ori_loss_weight), DIST 2 (kd_loss_weight), 'dist_t4' = DIST(beta=1, gamma=1, tau=4).
+# Global batch: its per-class (column) correlation is over the examples of the batch (the
+# paper's "intra-class relation"; the per-sample "inter-class" part is per example), so the whole
+# term is evaluated on the all-gathered global batch under data parallelism.
 def _dist(h, temperature, data):
-    fn = functools.partial(_loss_term, losses.dist, beta=float(h["beta"]), gamma=float(h["gamma"]),
+    fn = functools.partial(_logit_term, losses.dist, beta=float(h["beta"]), gamma=float(h["gamma"]),
                            temperature=_temp(h, temperature))
-    return [_term("dist", fn, h)]
+    return [_term("dist", fn, h, global_batch=True)]
 
 
 # Logit standardisation: Sun et al. CVPR 2024; sunshangquan/logit-standardization-KD README
 # (KD + --logit-stand --base-temp 2 --kd-weight 9, CE_WEIGHT 0.1 from its KD config). It is KD
 # with the logit-standardisation modifier (the one `distill.logit_standardize` applies to any
 # logit method) always on: losses.logit_standardized_kd, computed the same way.
+def _standardize(logits):
+    """losses.logit_standardize over the last axis of logits of any rank (an ensemble's (B, n, K):
+    each teacher on its own)."""
+    z = jnp.asarray(logits)
+    return losses.logit_standardize(z.reshape(-1, z.shape[-1])).reshape(z.shape)
+
+
 def _standardized(fn):
     """A logit term's fn on per-sample z-scored student and teacher logits (before its
-    temperature); extra keywords (CTKD's learned temperature) pass through."""
+    temperature; an ensemble's teachers each z-scored before they are combined); extra keywords
+    (CTKD's learned temperature) pass through."""
     def term(student, teacher, ctx, **kw):
-        return fn(losses.logit_standardize(student), losses.logit_standardize(teacher), ctx, **kw)
+        return fn(_standardize(student), _standardize(teacher), ctx, **kw)
     term.standardized = True
     return term
 
 
 def _lskd(h, temperature, data):
-    fn = functools.partial(_loss_term, losses.kd, temperature=_temp(h, temperature))
+    fn = functools.partial(_logit_term, losses.kd, temperature=_temp(h, temperature))
     return [_term("lskd", _standardized(fn), h)]
 
 
@@ -557,13 +731,14 @@ def _lskd(h, temperature, data):
 # CE weight -r 1, the train_student.py default): gamma 0.2, weight 4. The student is at T = 1
 # and the teacher is power-transformed (gamma = 1/T), so the shared temperature does not apply.
 def _wttm(h, temperature, data):
-    return [_term("wttm", functools.partial(_loss_term, losses.wttm, gamma=float(h["gamma"])), h)]
+    return [_term("wttm", functools.partial(_logit_term, losses.wttm, gamma=float(h["gamma"])), h)]
 
 
 # NKD: Yang et al. ICCV 2023; yzd-v/cls_KD configs/distillers/cifar100/res34_distill_res18_cifar.py
 # (NKDLoss temp 3, gamma 3.5; the student's CE weight 1, NKD weight 1). Its ImageNet configs use
 # temp 1, gamma 1.5 (the class defaults; DeiT: gamma 1). NKD carries its own temperature.
 def _nkd_fn(student, teacher, ctx, **kw):
+    teacher = _teacher_logits(student, teacher, ctx, kw["temperature"])
     return losses.nkd(student, teacher, ctx.labels, **kw)
 
 
@@ -576,10 +751,11 @@ def _nkd(h, temperature, data):
 # mse_logits = big_vision distance 'l2'; fm = distance 'kl' with t=1 (bit_i1k.py), i.e. KL of the
 # softened distributions without kd's T^2 factor (identical to kd at T = 1).
 def _mse_logits(h, temperature, data):
-    return [_term("mse_logits", functools.partial(_loss_term, losses.mse_logits), h)]
+    return [_term("mse_logits", functools.partial(_logit_term, losses.mse_logits), h)]
 
 
-def _fm_fn(student, teacher, _ctx, temperature):
+def _fm_fn(student, teacher, ctx, temperature):
+    teacher = _teacher_logits(student, teacher, ctx, temperature)
     return losses.kd(student, teacher, temperature) / temperature**2
 
 
@@ -608,8 +784,10 @@ def _at(h, temperature, data):
 
 
 # SP: Tung & Mori ICCV 2019; RepDistiller `--distill similarity -a 0 -b 3000` on feat[-2] (last stage).
+# Global batch: the B x B Gram matrices are over the all-gathered batch under data parallelism.
 def _sp(h, temperature, data):
-    return [_term("sp", functools.partial(_pairs_term, "sp", losses.similarity_preserving), h, paired=True)]
+    return [_term("sp", functools.partial(_pairs_term, "sp", losses.similarity_preserving), h, paired=True,
+                  global_batch=True)]
 
 
 # NST: Huang & Wang 2017; RepDistiller `--distill nst -a 0 -b 50`, summed over feat[1:-1].
@@ -659,22 +837,25 @@ def _reviewkd(h, temperature, data):
 # --- embeddings -------------------------------------------------------------------------------
 
 # RKD: Park et al. CVPR 2019; RepDistiller `--distill rkd -a 0 -b 1` on feat[-1] (pooled
-# embedding), RKDLoss(w_d=25, w_a=50).
+# embedding), RKDLoss(w_d=25, w_a=50). Global batch: distances and angles between all pairs and
+# triplets of the all-gathered batch under data parallelism.
 def _rkd(h, temperature, data):
     fn = functools.partial(_loss_term, losses.rkd, distance_weight=float(h["distance_weight"]),
                            angle_weight=float(h["angle_weight"]))
-    return [_term("rkd", fn, h)]
+    return [_term("rkd", fn, h, global_batch=True)]
 
 
 # PKT: Passalis & Tefas ECCV 2018; RepDistiller `--distill pkt -a 0 -b 30000` on feat[-1].
+# Global batch: the B x B similarity distributions are over the all-gathered batch.
 def _pkt(h, temperature, data):
-    return [_term("pkt", functools.partial(_loss_term, losses.pkt), h)]
+    return [_term("pkt", functools.partial(_loss_term, losses.pkt), h, global_batch=True)]
 
 
 # CC: Peng et al. ICCV 2019, as torchdistill CCKDLoss (configs/sample/ilsvrc2012/cckd: trainable
 # Linear(D, 128) on the student's and the teacher's pooled embedding, gaussian kernel gamma 0.4,
 # max_p 2, weight 0.003, CE 1). RepDistiller's CC (-b 0.02) uses a different loss formula, so its
-# weight does not apply to `losses.correlation_congruence`.
+# weight does not apply to `losses.correlation_congruence`. Global batch: the B x B correlation
+# matrices are over the all-gathered batch (the embeddings are projected after the gather).
 def _cc_fn(name, student, teacher, ctx, dim, gamma, order, normalize):
     s = Embed(dim, name=f"{name}_embed_s")(student)
     t = Embed(dim, name=f"{name}_embed_t")(teacher)
@@ -684,7 +865,7 @@ def _cc_fn(name, student, teacher, ctx, dim, gamma, order, normalize):
 def _cc(h, temperature, data):
     fn = functools.partial(_cc_fn, "cc", dim=int(h["dim"]), gamma=float(h["gamma"]),
                            order=int(h["order"]), normalize=bool(h["normalize"]))
-    return [_term("cc", fn, h)]
+    return [_term("cc", fn, h, global_batch=True)]
 
 
 # CRD: Tian et al. ICLR 2020; RepDistiller `--distill crd -a 0 -b 0.8` (CRD+KD: -a 1), feat_dim
@@ -863,6 +1044,10 @@ def method_names(method: str) -> list[str]:
     return names
 
 
+# kdjax.losses functions that relate the examples of a batch to each other: custom terms with
+# one of them see the global batch under data parallelism (Term.global_batch).
+GLOBAL_BATCH_LOSSES = frozenset({"rkd", "pkt", "correlation_congruence", "similarity_preserving", "dist"})
+
 _TERM_KEYS = ("loss", "weight", "student", "teacher", "warmup_epochs", "kwargs")
 
 
@@ -932,15 +1117,18 @@ def build_terms(distill: Mapping[str, Any], *, label_smoothing: float = 0.0,
                 f"distill.terms.{name}: unknown loss {loss_name!r}; choose one of: "
                 + ", ".join(sorted(losses.__all__))
             )
-        fn = functools.partial(_loss_term, loss_fn, **dict(spec.get("kwargs") or {}))
+        student, teacher = _as_names(spec.get("student", "logits")), _as_names(spec.get("teacher", "logits"))
+        wrap = _logit_term if student == teacher == ("logits",) else _loss_term
+        fn = functools.partial(wrap, loss_fn, **dict(spec.get("kwargs") or {}))
         terms.append(
             Term(
                 name,
                 fn,
                 _check_weight(f"distill.terms.{name}.weight", spec.get("weight", 1.0)),
-                _as_names(spec.get("student", "logits")),
-                _as_names(spec.get("teacher", "logits")),
+                student,
+                teacher,
                 _check_weight(f"distill.terms.{name}.warmup_epochs", spec.get("warmup_epochs", 0.0)),
+                global_batch=loss_name in GLOBAL_BATCH_LOSSES,
             )
         )
     if standardize:  # one place for every logit term (lskd's own is already on)

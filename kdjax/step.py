@@ -7,7 +7,12 @@ sharded, state replicated) or by ``jax.pmap``: both give the same numbers as one
 
 Device-count invariance: augmentation keys are derived from each example's position in the
 *global* batch, BatchNorm statistics are global, and the loss is a mean over the local batch whose
-gradient is then averaged over devices = the gradient of the global mean.
+gradient is then averaged over devices = the gradient of the global mean. The batch-level terms
+(RKD, PKT, CC, SP, DIST; `distill.Term.global_batch`) are evaluated on the all-gathered global
+batch on every device: the all-gather's transpose sums the devices' cotangents of each share
+(D times its part of the gradient) and the pmean divides by D, so their gradient is exactly that
+of the global-batch term too (kdjax.distill's module docstring). So 1, 2 or 8 devices give the
+same loss and gradient up to float reassociation (tests/test_global_batch.py).
 """
 
 from __future__ import annotations
@@ -72,18 +77,25 @@ def _apply_distiller(distiller, params, model_state, s_feats, t_feats, ctx):
 def teacher_features(teachers, teacher_vars, x) -> dict:
     """Eval-mode features of one teacher, or of an ensemble (no gradient).
 
-    With several teachers, 'logits' is the log of their averaged class probabilities (so
-    softmax(logits) is the ensemble's prediction at temperature 1); every other feature is the
-    first teacher's.
+    With several teachers, 'logits' is every teacher's logits stacked along a teacher axis,
+    (B, n, K) in the order of `teachers`: each logit term combines them at its own temperature
+    (the weighted average of the teachers' softened probabilities, `distill.ensemble_logits`).
+    Every other feature is the first teacher's (the trainer puts ``teacher.feature_source``
+    first, see `distill.ensemble_order`).
     """
     if not teachers:
         return {}
     feats = [models.apply_model(m, v, x, train=False)[1] for m, v in zip(teachers, teacher_vars)]
     out = dict(feats[0])
     if len(feats) > 1:
-        probs = jnp.mean(jnp.stack([jax.nn.softmax(f["logits"]) for f in feats]), axis=0)
-        out["logits"] = jnp.log(jnp.maximum(probs, 1e-30))
+        out["logits"] = jnp.stack([f["logits"] for f in feats], axis=1)
     return jax.lax.stop_gradient(out)
+
+
+def _all_finite(tree) -> jax.Array:
+    """True when every element of every leaf is finite (no norm: a huge finite tree stays True)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def init_variables(student, distiller: distill.Distiller, teachers: tuple, teacher_vars: tuple,
@@ -229,9 +241,11 @@ def make_train_step(
                                                   model_state["student"], state.model_state["student"])
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        # NaN/Inf guard: a step whose loss or gradient is not finite changes nothing (the trainer
-        # then stops with a message, or skips the step, as config.nan_policy says).
-        finite = jnp.isfinite(jax.lax.pmean(total, AXIS)) & jnp.isfinite(optax.tree.norm(grads))
+        # NaN/Inf guard: a step whose loss, gradient or optimizer update (e.g. an overflow in the
+        # optimizer's state) is not finite changes nothing (the trainer then stops with a
+        # message, or skips the step, as config.nan_policy says). Gradients and updates are
+        # already device-averaged, so every device takes the same decision.
+        finite = jnp.isfinite(jax.lax.pmean(total, AXIS)) & _all_finite(grads) & _all_finite(updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
         model_state = keep(model_state, state.model_state)

@@ -386,3 +386,90 @@ def test_crd_needs_data_size():
     terms = distill.build_terms(distill.get_config("crd").to_dict(), num_data=N)
     with pytest.raises(ValueError, match="dataset_labels"):
         _init(distill.Distiller(terms), s, t, labels)
+
+
+def _np_softmax(z):
+    z = np.asarray(z, np.float64)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _np_kd(s, p_teacher, T):
+    """Hinton KD against a given teacher distribution: T^2 * mean_b KL(p || softmax(s / T))."""
+    q = _np_softmax(np.asarray(s, np.float64) / T)
+    return T * T * np.mean(np.sum(p_teacher * (np.log(p_teacher) - np.log(q)), axis=-1))
+
+
+def test_ensemble_target_is_the_weighted_average_of_tempered_softmax():
+    """Multi-teacher KD: three teachers' logits (B, 3, K) give the target sum_i w_i softmax(z_i / T)
+    at each term's own temperature (numpy here), with equal or configured weights; kd's value is
+    the numpy KD against that average, which differs from averaging at T = 1 and re-softening."""
+    rng = np.random.default_rng(11)
+    s, t, labels = _inputs("digits", seed=5)
+    z = (3.0 * rng.standard_normal((B, 3, K))).astype(np.float32)
+    for weights in (None, (1.0, 2.0, 5.0)):
+        w = np.full(3, 1 / 3) if weights is None else np.asarray(weights) / np.sum(weights)
+        for T in (1.0, 4.0):
+            p = np.einsum("n,bnk->bk", w, _np_softmax(z / T))
+            got = _np_softmax(np.asarray(jax.jit(distill.ensemble_logits, static_argnums=2)(z, T, weights)) / T)
+            np.testing.assert_allclose(got, p, rtol=1e-5, atol=1e-7)
+        cfg = distill.get_config("kd+dkd+fm+wttm").to_dict()
+        distiller = distill.Distiller(distill.build_terms(cfg), teacher_weights=weights)
+        got = jax.jit(lambda s, t, y: distiller.apply({}, s, t, _ctx(y)))(s, {**t, "logits": z}, labels)
+        p4 = np.einsum("n,bnk->bk", w, _np_softmax(z / 4.0))
+        np.testing.assert_allclose(got["kd"], _np_kd(s["logits"], p4, 4.0), rtol=1e-5)
+        np.testing.assert_allclose(got["fm"], _np_kd(s["logits"], np.einsum("n,bnk->bk", w, _np_softmax(z)), 1.0),
+                                   rtol=1e-5)
+        # dkd reads the same tempered average (as logits T * log p); wttm combines at T = 1.
+        np.testing.assert_allclose(got["dkd"], losses.dkd(s["logits"], 4.0 * np.log(p4), labels, 1.0, 8.0, 4.0),
+                                   rtol=1e-5)
+        p1 = np.einsum("n,bnk->bk", w, _np_softmax(z))
+        np.testing.assert_allclose(got["wttm"], losses.wttm(s["logits"], np.log(p1), 0.2), rtol=1e-5)
+    # The old target (average at T = 1, re-softened at T = 4) is another distribution.
+    old = _np_softmax(np.log(np.mean(_np_softmax(z), axis=1)) / 4.0)
+    assert np.abs(old - np.mean(_np_softmax(z / 4.0), axis=1)).max() > 0.02
+    # Logit standardisation z-scores each teacher before the average.
+    cfg = distill.get_config("kd").to_dict()
+    cfg["logit_standardize"] = True
+    distiller = distill.Distiller(distill.build_terms(cfg))
+    got = jax.jit(lambda s, t, y: distiller.apply({}, s, t, _ctx(y)))(s, {**t, "logits": z}, labels)
+    zs = _np_standardize(z.reshape(-1, K)).reshape(z.shape)
+    want = _np_kd(_np_standardize(s["logits"]), np.mean(_np_softmax(zs / 4.0), axis=1), 4.0)
+    np.testing.assert_allclose(got["kd"], want, rtol=1e-5)
+    with pytest.raises(ValueError, match="2 ensemble weights for 3 teachers"):
+        jax.eval_shape(lambda s, t, y: distill.Distiller(distill.build_terms(cfg), teacher_weights=(1.0, 1.0)).apply(
+            {}, s, t, _ctx(y)), s, {**t, "logits": z}, labels)
+
+
+def test_ensemble_with_ctkd_uses_the_learned_temperature():
+    s, t, labels = _inputs("digits", seed=6)
+    z = (3.0 * np.random.default_rng(2).standard_normal((B, 2, K))).astype(np.float32)
+    cfg = distill.get_config("kd").to_dict()
+    cfg["ctkd"]["enabled"] = True
+    distiller = distill.Distiller(distill.build_terms(cfg, num_data=N))
+    t0 = 1.0 + 20.0 / (1.0 + np.exp(-1.0))  # T at raw = 1
+    tz = {**t, "logits": z}
+    out = jax.jit(lambda s, t, y: distiller.apply(distiller.init(jax.random.key(0, impl="rbg"), s, t, _ctx(y)),
+                                                  s, t, _ctx(y)))(s, tz, labels)
+    np.testing.assert_allclose(out["kd"], _np_kd(s["logits"], np.mean(_np_softmax(z / t0), axis=1), t0), rtol=1e-5)
+
+
+def test_ensemble_order_feature_source_and_weights():
+    """Feature terms with several teachers need teacher.feature_source (refused in one line
+    otherwise); that teacher is moved first (its features are the ones read) and the weights
+    follow it; bad weights are refused in one line."""
+    kd = distill.build_terms(distill.get_config("kd").to_dict())
+    at = distill.build_terms(distill.get_config("kd+at").to_dict())
+    assert distill.ensemble_order(3, kd) == ([0, 1, 2], None)
+    assert distill.ensemble_order(1, at) == ([0], None) and distill.ensemble_order(0, at, "1,2") == ([], None)
+    with pytest.raises(ValueError, match=r"term 'at' reads the teacher's stage\*, but the teacher is an ensemble "
+                                         r"of 3 models: set config.teacher.feature_source"):
+        distill.ensemble_order(3, at)
+    assert distill.ensemble_order(3, at, "1,2,3", feature_source=2) == ([2, 0, 1], (3.0, 1.0, 2.0))
+    assert distill.ensemble_order(2, kd, " 0.25, 0.75 ") == ([0, 1], (0.25, 0.75))
+    for weights, match in (("1,2", "has 2 weights for 3 teacher"), ("1,-1,1", "finite numbers >= 0"),
+                           ("0,0,0", "not all 0"), ("a,b,c", "comma-separated numbers")):
+        with pytest.raises(ValueError, match=match):
+            distill.ensemble_order(3, kd, weights)
+    with pytest.raises(ValueError, match="feature_source=3 is not a teacher index"):
+        distill.ensemble_order(3, at, feature_source=3)
