@@ -55,7 +55,7 @@ INIT_SEED_OFFSET = {"student_scratch": ROLES.index("student")}
 
 
 class NonFiniteError(RuntimeError):
-    """A loss term or gradient became NaN/Inf (config.nan_policy='stop')."""
+    """A loss term, gradient or optimizer update became NaN/Inf (config.nan_policy='stop')."""
 
 
 class Preempted(Exception):
@@ -395,6 +395,13 @@ class Stage:
         self.teachers, self.teacher_vars = (tuple(teachers), tuple(teacher_vars))
         if ema or not distill.needs_teacher(self.terms):
             self.teachers, self.teacher_vars = (), ()
+        # An ensemble: teacher.feature_source's teacher first (its features are the ones read),
+        # the weights in the same order (kdjax.distill.ensemble_order).
+        order, teacher_weights = distill.ensemble_order(
+            len(self.teachers), self.terms, config.teacher.get("ensemble_weights", ""),
+            config.teacher.get("feature_source"))
+        self.teachers = tuple(self.teachers[i] for i in order)
+        self.teacher_vars = tuple(self.teacher_vars[i] for i in order)
         self.init_from = init_from
         self.batch_size = config.batch_size
         self.spe = kdata.steps_per_epoch(len(dataset.train.labels), config.batch_size)
@@ -409,7 +416,7 @@ class Stage:
             l1=config.loss.l1, l2=config.loss.l2, dtype=dtype,
             ema_decay=config.teacher.ema_decay if ema else 0.0,
         )
-        self.distiller = distill.Distiller(self.terms)
+        self.distiller = distill.Distiller(self.terms, teacher_weights=teacher_weights)
         o = config.optimizer
         self.schedule = optim.make_schedule(
             o.schedule, base_lr=self.lr, total_steps=self.total_steps, steps_per_epoch=self.spe,
@@ -516,6 +523,9 @@ class Stage:
         """Traces this stage's init abstractly (jax.eval_shape, no compute): raises a one-line
         ValueError for a feature a model lacks or shapes a method cannot reconcile."""
         teachers = tuple(teacher_models) if distill.needs_teacher(self.terms) else ()
+        order, _ = distill.ensemble_order(len(teachers), self.terms, self.config.teacher.get("ensemble_weights", ""),
+                                          self.config.teacher.get("feature_source"))
+        teachers = tuple(teachers[i] for i in order)
         shape = (1,) + self.ds.image_shape
         t_vars = tuple(models.param_shapes(m, shape) for m in teachers)
         s_vars, _ = jax.eval_shape(lambda tv: kstep.init_variables(
@@ -704,7 +714,9 @@ class Stage:
         step, metrics = bad[0]
         values = {k: float(v) for k, v in self.par.unreplicate(metrics).items()}
         terms = [k for k, v in values.items() if k.startswith("loss/") and not np.isfinite(v)]
-        what = ", ".join(f"{k}={values[k]}" for k in terms) or f"gradient (grad_norm={values['grad_norm']})"
+        what = ", ".join(f"{k}={values[k]}" for k in terms) or (
+            f"gradient (grad_norm={values['grad_norm']})" if not np.isfinite(values["grad_norm"])
+            else f"optimizer update (update_norm={values['update_norm']})")
         if self.config.nan_policy == "skip":
             logging.warning("[%s] skipped %d non-finite step(s); first at step %d: %s", self.role, len(bad), step, what)
             return len(bad)
