@@ -34,6 +34,7 @@ import optax
 
 __all__ = [
     'OPTIMIZERS',
+    'ALL_OPTIMIZERS',
     'SCHEDULES',
     'DEFAULT_LEARNING_RATES',
     'default_learning_rate',
@@ -50,7 +51,9 @@ __all__ = [
     'DotState',
 ]
 
-OPTIMIZERS = ('sgd', 'adam', 'adamw', 'rmsprop', 'adagrad', 'adadelta')
+OPTIMIZERS = ('sgd', 'adam', 'adamw', 'rmsprop', 'adagrad', 'adadelta')  # updated with one gradient
+# ...and DOT, updated with the task and the distillation gradients (the trainer's step feeds both).
+ALL_OPTIMIZERS = OPTIMIZERS + ('dot',)
 SCHEDULES = ('constant', 'cosine', 'step', 'multistep', 'linear')
 
 # The learning rate each optimizer gets when none is given (``optimizer.learning_rate=None`` in a
@@ -69,6 +72,7 @@ DEFAULT_LEARNING_RATES = {
     'rmsprop': 1e-2,
     'adagrad': 1e-2,
     'adadelta': 1.0,
+    'dot': 0.05,  # SGD-momentum's (DOT is SGD with one momentum per loss; mdistiller's CIFAR recipe)
 }
 
 # eps used when ``eps=None`` (PyTorch defaults; note optax's adagrad default is 1e-7).
@@ -79,13 +83,6 @@ _DEFAULT_EPS = {
     'adagrad': 1e-10,
     'adadelta': 1e-6,
 }
-
-
-# DOT (kdjax.optim.dot) updates with two gradients, the task loss's and the distillation loss's;
-# the trainer's step computes one, of their sum, so it cannot select DOT yet.
-_DOT_NOT_WIRED = ("optimizer 'dot' needs the task-loss and distillation-loss gradients separately "
-                  "(tx.update(task_grads, state, params, kd_grads=...)), and kdjax.step's train step "
-                  "computes only the gradient of their sum; use kdjax.optim.dot in your own loop")
 
 
 def _choices_error(kind: str, name: Any, valid: Sequence[str]) -> ValueError:
@@ -101,7 +98,7 @@ def _normalize_name(name: Any, kind: str, valid: Sequence[str]) -> str:
 
 def default_learning_rate(name: str) -> float:
     """The learning rate of :data:`DEFAULT_LEARNING_RATES` for optimizer ``name``."""
-    return DEFAULT_LEARNING_RATES[_normalize_name(name, 'optimizer', OPTIMIZERS)]
+    return DEFAULT_LEARNING_RATES[_normalize_name(name, 'optimizer', ALL_OPTIMIZERS)]
 
 
 def resolve_learning_rate(name: str, learning_rate: float | None = None, scale: float = 1.0,
@@ -115,12 +112,12 @@ def resolve_learning_rate(name: str, learning_rate: float | None = None, scale: 
     ``optimizer.learning_rate``, ``optimizer.tuned_learning_rates`` and
     ``<stage>.learning_rate_scale`` become a number.
     """
-    key = _normalize_name(name, 'optimizer', OPTIMIZERS)
+    key = _normalize_name(name, 'optimizer', ALL_OPTIMIZERS)
     tuned = dict(tuned or {})
     for other in tuned:
-        if other not in OPTIMIZERS:
+        if other not in ALL_OPTIMIZERS:
             raise ValueError(f'tuned learning rate for unknown optimizer {other!r}; '
-                             f'choose from: {", ".join(sorted(OPTIMIZERS))}')
+                             f'choose from: {", ".join(sorted(ALL_OPTIMIZERS))}')
     if learning_rate is not None:
         base = float(learning_rate)
     else:
@@ -336,8 +333,12 @@ def make_optimizer(
     eps: float | None = None,
     rmsprop_decay: float = 0.9,
     adadelta_rho: float = 0.9,
+    dot_delta: float = 0.075,
 ) -> optax.GradientTransformation:
     """Build an optax optimizer from plain arguments (PyTorch semantics).
+
+    ``'dot'`` returns :func:`dot` (momentum +- ``dot_delta``; no Nesterov, no clipping): its update
+    needs ``kd_grads=`` as well, which kdjax's train step passes when ``StepConfig.dot`` is set.
 
     The chain is::
 
@@ -393,9 +394,14 @@ def make_optimizer(
     Raises:
       ValueError: unknown name or invalid hyper-parameter.
     """
-    if isinstance(name, str) and name.strip().lower() == 'dot':
-        raise ValueError(_DOT_NOT_WIRED)
-    key = _normalize_name(name, 'optimizer', OPTIMIZERS)
+    key = _normalize_name(name, 'optimizer', ALL_OPTIMIZERS)
+    if key == 'dot':
+        if nesterov or grad_clip_norm:
+            raise ValueError("optimizer 'dot' has no Nesterov variant and no gradient clipping (as the reference): "
+                             "set optimizer.nesterov=False and optimizer.grad_clip_norm=None")
+        _check_nonneg('weight_decay', weight_decay)
+        return dot(learning_rate, momentum=momentum, delta=dot_delta, weight_decay=weight_decay,
+                   decay_all=decay_all)
 
     if not callable(learning_rate):
         _check_nonneg('learning_rate', learning_rate)

@@ -146,19 +146,22 @@ def masked(inner: optax.GradientTransformation, prunable, *, method: str = "magn
         ones = jax.tree.map(lambda p, w: jnp.ones(p.shape, bool) if w else jnp.asarray(_KEEP), params, which(params))
         return PruneState(jnp.zeros((), jnp.int32), ones, inner.init(params))
 
-    def update(updates, state, params=None):
+    def update(updates, state, params=None, **extra):
         count = state.count
         due = (count >= begin_step) & ((count <= end_step) | (count == begin_step)) & (
             ((count - begin_step) % max(update_every, 1) == 0) | (count == end_step))
         masks = jax.lax.cond(due, lambda: jax.tree.map(jnp.asarray, masks_for(params, count)), lambda: state.masks)
         prunable_ = which(params)
-        grads = jax.tree.map(lambda w, mask, g: jnp.where(mask, g, 0) if w else g, prunable_, masks, updates)
-        new_updates, inner_state = inner.update(grads, state.inner, params)
+        hide = lambda tree: jax.tree.map(lambda w, mask, g: jnp.where(mask, g, 0) if w else g,  # noqa: E731
+                                         prunable_, masks, tree)
+        if "kd_grads" in extra:  # DOT's distillation gradient, masked like the gradient
+            extra["kd_grads"] = hide(extra["kd_grads"])
+        new_updates, inner_state = inner.update(hide(updates), state.inner, params, **extra)
         new_updates = jax.tree.map(lambda w, mask, u, p: jnp.where(mask, u, -p.astype(u.dtype)) if w else u,
                                    prunable_, masks, new_updates, params)
         return new_updates, PruneState(count + 1, masks, inner_state)
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 # ------------------------------------------------------------------ structured channel pruning

@@ -64,6 +64,7 @@ class StepConfig:
     l2: float = 0.0
     dtype: Any = jnp.float32
     ema_decay: float = 0.0  # > 0: the teacher is an EMA of the student (state.ema), decay per step
+    dot: bool = False  # the optimizer is DOT (kdjax.optim.dot): it gets the task and distillation gradients apart
 
 
 def _apply_distiller(distiller, params, model_state, s_feats, t_feats, ctx):
@@ -216,22 +217,36 @@ def make_train_step(
             values, d_state = _apply_distiller(
                 distiller, params["distiller"], state.model_state["distiller"], s_feats, t_feats, ctx
             )
-            total = sum(t.weight_at(epoch) * values[t.name] for t in terms)
+            # The task loss (labels: the CE term and the penalties) and the distillation loss,
+            # apart for DOT, which gives each its own momentum.
+            task = sum(t.weight_at(epoch) * values[t.name] for t in terms if t.name == "ce")
+            kd = sum(t.weight_at(epoch) * values[t.name] for t in terms if t.name != "ce")
             if cfg.l1:
                 values["l1"] = losses.l1_penalty(params["student"], kernels_only=True)
-                total = total + cfg.l1 * values["l1"]
+                task = task + cfg.l1 * values["l1"]
             if cfg.l2:
                 values["l2"] = losses.l2_penalty(params["student"], kernels_only=True)
-                total = total + cfg.l2 * values["l2"]
+                task = task + cfg.l2 * values["l2"]
             s_state = {"batch_stats": s_stats} if s_stats is not None else {}
-            return total, (values, logits, {"student": s_state, "distiller": d_state})
+            aux = (values, logits, {"student": s_state, "distiller": d_state})
+            return ((jnp.asarray(task, jnp.float32), jnp.asarray(kd, jnp.float32)) if cfg.dot
+                    else task + kd), aux
 
         # Differentiate w.r.t. a per-device ("varying") view of the replicated parameters, so the
         # gradients are this device's own and the explicit pmean below is the only reduction
         # (otherwise shard_map's autodiff would already psum them).
         local_params = jax.lax.pcast(state.params, AXIS, to="varying")
-        (total, (values, logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(local_params)
-        grads = jax.lax.pmean(grads, AXIS)
+        extra = {}
+        if cfg.dot:  # one forward pass, two gradients
+            (task, kd), vjp, (values, logits, model_state) = jax.vjp(loss_fn, local_params, has_aux=True)
+            # cotangents typed like each output (a stage without distillation has a constant kd)
+            (g_task,) = vjp((jnp.ones_like(task), jnp.zeros_like(kd)))
+            (g_kd,) = vjp((jnp.zeros_like(task), jnp.ones_like(kd)))
+            g_task, g_kd = jax.lax.pmean((g_task, g_kd), AXIS)
+            total, grads, extra = task + kd, jax.tree.map(jnp.add, g_task, g_kd), {"kd_grads": g_kd}
+        else:
+            (total, (values, logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(local_params)
+            grads = jax.lax.pmean(grads, AXIS)
         # BatchNorm statistics are already global (SyncBN) and CRD's memory is updated from
         # all-gathered embeddings, so this pmean changes nothing numerically; it is what proves to
         # shard_map that the state leaving the step is replicated.
@@ -239,7 +254,7 @@ def make_train_step(
         if frozen_stats is not None:
             model_state["student"] = jax.tree.map(lambda frozen, new, old: old if frozen else new, frozen_stats,
                                                   model_state["student"], state.model_state["student"])
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = tx.update(g_task if cfg.dot else grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
         # NaN/Inf guard: a step whose loss, gradient or optimizer update (e.g. an overflow in the
         # optimizer's state) is not finite changes nothing (the trainer then stops with a

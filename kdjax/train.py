@@ -242,7 +242,7 @@ def validate(config) -> None:
     optim.make_optimizer(  # raises on an unknown optimizer or a bad hyper-parameter
         opt.name, 0.1, momentum=opt.momentum, nesterov=opt.nesterov, weight_decay=opt.weight_decay,
         grad_clip_norm=opt.grad_clip_norm, decay_all=opt.decay_all, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-        rmsprop_decay=opt.rmsprop_decay, adadelta_rho=opt.adadelta_rho)
+        rmsprop_decay=opt.rmsprop_decay, adadelta_rho=opt.adadelta_rho, dot_delta=opt.get("dot_delta", 0.075))
     for role in ("teacher", "student"):
         lr = optim.resolve_learning_rate(opt.name, opt.learning_rate, config[role].learning_rate_scale,
                                          opt.tuned_learning_rates)
@@ -414,7 +414,7 @@ class Stage:
             crop_padding=config.augment.crop_padding, flip=config.augment.flip,
             mixup_alpha=config.augment.mixup_alpha, cutmix_alpha=config.augment.cutmix_alpha,
             l1=config.loss.l1, l2=config.loss.l2, dtype=dtype,
-            ema_decay=config.teacher.ema_decay if ema else 0.0,
+            ema_decay=config.teacher.ema_decay if ema else 0.0, dot=config.optimizer.name == "dot",
         )
         self.distiller = distill.Distiller(self.terms, teacher_weights=teacher_weights)
         o = config.optimizer
@@ -426,7 +426,7 @@ class Stage:
         make = lambda schedule: optim.make_optimizer(  # noqa: E731
             o.name, schedule, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
             grad_clip_norm=o.grad_clip_norm, decay_all=o.decay_all, b1=o.b1, b2=o.b2, eps=o.eps,
-            rmsprop_decay=o.rmsprop_decay, adadelta_rho=o.adadelta_rho,
+            rmsprop_decay=o.rmsprop_decay, adadelta_rho=o.adadelta_rho, dot_delta=o.get("dot_delta", 0.075),
         )
         self.tx = make(self.schedule)
         self.freeze, head_scale = o.get("freeze", ""), float(o.get("head_learning_rate_scale", 1.0))

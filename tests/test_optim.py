@@ -267,7 +267,7 @@ def test_unknown_optimizer_message():
     with pytest.raises(ValueError) as e:
         make_optimizer('adamax', 0.1)
     assert str(e.value) == ("unknown optimizer 'adamax'; choose one of: "
-                            "adadelta, adagrad, adam, adamw, rmsprop, sgd")
+                            "adadelta, adagrad, adam, adamw, dot, rmsprop, sgd")
 
 
 def test_unknown_schedule_message():
@@ -325,10 +325,10 @@ def test_cosine_needs_steps_after_warmup():
 
 
 def test_default_learning_rates_are_the_references():
-    assert set(DEFAULT_LEARNING_RATES) == set(OPTIMIZERS)
-    # torch.optim defaults (Adadelta's 1.0 is also Zeiler's); sgd: RepDistiller's CIFAR 0.05.
+    assert set(DEFAULT_LEARNING_RATES) == set(OPTIMIZERS) | {'dot'}
+    # torch.optim defaults (Adadelta's 1.0 is also Zeiler's); sgd: RepDistiller's CIFAR 0.05; DOT: sgd's.
     assert DEFAULT_LEARNING_RATES == {
-        'sgd': 0.05, 'adam': 1e-3, 'adamw': 1e-3, 'rmsprop': 1e-2, 'adagrad': 1e-2, 'adadelta': 1.0}
+        'sgd': 0.05, 'adam': 1e-3, 'adamw': 1e-3, 'rmsprop': 1e-2, 'adagrad': 1e-2, 'adadelta': 1.0, 'dot': 0.05}
     assert default_learning_rate('AdaDelta') == 1.0
     with pytest.raises(ValueError, match="unknown optimizer 'adamax'"):
         default_learning_rate('adamax')
@@ -529,8 +529,28 @@ def test_dot_errors():
     with pytest.raises(ValueError, match='weight_decay > 0 needs params'):
         wd = optim.dot(0.1, weight_decay=1e-4)
         wd.update(p, wd.init(p), kd_grads=p)
-    # The trainer cannot feed DOT yet: optimizer.name=dot is refused in one line.
-    for name in ('dot', 'DOT'):
-        with pytest.raises(ValueError) as e:
-            make_optimizer(name, 0.1)
-        assert str(e.value) == optim._DOT_NOT_WIRED and '\n' not in str(e.value)
+    with pytest.raises(ValueError, match="optimizer 'dot' has no Nesterov variant"):
+        make_optimizer('dot', 0.1, nesterov=True)
+
+
+def test_dot_in_the_trainer(tmp_path):
+    """optimizer.name=dot through the real step: with dot_delta=0 it is SGD-momentum on the summed
+    loss (same final student, up to float rounding of g_task + g_kd), with the reference's 0.075
+    it differs, and it works inside the prune stage's mask wrapper."""
+    from kdjax import train
+    from tests.test_train import final_params, tiny_digits_config
+
+    def student(name, **extra):
+        workdir = str(tmp_path / f"{name}-{len(extra)}-{extra.get('optimizer.dot_delta', '')}")
+        train.run(tiny_digits_config(**{"teacher.model": "mlp", "optimizer.name": name, "optimizer.learning_rate": 0.05,
+                                        "optimizer.weight_decay": 5e-4, **extra}), workdir)
+        return final_params(workdir, "student")[1]["student"]
+
+    sgd = student("sgd")
+    dot0 = student("dot", **{"optimizer.dot_delta": 0.0})
+    dot = student("dot", **{"optimizer.dot_delta": 0.075})
+    for layer in ("fc1", "head"):
+        np.testing.assert_allclose(dot0[layer]["kernel"], sgd[layer]["kernel"], atol=2e-5)
+        assert not np.allclose(dot[layer]["kernel"], sgd[layer]["kernel"], atol=1e-4)
+    pruned = student("dot", **{"stages": "teacher,student,prune", "prune.epochs": 1, "prune.sparsity": 0.5})
+    assert np.isfinite(pruned["fc1"]["kernel"]).all()
