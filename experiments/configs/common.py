@@ -229,6 +229,7 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
 #   rmsprop    0.01        torch.optim.RMSprop
 #   adagrad    0.01        torch.optim.Adagrad
 #   adadelta   1.0         torch.optim.Adadelta; Zeiler (2012) (the update is already unit-scaled)
+#   dot        0.05        SGD's: DOT is SGD with one momentum per loss (mdistiller's CIFAR recipe)
 DEFAULT_LEARNING_RATES = optim.DEFAULT_LEARNING_RATES
 
 
