@@ -93,12 +93,6 @@ def teacher_features(teachers, teacher_vars, x) -> dict:
     return jax.lax.stop_gradient(out)
 
 
-def _all_finite(tree) -> jax.Array:
-    """True when every element of every leaf is finite (no norm: a huge finite tree stays True)."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
 def init_variables(student, distiller: distill.Distiller, teachers: tuple, teacher_vars: tuple,
                    image_shape: tuple, key: jax.Array, *, ema: bool = False) -> tuple[dict, dict]:
     """Fresh (student variables, distiller variables) for one stage: the single init path.
@@ -260,7 +254,11 @@ def make_train_step(
         # optimizer's state) is not finite changes nothing (the trainer then stops with a
         # message, or skips the step, as config.nan_policy says). Gradients and updates are
         # already device-averaged, so every device takes the same decision.
-        finite = jnp.isfinite(jax.lax.pmean(total, AXIS)) & _all_finite(grads) & _all_finite(updates)
+        # Via the norms the metrics compute anyway (XLA shares them): per-leaf isfinite reductions
+        # made the ResNet-18 -> MobileNetV2 step compile 5x slower on CPU (13 s -> 62 s). A norm
+        # overflows only for entries beyond ~1e19, which is a divergence in any case.
+        grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
+        finite = jnp.isfinite(jax.lax.pmean(total, AXIS)) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
         model_state = keep(model_state, state.model_state)
@@ -269,9 +267,9 @@ def make_train_step(
         metrics["loss"] = total
         metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
         metrics = jax.lax.pmean(metrics, AXIS)
-        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["grad_norm"] = grad_norm
         metrics["param_norm"] = optax.tree.norm(params["student"])
-        metrics["update_norm"] = optax.tree.norm(updates)
+        metrics["update_norm"] = update_norm
         metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
         metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
         ema = state.ema

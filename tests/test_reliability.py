@@ -122,7 +122,7 @@ def test_stop_signal_saves_a_checkpoint_and_exits_quickly(tmp_path, signum):
 def test_planted_nan_stops_with_the_step_and_keeps_the_checkpoint(tmp_path):
     workdir = str(tmp_path / "nan")
     config = tiny_digits_config(stages="teacher", **{
-        "optimizer.name": "sgd", "optimizer.learning_rate": 1e30, "optimizer.schedule": "constant",
+        "optimizer.name": "sgd", "optimizer.learning_rate": 1e18, "optimizer.schedule": "constant",
         "checkpoint.every_steps": 1})
     with pytest.raises(train.NonFiniteError, match=r"non-finite .* at step \d+ .*of stage 'teacher'") as err:
         train.run(config, workdir)
