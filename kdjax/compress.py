@@ -131,11 +131,8 @@ def load_row(workdir: str, folder: str, stage: str, kind: str | None, dataset: k
 
 def accuracy(model, variables, dataset: kdata.Dataset, batch: int = 512) -> float:
     """Test accuracy of an eval-mode forward pass (float, bf16 or Qwix-quantised variables)."""
-    fwd = jax.jit(lambda v, x: models.apply_model(model, v, kdata.normalize(x, dataset.mean, dataset.std),
-                                                  train=False)[0].argmax(-1))
-    preds = np.concatenate([np.asarray(fwd(variables, dataset.test.images[i:i + batch]))
-                            for i in range(0, len(dataset.test.labels), batch)])
-    return float(np.mean(preds == dataset.test.labels))
+    logits = train.predict_logits(model, variables, dataset.test.images, dataset.mean, dataset.std, batch)
+    return float(np.mean(logits.argmax(-1) == dataset.test.labels))
 
 
 def calibration_images(dataset: kdata.Dataset, batches: int, batch_size: int, seed: int) -> list:
@@ -149,12 +146,13 @@ def _predict(call, images: np.ndarray, batch: int = 512) -> np.ndarray:
     return np.concatenate([np.asarray(call(images[i:i + batch])) for i in range(0, len(images), batch)])
 
 
-def _median_seconds(fn, x, calls: int) -> float:
-    fn(x).block_until_ready()
+def median_seconds(fn, args: tuple, calls: int) -> float:
+    """Median wall time of `calls` calls of ``fn(*args)`` (each waited for), after one warm-up."""
+    fn(*args).block_until_ready()
     times = []
     for _ in range(calls):
         start = time.perf_counter()
-        fn(x).block_until_ready()
+        fn(*args).block_until_ready()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -175,8 +173,8 @@ def measure(artifact: str, dataset: kdata.Dataset, latency_calls: int) -> dict[s
     return {
         "accuracy": float(np.mean(preds == test.labels)),
         "flops_per_image": float(cost.get("flops", float("nan"))) if cost else None,
-        "latency_ms_batch1": 1e3 * _median_seconds(call, one, latency_calls),
-        "latency_ms_batch256": 1e3 * _median_seconds(call, big, latency_calls),
+        "latency_ms_batch1": 1e3 * median_seconds(call, (one,), latency_calls),
+        "latency_ms_batch256": 1e3 * median_seconds(call, (big,), latency_calls),
         "predictions": preds,
     }
 

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 from typing import Any
 
@@ -279,34 +278,16 @@ def training_curves(metrics_path: str, role: str) -> dict[str, Any]:
 # Size, FLOPs and latency (JAX)
 
 
-def _median_seconds(fn, args, calls: int) -> float:
-    fn(*args).block_until_ready()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn(*args).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _forward(model, mean, std):
-    import jax
-
-    from kdjax import data as kdata
-    from kdjax import models
-
-    return jax.jit(lambda v, x: models.apply_model(model, v, kdata.normalize(x, mean, std), train=False)[0])
-
-
 def performance(model, variables, images: np.ndarray, mean, std, eval_batch: int, calls: int) -> dict[str, Any]:
     """Parameters, FLOPs per image (XLA cost analysis of the eval forward compiled for batch 1) and
     the median latency of `calls` calls at batch 1 and at `eval_batch` (uint8 test images, repeated
     to fill the batch)."""
     import jax
 
-    from kdjax import models
+    from kdjax import models, train
+    from kdjax.compress import median_seconds
 
-    fwd = _forward(model, mean, std)
+    fwd = train.eval_forward(model, mean, std)
     variables = jax.device_put(variables)
     one = jax.device_put(np.asarray(images[:1]))
     big = jax.device_put(np.resize(images, (eval_batch,) + images.shape[1:]))
@@ -320,15 +301,9 @@ def performance(model, variables, images: np.ndarray, mean, std, eval_batch: int
         "params": models.num_params(variables["params"]),
         "nonzero_params": int(sum(np.count_nonzero(np.asarray(a)) for a in leaves)),
         "flops_per_image": float(flops) if flops is not None and flops >= 0 else None,
-        "latency_ms_batch1": 1e3 * _median_seconds(at_one, (variables, one), calls),
-        "latency_ms_eval_batch": 1e3 * _median_seconds(at_batch, (variables, big), calls),
+        "latency_ms_batch1": 1e3 * median_seconds(at_one, (variables, one), calls),
+        "latency_ms_eval_batch": 1e3 * median_seconds(at_batch, (variables, big), calls),
     }
-
-
-def _recompute_logits(model, variables, images, mean, std, batch: int) -> np.ndarray:
-    fwd = _forward(model, mean, std)
-    return np.concatenate([np.asarray(fwd(variables, images[i:i + batch]), np.float32)
-                           for i in range(0, len(images), batch)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,7 +370,8 @@ def report(workdir: str, *, latency_calls: int = LATENCY_CALLS, plots: bool = Tr
                 logits, labels = load_predictions(pred_path)
                 source = os.path.relpath(pred_path, workdir)
             elif model is not None:
-                logits = _recompute_logits(model, variables, dataset.test.images, dataset.mean, dataset.std, eval_batch)
+                logits = train.predict_logits(model, variables, dataset.test.images, dataset.mean, dataset.std,
+                                              eval_batch)
                 labels = np.asarray(dataset.test.labels)
                 source = (f"recomputed from the {stage} checkpoint by the eval forward (no {stage}/predictions.npz: "
                           "the stage predates it)")

@@ -305,9 +305,15 @@ def _patience_exhausted(meta: dict, patience: int) -> bool:
     return len(scores) - 1 - scores.index(max(scores)) >= patience
 
 
+def eval_forward(model, mean, std):
+    """The jitted eval-mode forward pass fn(variables, uint8 images) -> float32 logits, with the
+    normalisation inside (what the trainer evaluates and kdjax.export ships)."""
+    return jax.jit(lambda v, x: models.apply_model(model, v, kdata.normalize(x, mean, std), train=False)[0])
+
+
 def predict_logits(model, variables, images, mean, std, batch: int = 512) -> np.ndarray:
     """Eval-mode float32 logits of uint8 `images` on one device, in batches."""
-    fwd = jax.jit(lambda v, x: models.apply_model(model, v, kdata.normalize(x, mean, std), train=False)[0])
+    fwd = eval_forward(model, mean, std)
     return np.concatenate([np.asarray(fwd(variables, images[i:i + batch]), np.float32)
                            for i in range(0, len(images), batch)])
 
@@ -318,7 +324,7 @@ def inference_throughput(model, variables, image_shape, mean, std, batch: int = 
     After one warm-up call, repeats the forward pass for at least `seconds` (and 3 calls) and
     divides the images processed by the time taken.
     """
-    fwd = jax.jit(lambda v, x: models.apply_model(model, v, kdata.normalize(x, mean, std), train=False)[0])
+    fwd = eval_forward(model, mean, std)
     x = jax.device_put(jnp.zeros((batch,) + tuple(image_shape), jnp.uint8))
     variables = jax.device_put(variables)
     fwd(variables, x).block_until_ready()

@@ -17,6 +17,7 @@ from experiments.configs import cifar10_resnet18_mobilenetv2 as cifar_cfg
 from experiments.configs import digits as digits_cfg
 from kdjax import checkpoint as kckpt
 from kdjax import train
+from tests.test_distill import _np_kd, _np_softmax
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -177,18 +178,6 @@ def teacher_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("teacher_run"))
     train.run(tiny_digits_config(), workdir)
     return workdir
-
-
-def _np_softmax(z):
-    z = np.asarray(z, np.float64)
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def _np_kd(student_logits, p_teacher, temperature):
-    """Hinton KD against a teacher distribution: T^2 * mean_b KL(p || softmax(s / T))."""
-    q = _np_softmax(np.asarray(student_logits, np.float64) / temperature)
-    return temperature**2 * np.mean(np.sum(p_teacher * (np.log(p_teacher) - np.log(q)), axis=-1))
 
 
 def _np_ce(logits, labels):
