@@ -613,7 +613,8 @@ class Stage:
         pending = []  # (step, metrics) not yet checked for NaN/Inf: checked lazily, no per-step sync
         skipped = meta.get("skipped_steps", 0)
         patience = int(c.get("train", {}).get("early_stop_patience", 0) or 0)
-        while step < self.total_steps and not _patience_exhausted(meta, patience):
+        stopped = _patience_exhausted(meta, patience)  # decided once per epoch, not per step
+        while step < self.total_steps and not stopped:
             batch = feed.train_batch(self.ds.train, self.batch_size, seed=c.seed, step=step,
                                      steps_per_epoch=self.spe, cache=cache)
             state, metrics = train_step(state, teacher_vars, self.par.shard(batch))
@@ -630,6 +631,7 @@ class Stage:
                 meta["skipped_steps"] = skipped
             if end_of_epoch:
                 meta = dict(self._end_of_epoch(step, state, eval_step, meta), skipped_steps=skipped)
+                stopped = _patience_exhausted(meta, patience)
             if end_of_epoch or periodic or preempted:
                 score = meta["history"][-1]["score"] if end_of_epoch else None
                 ckpts.save(step, self.par.unreplicate(state), meta, score=score)
