@@ -67,7 +67,14 @@ def export_model(model, variables: dict, *, image_shape: tuple, mean, std, out_d
 
     batch = jax.export.symbolic_shape("batch")[0]
     spec = jax.ShapeDtypeStruct((batch, *image_shape), jnp.uint8)
-    exported = jax.export.export(jax.jit(logits_fn), platforms=platforms)(spec)
+    # Source locations keep only file base names: the artifact does not carry the exporting
+    # machine's directories, and its bytes do not depend on where kdjax is installed.
+    previous = jax.config.jax_hlo_source_file_canonicalization_regex
+    jax.config.update("jax_hlo_source_file_canonicalization_regex", ".*/")
+    try:
+        exported = jax.export.export(jax.jit(logits_fn), platforms=platforms)(spec)
+    finally:
+        jax.config.update("jax_hlo_source_file_canonicalization_regex", previous)
     os.makedirs(out_dir, exist_ok=True)
     paths = {ext: os.path.join(out_dir, f"{name}.{ext}") for ext in ("jaxexport", "npz", "json")}
     with open(paths["jaxexport"] + ".tmp", "wb") as f:

@@ -58,6 +58,9 @@ def test_export_round_trip_without_kdjax(run_dir, tmp_path, role):
     weights = np.load(tmp_path / f"{role}.npz")
     assert sum(weights[k].size for k in weights.files if k.startswith("params/")) == summary[role]["num_params"]
 
+    with open(tmp_path / f"{role}.jaxexport", "rb") as f:  # no directory of the exporting machine
+        assert os.path.dirname(REPO).encode() not in f.read()
+
     dataset = kdata.load("digits")
     images = dataset.test.images[:37]  # an odd batch: the batch dimension is symbolic
     np.save(tmp_path / "images.npy", images)
