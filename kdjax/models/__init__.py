@@ -18,7 +18,8 @@ import flax.linen as nn
 from .digits import MLP, SmallCNN
 from .layers import DepthwiseConv, batch_norm, conv, sow_feature
 from .mobilenetv2 import MobileNetV2, mobilenetv2, mobilenetv2_half
-from .resnet import ResNet, cifar_resnet, resnet18, resnet34
+from .resnet import ResNet, cifar_resnet, resnet18, resnet34, resnet50
+from .shufflenet import ShuffleNetV1, ShuffleNetV2
 from .vgg import CFGS as VGG_CFGS, VGG
 from .wrn import WideResNet
 
@@ -36,11 +37,15 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     # kuangliu CIFAR layouts
     "resnet18": resnet18,
     "resnet34": resnet34,
+    "resnet50": resnet50,
     "mobilenetv2": mobilenetv2,
     "mobilenetv2_half": mobilenetv2_half,
     # RepDistiller WRN / VGG-BN
     **{f"wrn_{d}_{k}": _p(WideResNet, depth=d, widen_factor=k) for d in (16, 40) for k in (1, 2)},
     **{f"vgg{d}": _p(VGG, cfg=cfg) for d, cfg in VGG_CFGS.items()},
+    # RepDistiller ShuffleV1 / ShuffleV2 (1x1 stem, CIFAR)
+    "shufflev1": ShuffleNetV1,
+    "shufflev2": ShuffleNetV2,
 }
 
 
@@ -152,5 +157,5 @@ __all__ = [
     "MODELS", "CLASSIFIER", "get_model", "apply_model", "feature_names", "feature_shapes", "num_params",
     "init_model", "param_shapes", "MLP", "SmallCNN", "ResNet", "MobileNetV2", "WideResNet", "VGG",
     "DepthwiseConv", "batch_norm", "conv", "sow_feature", "cifar_resnet", "resnet18", "resnet34",
-    "mobilenetv2", "mobilenetv2_half",
+    "mobilenetv2", "mobilenetv2_half", "resnet50", "ShuffleNetV1", "ShuffleNetV2",
 ]

@@ -1,5 +1,6 @@
 """ResNets for 32x32 inputs: RepDistiller's CIFAR ResNets (depth 6n+2, 3 stages) and the
-kuangliu ResNet-18/34 (4 stages, 64..512 channels). 3x3 stride-1 stem, no max-pool."""
+kuangliu ResNet-18/34/50 (4 stages, 64..512 channels; ResNet-50 with bottleneck blocks, 4x wider
+outputs: RepDistiller's CIFAR ``ResNet50``). 3x3 stride-1 stem, no max-pool."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -28,18 +29,47 @@ class BasicBlock(nn.Module):
         return nn.relu(y + x)
 
 
+class Bottleneck(nn.Module):
+    """conv1x1 -> BN -> ReLU -> conv3x3(stride) -> BN -> ReLU -> conv1x1(4 x features) -> BN,
+    + shortcut, ReLU (torchvision's v1.5: the stride on the 3x3). The shortcut is
+    conv1x1(stride) -> BN when the stride or channel count changes, else identity."""
+    features: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        bn = lambda name: batch_norm(train, self.bn_axis_name, self.dtype, name=name)
+        out = self.features * self.expansion
+        y = nn.relu(bn("bn1")(conv(self.features, 1, dtype=self.dtype, name="conv1")(x)))
+        y = nn.relu(bn("bn2")(conv(self.features, 3, self.stride, dtype=self.dtype, name="conv2")(y)))
+        y = bn("bn3")(conv(out, 1, dtype=self.dtype, name="conv3")(y))
+        if self.stride != 1 or x.shape[-1] != out:
+            x = bn("shortcut_bn")(conv(out, 1, self.stride, dtype=self.dtype, name="shortcut_conv")(x))
+        return nn.relu(y + x)
+
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
 class ResNet(nn.Module):
     """Basic-block ResNet: stem conv3x3(``stem_channels``) -> BN -> ReLU, then one stage per
     entry of ``stage_channels`` with ``blocks[i]`` blocks (stride 2 at the start of every stage
     but the first), global average pool, Dense.
 
+    ``block``: 'basic' (BasicBlock) or 'bottleneck' (Bottleneck, whose output is 4x its
+    ``stage_channels`` entry).
+
     Features: ``stage1`` .. ``stage{len(stage_channels)}`` (each stage's output, after its last
-    block's ReLU), ``embedding`` (pooled, (B, stage_channels[-1])), ``logits``.
+    block's ReLU), ``embedding`` (pooled, (B, stage_channels[-1] x expansion)), ``logits``.
     For 32x32 inputs the stage maps are 32x32, 16x16, 8x8(, 4x4)."""
     num_classes: int
     stem_channels: int = 16
     stage_channels: Sequence[int] = (16, 32, 64)
     blocks: Sequence[int] = (3, 3, 3)
+    block: str = "basic"
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
 
@@ -50,7 +80,7 @@ class ResNet(nn.Module):
         for s, (c, n) in enumerate(zip(self.stage_channels, self.blocks)):
             for b in range(n):
                 stride = 2 if (s > 0 and b == 0) else 1
-                x = BasicBlock(c, stride, self.dtype, self.bn_axis_name, name=f"layer{s + 1}_{b}")(x, train)
+                x = BLOCKS[self.block](c, stride, self.dtype, self.bn_axis_name, name=f"layer{s + 1}_{b}")(x, train)
             sow_feature(self, f"stage{s + 1}", x)
         x = global_avg_pool(x)
         sow_feature(self, "embedding", x)
@@ -74,3 +104,9 @@ def resnet18(**kw) -> ResNet:
 
 def resnet34(**kw) -> ResNet:
     return ResNet(stem_channels=64, stage_channels=(64, 128, 256, 512), blocks=(3, 4, 6, 3), **kw)
+
+
+def resnet50(**kw) -> ResNet:
+    """kuangliu / RepDistiller ``ResNet50`` (bottleneck blocks 3-4-6-3, 2048-d embedding;
+    23.71M params for 100 classes)."""
+    return ResNet(stem_channels=64, stage_channels=(64, 128, 256, 512), blocks=(3, 4, 6, 3), block="bottleneck", **kw)
