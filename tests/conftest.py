@@ -6,6 +6,12 @@ import os
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+# XLA:CPU aborts a process whose devices wait for each other at a collective for 40 s; a loaded
+# 2-core machine running 8 virtual devices (tests/test_global_batch.py) can take that long, and
+# subprocesses inherit these flags.
+if "collective_call_terminate" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += (" --xla_cpu_collective_call_terminate_timeout_seconds=900"
+                                " --xla_cpu_collective_call_warn_stuck_timeout_seconds=300")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "kdjax-tests-jax-cache"))
