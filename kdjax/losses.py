@@ -120,6 +120,7 @@ __all__ = [
     "pkt",
     "correlation_congruence",
     "cosine_distance",
+    "discriminator_bce",
     # CRD
     "crd_init_memory",
     "crd_sample_negatives",
@@ -1134,6 +1135,39 @@ def cosine_distance(student_emb, teacher_emb, eps: float = 1e-8) -> jax.Array:
            min_ndim=2, layout="(B, ...)", match="shape")
     s, t = _flat(_f32(student_emb)), _flat(_f32(teacher_emb))
     return jnp.mean(optax.losses.cosine_distance(s, t, epsilon=eps * eps))
+
+
+def discriminator_bce(real_logits, fake_logits) -> jax.Array:
+    """Binary cross-entropy of a discriminator that tells real (label 1) from fake (label 0).
+
+    loss = mean_i softplus(-r_i) + mean_j softplus(f_j)
+         = -mean_i log sigmoid(r_i) - mean_j log(1 - sigmoid(f_j))
+
+    with r the discriminator's logits on real samples (adversarial distillation: the teacher's
+    outputs) and f those on fake samples (the student's). Each half is a mean over its own
+    elements, then the two are summed: torch ``BCEWithLogitsLoss()(d_real, ones) +
+    BCEWithLogitsLoss()(d_fake, zeros)``, the discriminator loss of the GAN recipe (Goodfellow et
+    al. NeurIPS 2014; the PyTorch DCGAN example's errD_real + errD_fake). 2 log 2 = 1.386 when the
+    discriminator cannot tell the two apart. The discriminator descends it; in the generator's
+    (student's) minimax objective the student ascends it.
+
+    Papers: Xu, Hsu, Huang, "Training Shallow and Thin Networks for Acceleration via Knowledge
+    Distillation with Conditional Adversarial Networks", ICLR workshop 2018 (the discriminator
+    reads logits, conditioned on the label); Wang, Zhang, Sun, Qi, "KDGAN: Knowledge Distillation
+    with Generative Adversarial Networks", NeurIPS 2018, whose official code (xiaojiew94/KDGAN
+    @8f1367d, arxiv/kdgan/mdlcompr_cifar/dis_model.py) trains its discriminator with the same sigmoid
+    cross-entropy (``tf.losses.sigmoid_cross_entropy``, mean reduction).
+
+    Shapes: ``real_logits`` (B, ...) and ``fake_logits`` (B', ...) of rank >= 1 (one logit per
+    sample, e.g. (B,) or (B, 1)); the two batches may differ in size.
+
+    Args:
+      real_logits: discriminator logits of the real samples.
+      fake_logits: discriminator logits of the fake samples.
+    """
+    _check("discriminator_bce", {"real_logits": real_logits, "fake_logits": fake_logits}, min_ndim=1,
+           layout="(B, ...)")
+    return jnp.mean(jax.nn.softplus(-_f32(real_logits))) + jnp.mean(jax.nn.softplus(_f32(fake_logits)))
 
 
 # --------------------------------------------------------------------------

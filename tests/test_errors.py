@@ -94,6 +94,32 @@ def test_teacher_checkpoint_of_another_architecture(tmp_path, teacher_run):
         train.run(tiny_digits_config(stages="student", **{"teacher.checkpoint": str(other)}), str(tmp_path / "run"))
 
 
+ENSEMBLE_CASES = {
+    "feature method, no feature_source": ({"distill.method": "kd+rkd"},
+                                          "term 'rkd' reads the teacher's embedding, but the teacher is an ensemble of 2 "
+                                          "models: set config.teacher.feature_source to the index of the one"),
+    "feature_source out of range": ({"distill.method": "kd+rkd", "teacher.feature_source": 2},
+                                    "config.teacher.feature_source=2 is not a teacher index: there are 2 teacher(s), 0..1"),
+    "ensemble_weights of another count": ({"teacher.ensemble_weights": "1,2,3"},
+                                          "config.teacher.ensemble_weights has 3 weights for 2 teacher(s)"),
+    "ensemble_weights not numbers": ({"teacher.ensemble_weights": "1,x"},
+                                     "config.teacher.ensemble_weights='1,x': give comma-separated numbers"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ENSEMBLE_CASES))
+def test_bad_ensemble_settings(case, tmp_path, teacher_run):
+    """Two teachers (the same run twice, as checkpoint and as ensemble member): refused in one line
+    before the workdir is touched."""
+    overrides, message = ENSEMBLE_CASES[case]
+    config = tiny_digits_config(stages="student", **{"teacher.checkpoint": teacher_run,
+                                                     "teacher.ensemble": teacher_run, **overrides})
+    with pytest.raises(ValueError) as err:
+        train.run(config, str(tmp_path / "run"))
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_workdir_of_another_config_is_kept_or_moved_aside(tmp_path, teacher_run):
     workdir = tmp_path / "run"
     subprocess.run(["cp", "-r", teacher_run, str(workdir)], check=True)
