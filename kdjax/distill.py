@@ -824,7 +824,7 @@ class OFDConnector(nn.Module):
 
     @nn.compact
     def __call__(self, x, ctx: Context):
-        init = nn.initializers.variance_scaling(2.0, "fan_out", "untruncated_normal")
+        init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
         x = nn.Conv(self.out, (1, 1), use_bias=False, kernel_init=init, name="conv")(x.astype(jnp.float32))
         return _batch_norm(ctx, "bn")(x)
 
