@@ -204,3 +204,19 @@ def test_mlp_student_is_refused_in_one_line():
         with pytest.raises(ValueError, match=rf"term '{method}' reads student feature '{re.escape(feature)}', which "
                                              "the student model does not have; it has: embedding, hidden1, logits"):
             distill.check_features(terms, mlp, ["preact_stage1", "preact_margin1", "class_map"])
+
+
+def test_ofd_and_sdd_train_end_to_end(tmp_path):
+    """Both methods from the config through the trainer: the step asks the student, and the teacher
+    cache the teacher, for the on-request features; every term is finite and the cache holds them."""
+    from kdjax import train
+    from tests.test_train import read_metrics, tiny_digits_config
+
+    config = tiny_digits_config(**{"student.model": "cnn_tiny", "distill.method": "ofd+sdd", "log.report": False})
+    workdir = str(tmp_path / "run")
+    train.run(config, workdir)
+    rows = read_metrics(workdir, "student")
+    assert rows and all(np.isfinite(r[k]) for r in rows for k in ("loss", "loss/ofd", "loss/sdd", "loss/ce"))
+    assert rows[0]["loss/ofd"] > 0 and rows[0]["loss/sdd"] > 0
+    with np.load(tmp_path / "run" / "student" / "teacher_cache.npz") as cache:
+        assert {"class_map", "preact_stage1", "preact_stage2", "preact_margin1", "preact_margin2"} <= set(cache.files)
