@@ -58,11 +58,15 @@ def sow_feature(module: nn.Module, name: str, x: jax.Array) -> None:
 EXTRA_FEATURES = ("preact", "class_map")
 
 
-def sow_preact(module: nn.Module, n: int, x: jax.Array, bn_path: tuple[str, ...], extra) -> None:
+def sow_preact(module: nn.Module, n: int, x: jax.Array, bn_path: tuple[str, ...] | None, extra) -> None:
     """When 'preact' is in ``extra``: sow ``x`` as ``preact_stage<n>`` and the OFD margin of the
     BatchNorm at ``bn_path`` (submodule names under ``module``; its scale and bias) as
-    ``preact_margin<n>``, broadcast to (B, C)."""
+    ``preact_margin<n>``, broadcast to (B, C); ``bn_path`` None: no single BatchNorm precedes the
+    ReLU, so the map only (such a model can be an OFD student, not a teacher)."""
     if "preact" not in extra or module.is_initializing():
+        return
+    if bn_path is None:
+        sow_feature(module, f"preact_stage{n}", x)
         return
     from kdjax import losses  # pure jnp; imported here to keep the models free of it otherwise
 

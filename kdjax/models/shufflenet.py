@@ -7,10 +7,12 @@ for 100 classes, as in RepDistiller (checked in tests/test_models.py).
 Features: ``stage1`` .. ``stage3`` (each stage's output: 16, 8, 4 px on 32x32 inputs; RepDistiller's
 f1..f3), ``embedding`` (pooled, (B, 960) / (B, 1024)), ``logits``. On request (``extra_features``,
 `kdjax.models.layers.EXTRA_FEATURES`): ``class_map`` (``fc`` at every position of the pooled map)
-for both; ``preact_stage<N>`` / ``preact_margin<N>`` for ShuffleV1 only (the last block's sum
-before its ReLU, margin from its bn3, as mdistiller's ``get_bn_before_relu``). ShuffleV2's stage
-output concatenates an untouched half with a ReLU'd branch (no single BN before a ReLU), so it
-has none: OFD is refused for it by the feature check.
+for both; ``preact_stage<N>`` / ``preact_margin<N>`` for ShuffleV1 (the last block's sum before
+its ReLU, margin from its bn3, as mdistiller's ``get_bn_before_relu``). ShuffleV2: ``preact_stage<N>``
+only (mdistiller's ``preact``: the untouched half concatenated with the branch before its last
+ReLU, unshuffled); its stage output is not one BatchNorm before a ReLU, so it has no margins and
+can be an OFD student but not a teacher (mdistiller: "not supported for Overhaul teacher"; here
+the feature check refuses it in one line).
 """
 from __future__ import annotations
 
@@ -131,6 +133,7 @@ class ShuffleV2Block(nn.Module):
     depthwise_impl: str = "auto"
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    return_preact: bool = False  # stride 1: return (output, [left, branch before its ReLU])
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -142,8 +145,9 @@ class ShuffleV2Block(nn.Module):
             left, right = x[..., :half], x[..., half:]
             y = nn.relu(bn("bn1")(pw(right.shape[-1], "conv1")(right)))
             y = bn("bn2")(dw(1, "conv2")(y))
-            y = nn.relu(bn("bn3")(pw(right.shape[-1], "conv3")(y)))
-            return channel_shuffle(jnp.concatenate([left, y], axis=-1), 2)
+            pre = bn("bn3")(pw(right.shape[-1], "conv3")(y))
+            out = channel_shuffle(jnp.concatenate([left, nn.relu(pre)], axis=-1), 2)
+            return (out, jnp.concatenate([left, pre], axis=-1)) if self.return_preact else out
         mid = self.features // 2
         left = bn("bn1")(dw(2, "conv1")(x))
         left = nn.relu(bn("bn2")(pw(mid, "conv2")(left)))
@@ -171,8 +175,12 @@ class ShuffleNetV2(nn.Module):
         x = nn.relu(bn("bn1")(conv(24, 1, dtype=self.dtype, name="conv1")(x)))
         for s, (c, n) in enumerate(zip(self.stage_channels, self.blocks)):
             for b in range(n + 1):
+                last = b == n and n > 0  # a stride-1 (basic) block
                 x = ShuffleV2Block(c, 2 if b == 0 else 1, self.depthwise_impl, self.dtype, self.bn_axis_name,
-                                   name=f"layer{s + 1}_{b}")(x, train)
+                                   return_preact=last, name=f"layer{s + 1}_{b}")(x, train)
+                if last:
+                    x, pre = x
+                    sow_preact(self, s + 1, pre, None, extra_features)
             sow_feature(self, f"stage{s + 1}", x)
         x = nn.relu(bn("bn2")(conv(self.last_channels, 1, dtype=self.dtype, name="conv2")(x)))
         fmap = x
