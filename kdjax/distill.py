@@ -770,6 +770,37 @@ def _nkd(h, temperature, data):
     return [_term("nkd", fn, h)]
 
 
+# SDD: Wei, Luo, Luo CVPR 2024; shicaiwei123/SDD-CVPR2024 README command (``--M [1,2,4]``: 1x1,
+# 2x2, 4x4 cells) with mdistiller/engine/cfg.py's KD block for SD-KD (CE_WEIGHT 0.1, KD_WEIGHT
+# 0.9, T 4; no warm-up, distillers/KD.py ``SDD_KD``), complementary regions weighted 2. base='dkd'
+# is SD-DKD (distillers/SDD_DKD.py: DKD's CE 1, alpha 1, beta 8, T 4, linear warm-up over
+# tools/train_origin.py's --warm_up 30 epochs): set distill.sdd.weight=1, warmup_epochs=30 and
+# distill.ce_weight=1 with it. Reads both models' 'class_map' (the on-request class activation
+# map; `losses.multiscale_logits` pools it into the cells' logits).
+def _sdd_fn(student, teacher, ctx, **kw):
+    scales = kw.pop("scales")
+    return losses.sdd(losses.multiscale_logits(student, scales), losses.multiscale_logits(teacher, scales),
+                      ctx.labels, **kw)
+
+
+def _sdd(h, temperature, data):
+    scales = h["scales"]
+    if isinstance(scales, str):
+        scales = [x for x in scales.replace("(", "").replace(")", "").split(",") if x.strip()]
+    try:
+        scales = tuple(int(x) for x in scales)
+    except (TypeError, ValueError):
+        scales = ()
+    if not scales or min(scales) < 1:
+        raise ValueError(f"distill.sdd.scales must be positive integers, e.g. (1, 2, 4), got {h['scales']!r}")
+    if h["base"] not in ("kd", "dkd"):
+        raise ValueError(f"distill.sdd.base must be 'kd' or 'dkd', got {h['base']!r}")
+    fn = functools.partial(_sdd_fn, scales=scales, base=h["base"], temperature=_temp(h, temperature),
+                           alpha=float(h["alpha"]), beta=float(h["beta"]),
+                           complementary_weight=float(h["complementary_weight"]))
+    return [_term("sdd", fn, h)]
+
+
 # Function matching, Beyer et al. CVPR 2022 (big_vision proj/distill): no labels (CE 0).
 # mse_logits = big_vision distance 'l2'; fm = distance 'kl' with t=1 (bit_i1k.py), i.e. KL of the
 # softened distributions without kd's T^2 factor (identical to kd at T = 1).
@@ -797,6 +828,50 @@ def _fitnet_fn(name, student, teacher, ctx, use_relu):
 
 def _fitnet(h, temperature, data):
     return [_term("fitnet", functools.partial(_fitnet_fn, "fitnet", use_relu=bool(h["use_relu"])), h)]
+
+
+# OFD: Heo et al. ICCV 2019; clovaai/overhaul-distillation CIFAR-100/distiller.py and
+# train_with_distillation.py (``loss_CE + loss_distill.sum() / batch_size / 1000``: CE 1, weight
+# 1e-3 on the per-example sum; mdistiller configs/cifar100/ofd.yaml + engine/cfg.py OFD: CE_WEIGHT
+# 1, FEAT_WEIGHT 0.001, connector kernel 1). Every stage's pre-ReLU map (the models' on-request
+# 'preact' features); the margins come from the teacher's BatchNorm before each ReLU
+# (``preact_margin<N>``, `losses.ofd_margin`); stage i of n is weighted 1 / 2^(n-1-i). When the
+# stage counts differ, the last min(n_s, n_t) stages of each are paired (mdistiller
+# ``_align_list``) and a teacher map of another size is adaptive-average-pooled to the student's
+# (mdistiller ``ofd_loss``; the official code requires equal sizes).
+class OFDConnector(nn.Module):
+    """OFD's connector: 1x1 conv (no bias, N(0, 2 / out_channels) init) + BatchNorm (scale 1,
+    bias 0), student channels -> teacher channels (clovaai ``build_feature_connector``)."""
+
+    out: int
+
+    @nn.compact
+    def __call__(self, x, ctx: Context):
+        init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+        x = nn.Conv(self.out, (1, 1), use_bias=False, kernel_init=init, name="conv")(x.astype(jnp.float32))
+        return _batch_norm(ctx, "bn")(x)
+
+
+def _ofd_fn(name, student, teacher, ctx):
+    s_maps, t_all = _as_list(student), _as_list(teacher)
+    if len(t_all) % 2:
+        raise ValueError(f"{name}: the teacher features must be the pre-ReLU maps followed by as many "
+                         f"margins (e.g. 'preact_stage*,preact_margin*'), got {len(t_all)} features")
+    t_maps, margins = t_all[: len(t_all) // 2], t_all[len(t_all) // 2:]
+    n = min(len(s_maps), len(t_maps))
+    s_maps, t_maps, margins = s_maps[-n:], t_maps[-n:], margins[-n:]
+    total = 0.0
+    for i, (s, t, m) in enumerate(zip(s_maps, t_maps, margins)):
+        if s.ndim != 4 or t.ndim != 4:
+            raise ValueError(f"{name}: needs (B, H, W, C) feature maps, got student {s.shape} and teacher {t.shape}")
+        s = OFDConnector(t.shape[-1], name=f"{name}_connector{i}")(s, ctx)
+        t = losses._adaptive_avg_pool(t.astype(jnp.float32), s.shape[1:3])
+        total = total + losses.ofd(s, t, m) / 2.0 ** (n - 1 - i)
+    return total
+
+
+def _ofd(h, temperature, data):
+    return [_term("ofd", functools.partial(_ofd_fn, "ofd"), h)]
 
 
 # AT: Zagoruyko & Komodakis ICLR 2017; RepDistiller `--distill attention -a 0 -b 1000`, p = 2,
@@ -1016,6 +1091,12 @@ METHODS: dict[str, Method] = {
         paper="Yang, Zeng, Yuan, Li. From Knowledge Distillation to Self-Knowledge Distillation: A Unified "
               "Approach with Normalized Loss and Customized Soft Labels (ICCV 2023)",
         ce_weight=1.0, defaults=_defaults(1.0, gamma=3.5, temperature=3.0), build=_nkd, temperature=True),
+    "sdd": Method(
+        paper="Wei, Luo, Luo. Scale Decoupled Distillation (CVPR 2024)",
+        ce_weight=0.1,
+        defaults=_defaults(0.9, "class_map", "class_map", scales=(1, 2, 4), base="kd", temperature=None,
+                           alpha=1.0, beta=8.0, complementary_weight=2.0),
+        build=_sdd, temperature=True),
     "mse_logits": Method(
         paper="Beyer et al. Knowledge distillation: A good teacher is patient and consistent (CVPR 2022)",
         ce_weight=0.0, defaults=_defaults(1.0), build=_mse_logits),
@@ -1025,6 +1106,9 @@ METHODS: dict[str, Method] = {
     "fitnet": Method(
         paper="Romero et al. FitNets: Hints for Thin Deep Nets (ICLR 2015)",
         ce_weight=1.0, defaults=_defaults(100.0, "stage2", "stage2", use_relu=True), build=_fitnet),
+    "ofd": Method(
+        paper="Heo, Kim, Yun, Park, Kwak, Choi. A Comprehensive Overhaul of Feature Distillation (ICCV 2019)",
+        ce_weight=1.0, defaults=_defaults(0.001, "preact_stage*", "preact_stage*,preact_margin*"), build=_ofd),
     "at": Method(
         paper="Zagoruyko, Komodakis. Paying More Attention to Attention (ICLR 2017)",
         ce_weight=1.0, defaults=_defaults(1000.0, "stage*", "stage*", p=2.0), build=_at),

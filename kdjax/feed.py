@@ -76,7 +76,9 @@ def teacher_cache(mode: str, teachers: tuple, teacher_vars: tuple, terms: Sequen
         return None
     reason = obstacle
     abstract = jax.ShapeDtypeStruct((1,) + images.shape[1:], jnp.float32)
-    feats = jax.eval_shape(lambda tv, x: kstep.teacher_features(teachers, tv, x), tuple(teacher_vars), abstract)
+    extra = kstep.extras(terms)[1]
+    feats = jax.eval_shape(lambda tv, x: kstep.teacher_features(teachers, tv, x, extra), tuple(teacher_vars),
+                           abstract)
     names = sorted({n for t in terms if t.teacher for n in distill.resolve_features(t.teacher, feats)})
     for t in terms:  # patterns such as 'stage[-1]' must pick the same features from the subset
         if t.teacher and distill.resolve_features(t.teacher, names) != distill.resolve_features(t.teacher, feats):
@@ -98,7 +100,7 @@ def teacher_cache(mode: str, teachers: tuple, teacher_vars: tuple, terms: Sequen
                 return {k: f[k] for k in names}
     start_time = time.time()
     fn = jax.jit(lambda tv, x: {k: v for k, v in kstep.teacher_features(
-        teachers, tv, kdata.normalize(x, mean, std, dtype=dtype)).items() if k in names})
+        teachers, tv, kdata.normalize(x, mean, std, dtype=dtype), extra).items() if k in names})
     parts = []
     for start in range(0, n, chunk):  # a fixed chunk shape (the last one padded): one compile
         idx = np.minimum(np.arange(start, start + chunk), n - 1)

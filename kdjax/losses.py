@@ -103,6 +103,8 @@ __all__ = [
     "logit_standardize",
     "wttm",
     "nkd",
+    "multiscale_logits",
+    "sdd",
     "mse_logits",
     # learnable temperature (CTKD)
     "gradient_reversal",
@@ -110,6 +112,8 @@ __all__ = [
     "ctkd_temperature",
     # features
     "fitnet",
+    "ofd_margin",
+    "ofd",
     "attention_transfer",
     "similarity_preserving",
     "nst",
@@ -681,6 +685,75 @@ def nkd(student_logits, teacher_logits, labels, gamma: float = 1.5,
     return loss_t + gamma * temperature**2 * _reduce(ce_non, where, reduction)
 
 
+def multiscale_logits(class_map, scales: Sequence[int] = (1, 2, 4)) -> jax.Array:
+    """Scale-decoupled logits: a class map averaged over the cells of several grids.
+
+    ``class_map`` (B, H, W, K) is a classifier applied at every position of the map it pools
+    (`kdjax.models` feature 'class_map'); since the head is affine, the average of the class map
+    over a cell equals the head applied to the average-pooled features of that cell, i.e. the
+    reference's ``fc(SPP(x))``. As the reference's SPP, the map is adaptive-average-pooled to the
+    finest grid (max(scales)) and the other grids are pooled from that one. Returns (B, R, K)
+    with R = sum(s^2): the cells of each scale in the order of ``scales``, row-major; with
+    scales[0] = 1, region 0 is the global (ordinary) logits. Paper: Wei, Luo, Luo, CVPR 2024
+    (shicaiwei123/SDD-CVPR2024 ``SPP``, mdistiller/models/cifar/utils.py).
+    """
+    _check("multiscale_logits", {"class_map": class_map}, ndim=4, layout="(B, H, W, K)")
+    scales = [int(s) for s in scales]
+    if not scales or min(scales) < 1:
+        raise ValueError(f"multiscale_logits: scales must be positive integers, got {scales}")
+    b, k = class_map.shape[0], class_map.shape[-1]
+    finest = _adaptive_avg_pool(_f32(class_map), (max(scales), max(scales)))
+    return jnp.concatenate([_adaptive_avg_pool(finest, (s, s)).reshape(b, s * s, k) for s in scales], axis=1)
+
+
+def sdd(student_logits, teacher_logits, labels, base: str = "kd", temperature: float = 4.0,
+        alpha: float = 1.0, beta: float = 8.0, complementary_weight: float = 2.0) -> jax.Array:
+    """Scale decoupled distillation: a logit loss on every region's logits, weighted up where
+    the region's teacher prediction disagrees with the global one.
+
+    Inputs are (B, R, K) multi-scale logits (`multiscale_logits`; region 0 = the global logits).
+    With l_{b,r} the per-example loss of region r (base 'kd': T^2 KL(p_t || p_s) at temperature
+    T, `kd`; base 'dkd': alpha TCKD + beta NCKD, `dkd`, with the example's label) and
+    c_{b,r} = [argmax t_{b,r} == y_b] whether the teacher classifies region r correctly:
+      w_{b,r} = complementary_weight  if c_{b,r} != c_{b,0}  (complementary: the region and the
+                                       global prediction disagree on being right)
+              = 1                      otherwise              (consistent)
+      loss    = sum_{b,r} w_{b,r} l_{b,r} / (B R)
+    Reduction: mean over examples and regions of the weighted per-region losses.
+
+    Paper: Wei, Luo, Luo, "Scale Decoupled Distillation", CVPR 2024. Reproduces
+    shicaiwei123/SDD-CVPR2024 ``sdd_kd_loss`` (mdistiller/distillers/KD.py) and ``multi_dkd``
+    (SDD_DKD.py): the four masks gt_lt, gw_lw (weight 1) and gt_lw, gw_lt (weight 2) there are
+    the two cases above. The reference's kd variant sets NaN entries to 0; here the KL is
+    computed from log-softmaxes and has none.
+
+    Args:
+      student_logits, teacher_logits: (B, R, K) multi-scale logits, the same shape.
+      labels: (B,) integer classes.
+      base: 'kd' or 'dkd', the per-region loss.
+      temperature: T.
+      alpha, beta: DKD's TCKD / NCKD weights (base 'dkd' only).
+      complementary_weight: the weight of the complementary regions (2 in the reference).
+    """
+    _check("sdd", {"student_logits": student_logits, "teacher_logits": teacher_logits},
+           ndim=3, layout="(B, R, K)", match="shape")
+    if base not in ("kd", "dkd"):
+        raise ValueError(f"sdd: base must be 'kd' or 'dkd', got {base!r}")
+    b, r, _ = np.shape(student_logits)
+    labels = jnp.asarray(labels, jnp.int32)
+    if labels.shape != (b,):
+        raise ValueError(f"sdd: labels must have shape ({b},), got {labels.shape}")
+    zs, zt = _f32(student_logits), _f32(teacher_logits)
+    region_labels = jnp.broadcast_to(labels[:, None], (b, r))
+    if base == "kd":
+        per = kd(zs, zt, temperature, reduction="none")
+    else:
+        per = dkd(zs, zt, region_labels, alpha, beta, temperature, reduction="none")
+    right = jnp.argmax(zt, axis=-1) == region_labels
+    w = jnp.where(right == right[:, :1], 1.0, complementary_weight)
+    return jnp.mean(w * per)
+
+
 @jax.custom_vjp
 def gradient_reversal(x, lam):
     """Gradient-reversal layer: identity forward, gradient times -lam backward.
@@ -800,6 +873,68 @@ def fitnet(student_feat, teacher_feat) -> jax.Array:
            min_ndim=2, layout="(B, ...)", match="shape")
     d = _f32(student_feat) - _f32(teacher_feat)
     return jnp.mean(d * d)
+
+
+def ofd_margin(scale, bias) -> jax.Array:
+    """OFD's margin m per channel: E[x | x < 0] of a pre-ReLU response x ~ N(bias, scale^2).
+
+    With s = |scale|, mu = bias and Phi the standard normal CDF:
+      m = mu - s * exp(-(mu/s)^2 / 2) / sqrt(2 pi) / Phi(-mu/s)   if Phi(-mu/s) > 0.001
+      m = -3 s                                                     otherwise
+    (the mean of the negative part of the Gaussian; the second case for channels that are
+    almost never negative). The Gaussian is the BatchNorm's affine output: scale and bias are
+    the BN's gamma and beta. Paper: Heo et al. ICCV 2019, eq. (3); reproduces
+    clovaai/overhaul-distillation ``get_margin_from_BN`` (CIFAR-100/distiller.py), as mdistiller
+    ``OFD.init_ofd_modules``. A zero scale (a dead channel, where the reference divides by zero)
+    gives m = min(mu, 0) here.
+
+    Args:
+      scale, bias: (C,) BatchNorm scale (gamma) and bias (beta).
+    Returns: (C,) float32 margins (<= 0).
+    """
+    from jax.scipy.stats import norm  # noqa: PLC0415 (jax.scipy is not imported by `import jax`)
+
+    _check("ofd_margin", {"scale": scale, "bias": bias}, ndim=1, layout="(C,)", match="shape")
+    s, mu = jnp.abs(_f32(scale)), _f32(bias)
+    safe = jnp.where(s > 0, s, 1.0)
+    z = -mu / safe
+    cdf = norm.cdf(z)
+    gauss = mu - s * jnp.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi) / jnp.maximum(cdf, 1e-3)
+    m = jnp.where(cdf > 1e-3, gauss, -3.0 * s)
+    return jnp.where(s > 0, m, jnp.minimum(mu, 0.0))
+
+
+def ofd(student_feat, teacher_feat, margin) -> jax.Array:
+    """Overhaul of feature distillation: partial L2 to the margin-ReLU of the teacher's
+    pre-ReLU map.
+
+    With t' = max(t, m) (the margin ReLU, m the per-channel margin, `ofd_margin`) and s the
+    student's map after its connector (1x1 conv + BN, a trainer-side module):
+      loss = sum_{b,h,w,c} (s - t')^2 * [s > t' or t' > 0] / B
+    i.e. no loss where s <= t' <= 0 (the student is already below a teacher response that the
+    ReLU zeroes). Reduction: sum over positions and channels, mean over the batch (the
+    reference's ``loss_distill.sum() / batch_size``; its 1/1000 factor is the term's weight).
+
+    Paper: Heo, Kim, Yun, Park, Kwak, Choi, "A Comprehensive Overhaul of Feature Distillation",
+    ICCV 2019. Reproduces clovaai/overhaul-distillation ``distillation_loss`` (CIFAR-100/
+    distiller.py; mdistiller's ``feat_loss`` is the same function written as three cases).
+
+    Args:
+      student_feat: (B, H, W, C) student map, already mapped to the teacher's channels.
+      teacher_feat: (B, H, W, C) teacher's pre-ReLU map, the same shape.
+      margin: (C,) or (B, C) per-channel margins (<= 0).
+    """
+    _check("ofd", {"student_feat": student_feat, "teacher_feat": teacher_feat},
+           ndim=4, layout="(B, H, W, C)", match="shape")
+    m = _f32(margin)
+    if m.shape[-1:] != tuple(np.shape(teacher_feat))[-1:] or m.ndim not in (1, 2):
+        raise ValueError(f"ofd: margin must have shape (C,) or (B, C) with C = {np.shape(teacher_feat)[-1]}, "
+                         f"got {m.shape}")
+    m = m[..., None, None, :] if m.ndim == 2 else m
+    s = _f32(student_feat)
+    t = jnp.maximum(_f32(teacher_feat), m)
+    mask = (s > t) | (t > 0)
+    return jnp.sum(jnp.where(mask, (s - t) ** 2, 0.0)) / s.shape[0]
 
 
 def attention_transfer(student_feat, teacher_feat, p: float = 2.0) -> jax.Array:

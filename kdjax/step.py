@@ -75,8 +75,16 @@ def _apply_distiller(distiller, params, model_state, s_feats, t_feats, ctx):
     return distiller.apply(variables, s_feats, t_feats, ctx), {}
 
 
-def teacher_features(teachers, teacher_vars, x) -> dict:
-    """Eval-mode features of one teacher, or of an ensemble (no gradient).
+def extras(terms) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The on-request feature groups (`models.EXTRA_FEATURES`) that the terms read from the
+    student and from the teacher: (student's, teacher's); () when none (the plain forward)."""
+    return (models.requested_extras(n for t in terms for n in t.student),
+            models.requested_extras(n for t in terms for n in t.teacher))
+
+
+def teacher_features(teachers, teacher_vars, x, extra: tuple[str, ...] = ()) -> dict:
+    """Eval-mode features of one teacher, or of an ensemble (no gradient); ``extra``: the
+    on-request feature groups to compute too (`extras`).
 
     With several teachers, 'logits' is every teacher's logits stacked along a teacher axis,
     (B, n, K) in the order of `teachers`: each logit term combines them at its own temperature
@@ -86,7 +94,7 @@ def teacher_features(teachers, teacher_vars, x) -> dict:
     """
     if not teachers:
         return {}
-    feats = [models.apply_model(m, v, x, train=False)[1] for m, v in zip(teachers, teacher_vars)]
+    feats = [models.apply_model(m, v, x, train=False, extra=extra)[1] for m, v in zip(teachers, teacher_vars)]
     out = dict(feats[0])
     if len(feats) > 1:
         out["logits"] = jnp.stack([f["logits"] for f in feats], axis=1)
@@ -104,11 +112,12 @@ def init_variables(student, distiller: distill.Distiller, teachers: tuple, teach
     key_model, key_distiller = jax.random.split(key)
     x = jnp.zeros((2,) + tuple(image_shape), jnp.float32)
     s_vars = dict(student.init(key_model, x, train=False))
-    _, s_feats, _ = models.apply_model(student, s_vars, x, train=False)
+    s_extra, t_extra = extras(distiller.terms)
+    _, s_feats, _ = models.apply_model(student, s_vars, x, train=False, extra=s_extra)
     if ema:  # Mean Teacher: the teacher is the student itself
-        t_feats = teacher_features((student,), (s_vars,), x)
+        t_feats = teacher_features((student,), (s_vars,), x, t_extra)
     else:
-        t_feats = teacher_features(teachers, teacher_vars, x)
+        t_feats = teacher_features(teachers, teacher_vars, x, t_extra)
     distill.check_features(distiller.terms, s_feats, t_feats)
     ctx = distill.Context(labels=jnp.zeros((2,), jnp.int32), train=False, indices=jnp.zeros((2,), jnp.int32),
                           rng=key_distiller)
@@ -172,6 +181,7 @@ def make_train_step(
     frozen layers) keep their values.
     """
     terms = distiller.terms
+    s_extra, t_extra = extras(terms)
 
     def step_fn(state: TrainState, teacher_vars, batch):
         step_key = jax.random.fold_in(state.rng, state.step)
@@ -192,9 +202,9 @@ def make_train_step(
         if "teacher" in batch:
             t_feats = batch["teacher"]
         elif cfg.ema_decay > 0:
-            t_feats = teacher_features((student,), (state.ema,), x)
+            t_feats = teacher_features((student,), (state.ema,), x, t_extra)
         else:
-            t_feats = teacher_features(teachers, teacher_vars, x)
+            t_feats = teacher_features(teachers, teacher_vars, x, t_extra)
 
         ctx = distill.Context(
             labels=batch["label"], train=True, mix_perm=perm, mix_lam=lam,
@@ -207,7 +217,8 @@ def make_train_step(
 
         def loss_fn(params):
             s_vars = {"params": params["student"], **state.model_state["student"]}
-            logits, s_feats, s_stats = models.apply_model(student, s_vars, x, train=True, rng=dropout_key)
+            logits, s_feats, s_stats = models.apply_model(student, s_vars, x, train=True, rng=dropout_key,
+                                                           extra=s_extra)
             values, d_state = _apply_distiller(
                 distiller, params["distiller"], state.model_state["distiller"], s_feats, t_feats, ctx
             )

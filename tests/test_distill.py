@@ -33,6 +33,12 @@ def _features(rng, stages, emb, batch=B):
          for i, s in enumerate(stages)}
     f["embedding"] = rng.standard_normal((batch, emb)).astype(np.float32)
     f["logits"] = 3.0 * rng.standard_normal((batch, K)).astype(np.float32)
+    # The models' on-request features (kdjax.models.EXTRA_FEATURES): pre-ReLU maps with their
+    # (negative) OFD margins, and a class map at the last stage's resolution.
+    for i, s in enumerate(stages):
+        f[f"preact_stage{i + 1}"] = rng.standard_normal((batch, *s)).astype(np.float32)
+        f[f"preact_margin{i + 1}"] = -np.abs(rng.standard_normal((batch, s[-1]))).astype(np.float32)
+    f["class_map"] = 3.0 * rng.standard_normal((batch, *stages[-1][:2], K)).astype(np.float32)
     return f
 
 
@@ -110,7 +116,7 @@ def test_all_methods_finite_values_and_gradients():
     for f in ("stage1", "stage2", "embedding", "logits"):
         assert np.abs(g_feats[f]).sum() > 0, f
     # Every adapter is trained (each belongs to one term, named after it).
-    assert {m.split("_")[0] for m in params} == {"fitnet", "vid", "reviewkd", "cc", "crd", "adv"}
+    assert {m.split("_")[0] for m in params} == {"fitnet", "ofd", "vid", "reviewkd", "cc", "crd", "adv"}
     for module, g in g_params.items():
         assert all(np.abs(x).sum() > 0 for x in jax.tree.leaves(g)), module
 
@@ -130,6 +136,8 @@ def _direct_losses(s, t, labels):
         "lskd": losses.logit_standardized_kd(s["logits"], t["logits"], 2.0),
         "wttm": losses.wttm(s["logits"], t["logits"], 0.2),
         "nkd": losses.nkd(s["logits"], t["logits"], labels, 3.5, 3.0),
+        "sdd": losses.sdd(losses.multiscale_logits(s["class_map"]), losses.multiscale_logits(t["class_map"]),
+                          labels, "kd", T),
         "mse_logits": losses.mse_logits(s["logits"], t["logits"]),
         "fm": losses.kd(s["logits"], t["logits"], 1.0),
         "at": sum(losses.attention_transfer(s[k], t[k]) for k in ("stage1", "stage2")),
@@ -144,7 +152,7 @@ def test_feature_methods_with_mismatched_channels_and_sizes():
     """Teacher maps half the student's size and of other widths: strided ConvReg, pooled AT/NST/VID,
     ABF resizing; CC/CRD embeddings of different widths."""
     s, t, labels = _inputs("mismatch")
-    cfg = distill.get_config("fitnet+at+sp+nst+vid+reviewkd+cc").to_dict()
+    cfg = distill.get_config("fitnet+ofd+at+sp+nst+vid+reviewkd+cc").to_dict()
     distiller = distill.Distiller(distill.build_terms(cfg))
     variables = _init(distiller, s, t, labels)
     values = jax.jit(lambda v, s, t, y: distiller.apply(v, s, t, _ctx(y)))(variables, s, t, labels)
@@ -184,7 +192,7 @@ def test_defaults_fit_real_model_pairs(student, teacher, image):
     on the real shapes (jax.eval_shape: no compute)."""
     from kdjax import models
 
-    shapes = {who: models.feature_shapes(models.get_model(name, K), image)
+    shapes = {who: models.feature_shapes(models.get_model(name, K), image, models.EXTRA_FEATURES)
               for who, name in (("student", student), ("teacher", teacher))}
     if student == "cnn_tiny":  # the toy shapes of the other tests are the digits models'
         s_stages, s_emb, t_stages, t_emb = SHAPES["digits"]

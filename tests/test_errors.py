@@ -23,6 +23,8 @@ CASES = {
     "missing feature": ({"distill.method": "at"}, "reads student feature 'stage*', which the student model does "
                         "not have; it has: embedding, hidden1, logits"),
     "negative temperature": ({"distill.temperature": -1.0}, "distill.temperature must be > 0"),
+    "bad sdd scales": ({"distill.method": "sdd", "distill.sdd.scales": (1, 0)},
+                       "distill.sdd.scales must be positive integers, e.g. (1, 2, 4), got (1, 0)"),
     "zero batch size": ({"batch_size": 0}, "config.batch_size must be a positive integer, got 0"),
     "batch vs devices": ({"batch_size": 63}, "config.batch_size=63 is not divisible by the 2 devices"),
     "unknown stage": ({"stages": "teacher,studnet"}, "unknown stage 'studnet'"),

@@ -22,7 +22,7 @@ Config-string arguments (``--config=experiments/configs/digits.py:method=at,seed
 
 from experiments.configs import common
 
-FEATURE_MAP_METHODS = {"fitnet", "at", "sp", "nst", "vid", "reviewkd"}
+FEATURE_MAP_METHODS = {"fitnet", "ofd", "at", "sp", "nst", "vid", "reviewkd", "sdd"}
 
 
 def get_config(arg=None):

@@ -2,9 +2,12 @@
 
 Every model is an ``nn.Module`` with fields ``num_classes``, ``dtype`` (compute dtype; params
 stay float32, logits are returned as float32) and ``bn_axis_name`` (SyncBN axis), and
-``__call__(x, train=False)`` on NHWC float images. Intermediate features are sown into the
-'features' collection (``stage1``.., ``embedding``, ``logits``; see each model's docstring);
-``apply_model`` collects them as a flat dict.
+``__call__(x, train=False, extra_features=())`` on NHWC float images. Intermediate features are
+sown into the 'features' collection (``stage1``.., ``embedding``, ``logits``; see each model's
+docstring); ``apply_model`` collects them as a flat dict. ``extra_features`` asks for the features
+a model computes only on request (`layers.EXTRA_FEATURES`: 'preact' -> ``preact_stage<N>`` and
+``preact_margin<N>``, 'class_map' -> ``class_map``); `requested_extras` maps the feature names a
+distillation term reads to them, and the step passes them only when some term reads one.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from .digits import MLP, SmallCNN
-from .layers import DepthwiseConv, batch_norm, conv, sow_feature
+from .layers import EXTRA_FEATURES, DepthwiseConv, batch_norm, conv, sow_feature
 from .mobilenetv2 import MobileNetV2, mobilenetv2, mobilenetv2_half
 from .resnet import ResNet, cifar_resnet, resnet18, resnet34, resnet50
 from .shufflenet import ShuffleNetV1, ShuffleNetV2
@@ -62,14 +65,25 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     return MODELS[name](num_classes=num_classes, **kwargs)
 
 
-def apply_model(model: nn.Module, variables, x, *, train: bool, mutable_stats: bool | None = None, rng=None):
+def requested_extras(names) -> tuple[str, ...]:
+    """The `EXTRA_FEATURES` groups that feature names (or patterns) such as 'preact_stage*' or
+    'class_map' belong to, in `EXTRA_FEATURES` order; () for ordinary features."""
+    names = list(names)
+    groups = {"preact": lambda n: n.startswith("preact_"), "class_map": lambda n: n.startswith("class_map")}
+    return tuple(g for g in EXTRA_FEATURES if any(groups[g](n) for n in names))
+
+
+def apply_model(model: nn.Module, variables, x, *, train: bool, mutable_stats: bool | None = None, rng=None,
+                extra: tuple[str, ...] = ()):
     """Run ``model`` and collect its sown features.
 
     Returns ``(logits, features, new_batch_stats)``: float32 logits, a flat dict
     name -> array of the features, and the updated batch_stats when ``train`` and the model has
     batch_stats (else None). ``mutable_stats=False`` in train mode still normalises with batch
     statistics but discards the running-average update (returns None). ``rng``: the key of the
-    models' dropout (train mode).
+    models' dropout (train mode). ``extra``: on-request feature groups (`EXTRA_FEATURES`, e.g.
+    ``requested_extras(['class_map'])``), passed to the model as ``extra_features`` only when not
+    empty, so the default call is the plain forward pass.
 
     ``features`` is built in forward order (hidden*/stage* by number, embedding, logits), but
     note that a dict passing through a JAX transform (jit, eval_shape, ...) comes back with
@@ -81,8 +95,9 @@ def apply_model(model: nn.Module, variables, x, *, train: bool, mutable_stats: b
     # values are fresh.
     variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
     mutable = ["features"] + (["batch_stats"] if train and has_stats else [])
+    kwargs = {"extra_features": tuple(extra)} if extra else {}
     logits, state = model.apply(variables, x, train=train, mutable=mutable,
-                                rngs={"dropout": rng} if rng is not None else None)
+                                rngs={"dropout": rng} if rng is not None else None, **kwargs)
     flat = _flatten(state.get("features", {}))
     features = {k: flat[k] for k in sorted(flat, key=_order)}
     new_stats = state.get("batch_stats") if (train and has_stats and mutable_stats) else None
@@ -120,22 +135,24 @@ def _full_shape(input_shape) -> tuple:
     return input_shape if len(input_shape) == 4 else (1, *input_shape)
 
 
-def feature_shapes(model: nn.Module, input_shape) -> dict[str, tuple]:
+def feature_shapes(model: nn.Module, input_shape, extra: tuple[str, ...] = ()) -> dict[str, tuple]:
     """name -> shape of every sown feature for inputs of ``input_shape`` (NHWC; a 3-tuple gets
-    batch 1), in forward order. Uses ``jax.eval_shape``: no compute."""
+    batch 1), in forward order; ``extra``: also the on-request groups (`EXTRA_FEATURES`). Uses
+    ``jax.eval_shape``: no compute."""
     x = jax.ShapeDtypeStruct(_full_shape(input_shape), jnp.float32)
 
     def run(x):
         variables = model.init(jax.random.key(0), x, train=False)
-        return apply_model(model, variables, x, train=False)[1]
+        return apply_model(model, variables, x, train=False, extra=extra)[1]
 
     shapes = jax.eval_shape(run, x)
     return {k: tuple(shapes[k].shape) for k in sorted(shapes, key=_order)}
 
 
-def feature_names(model: nn.Module, input_shape) -> list[str]:
-    """Names of the features ``model`` sows, in forward order (no compute)."""
-    return list(feature_shapes(model, input_shape))
+def feature_names(model: nn.Module, input_shape, extra: tuple[str, ...] = ()) -> list[str]:
+    """Names of the features ``model`` sows, in forward order (no compute); ``extra`` as in
+    `feature_shapes`."""
+    return list(feature_shapes(model, input_shape, extra))
 
 
 def init_model(model: nn.Module, rng, input_shape) -> dict:
@@ -154,7 +171,7 @@ def num_params(params) -> int:
 
 
 __all__ = [
-    "MODELS", "CLASSIFIER", "get_model", "apply_model", "feature_names", "feature_shapes", "num_params",
+    "MODELS", "CLASSIFIER", "EXTRA_FEATURES", "get_model", "apply_model", "requested_extras", "feature_names", "feature_shapes", "num_params",
     "init_model", "param_shapes", "MLP", "SmallCNN", "ResNet", "MobileNetV2", "WideResNet", "VGG",
     "DepthwiseConv", "batch_norm", "conv", "sow_feature", "cifar_resnet", "resnet18", "resnet34",
     "mobilenetv2", "mobilenetv2_half", "resnet50", "ShuffleNetV1", "ShuffleNetV2",

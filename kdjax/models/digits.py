@@ -6,7 +6,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import flax.linen as nn
 
-from .layers import batch_norm, conv, global_avg_pool, sow_feature
+from .layers import batch_norm, conv, global_avg_pool, sow_class_map, sow_feature, sow_preact
 
 
 class MLP(nn.Module):
@@ -16,7 +16,8 @@ class MLP(nn.Module):
     hidden activation, or the flattened input if ``hidden`` is empty), ``logits``.
     ``bn_axis_name`` is accepted for interface uniformity (there is no BatchNorm).
     ``dropout``: rate of the dropout after every hidden layer (training only; the features are
-    taken before it)."""
+    taken before it). ``extra_features`` is accepted for interface uniformity: an MLP has no
+    feature maps, so it adds nothing."""
     num_classes: int
     hidden: Sequence[int] = (32,)
     dtype: Any = jnp.float32
@@ -24,7 +25,7 @@ class MLP(nn.Module):
     dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, extra_features: tuple[str, ...] = ()):
         x = x.reshape((x.shape[0], -1))
         for i, h in enumerate(self.hidden):
             x = nn.relu(nn.Dense(h, dtype=self.dtype, name=f"fc{i + 1}")(x))
@@ -52,7 +53,9 @@ class SmallCNN(nn.Module):
     Features: ``stage1`` .. ``stage{len(channels)}`` (post-ReLU maps), ``embedding`` (B, C) with C
     the last conv's width (``channels[-1]``, or ``widths[-1]``), ``logits``. On 8x8 digits with two
     stages the maps are 8x8 and 4x4. ``dropout``: rate of the dropout before the classifier
-    (training only)."""
+    (training only). On request (``extra_features``, `kdjax.models.layers.EXTRA_FEATURES`):
+    ``preact_stage<N>`` / ``preact_margin<N>`` (the stage's last BatchNorm output, before its ReLU)
+    and ``class_map`` (the head at every position of the last stage's map, without dropout)."""
     num_classes: int
     channels: Sequence[int] = (32, 64)
     layers_per_stage: Sequence[int] = (2, 2)
@@ -75,18 +78,23 @@ class SmallCNN(nn.Module):
         return widths
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, extra_features: tuple[str, ...] = ()):
         widths = iter(self.conv_widths())
         for s, (_, n) in enumerate(zip(self.channels, self.layers_per_stage)):
             for k in range(n):
                 stride = 2 if (s > 0 and k == 0) else 1
                 x = conv(next(widths), 3, stride, dtype=self.dtype, name=f"conv{s + 1}_{k}")(x)
                 x = batch_norm(train, self.bn_axis_name, self.dtype, name=f"bn{s + 1}_{k}")(x)
+                if k == n - 1:
+                    sow_preact(self, s + 1, x, (f"bn{s + 1}_{k}",), extra_features)
                 x = nn.relu(x)
             sow_feature(self, f"stage{s + 1}", x)
+        fmap = x
         x = global_avg_pool(x)
         sow_feature(self, "embedding", x)
         x = nn.Dropout(self.dropout, deterministic=not train or not self.dropout)(x)
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+        head = nn.Dense(self.num_classes, dtype=self.dtype, name="head")
+        logits = head(x).astype(jnp.float32)
+        sow_class_map(self, head, fmap, extra_features)
         sow_feature(self, "logits", logits)
         return logits

@@ -44,6 +44,47 @@ def sow_feature(module: nn.Module, name: str, x: jax.Array) -> None:
     module.sow("features", name, x, reduce_fn=_overwrite, init_fn=lambda: None)
 
 
+# Features a model computes only when asked (``apply_model(..., extra=...)``), so the default
+# forward pass, its feature names and its cost are those of a plain classifier:
+#   'preact'     ``preact_stage<N>``: stage N's map before its last ReLU (the pre-activation the
+#                stage's ReLU, or the next pre-activation block's ReLU, would see), and
+#                ``preact_margin<N>`` (B, C): per channel, the expected value of that pre-ReLU
+#                response where it is negative, from the BatchNorm that produced it
+#                (`kdjax.losses.ofd_margin`, OFD's margin; the same for every example);
+#   'class_map'  ``class_map`` (B, H, W, K): the classifier applied at every position of the map
+#                that is globally pooled before it (a class activation map), float32. Its average
+#                over any region is the logits of that region's pooled features (the head is
+#                affine), e.g. SDD's multi-scale logits (`kdjax.losses.multiscale_logits`).
+EXTRA_FEATURES = ("preact", "class_map")
+
+
+def sow_preact(module: nn.Module, n: int, x: jax.Array, bn_path: tuple[str, ...] | None, extra) -> None:
+    """When 'preact' is in ``extra``: sow ``x`` as ``preact_stage<n>`` and the OFD margin of the
+    BatchNorm at ``bn_path`` (submodule names under ``module``; its scale and bias) as
+    ``preact_margin<n>``, broadcast to (B, C); ``bn_path`` None: no single BatchNorm precedes the
+    ReLU, so the map only (such a model can be an OFD student, not a teacher)."""
+    if "preact" not in extra or module.is_initializing():
+        return
+    if bn_path is None:
+        sow_feature(module, f"preact_stage{n}", x)
+        return
+    from kdjax import losses  # pure jnp; imported here to keep the models free of it otherwise
+
+    params = module.variables["params"]
+    for name in bn_path:
+        params = params[name]
+    margin = losses.ofd_margin(params["scale"], params["bias"])
+    sow_feature(module, f"preact_stage{n}", x)
+    sow_feature(module, f"preact_margin{n}", jnp.broadcast_to(margin, (x.shape[0], margin.shape[-1])))
+
+
+def sow_class_map(module: nn.Module, head: nn.Module, x: jax.Array, extra) -> None:
+    """When 'class_map' is in ``extra``: sow ``head`` applied at every position of the (B, H, W, C)
+    map ``x`` (the map the model pools before ``head``) as ``class_map`` (B, H, W, K), float32."""
+    if "class_map" in extra and not module.is_initializing():
+        sow_feature(module, "class_map", head(x).astype(jnp.float32))
+
+
 def global_avg_pool(x: jax.Array) -> jax.Array:
     return jnp.mean(x, axis=(1, 2))
 

@@ -8,7 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 import flax.linen as nn
 
-from .layers import DepthwiseConv, batch_norm, conv, global_avg_pool, sow_feature
+from .layers import DepthwiseConv, batch_norm, conv, global_avg_pool, sow_class_map, sow_feature, sow_preact
 
 # (expansion t, out channels c, repeats n, first stride s)
 CFG = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -56,7 +56,11 @@ class MobileNetV2(nn.Module):
     ``stage1`` .. ``stage4`` (32, 16, 8, 4 px for kuangliu on 32x32; 16, 8, 4, 2 px for
     mobile_half), ``embedding`` (B, 1280), ``logits``.
 
-    ``depthwise_impl``: see :class:`kdjax.models.layers.DepthwiseConv`."""
+    ``depthwise_impl``: see :class:`kdjax.models.layers.DepthwiseConv`. On request
+    (``extra_features``, `kdjax.models.layers.EXTRA_FEATURES`): ``preact_stage<N>`` = ``stage<N>``
+    (no ReLU follows a linear bottleneck) with ``preact_margin<N>`` from the stage's last block's
+    bn3 (as OFD's ``get_bn_before_relu``), and ``class_map`` (``fc`` at every position of the
+    map after conv2/bn2/ReLU)."""
     num_classes: int
     width_mult: float = 1.0
     stem_stride: int = 1
@@ -66,7 +70,7 @@ class MobileNetV2(nn.Module):
     bn_axis_name: str | None = None
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, extra_features: tuple[str, ...] = ()):
         bn = lambda name: batch_norm(train, self.bn_axis_name, self.dtype, name=name)
         x = conv(int(32 * self.width_mult), 3, self.stem_stride, dtype=self.dtype, name="conv1")(x)
         x = nn.relu(bn("bn1")(x))
@@ -79,11 +83,15 @@ class MobileNetV2(nn.Module):
             if g in STAGE_ENDS:
                 stage += 1
                 sow_feature(self, f"stage{stage}", x)
+                sow_preact(self, stage, x, (f"block{g}_{n - 1}", "bn3"), extra_features)
         last = int(1280 * self.width_mult) if self.width_mult > 1.0 else 1280
         x = nn.relu(bn("bn2")(conv(last, 1, dtype=self.dtype, name="conv2")(x)))
+        fmap = x
         x = global_avg_pool(x)
         sow_feature(self, "embedding", x)
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x).astype(jnp.float32)
+        head = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")
+        logits = head(x).astype(jnp.float32)
+        sow_class_map(self, head, fmap, extra_features)
         sow_feature(self, "logits", logits)
         return logits
 

@@ -8,16 +8,18 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import flax.linen as nn
 
-from .layers import batch_norm, conv, global_avg_pool, sow_feature
+from .layers import batch_norm, conv, global_avg_pool, sow_class_map, sow_feature, sow_preact
 
 
 class BasicBlock(nn.Module):
     """conv3x3(stride) -> BN -> ReLU -> conv3x3 -> BN, + shortcut, ReLU. The shortcut is
-    conv1x1(stride) -> BN when the stride or channel count changes, else identity."""
+    conv1x1(stride) -> BN when the stride or channel count changes, else identity.
+    ``return_preact``: return (output, the sum before the final ReLU)."""
     features: int
     stride: int = 1
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    return_preact: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -26,17 +28,20 @@ class BasicBlock(nn.Module):
         y = bn("bn2")(conv(self.features, 3, 1, dtype=self.dtype, name="conv2")(y))
         if self.stride != 1 or x.shape[-1] != self.features:
             x = bn("shortcut_bn")(conv(self.features, 1, self.stride, dtype=self.dtype, name="shortcut_conv")(x))
-        return nn.relu(y + x)
+        pre = y + x
+        return (nn.relu(pre), pre) if self.return_preact else nn.relu(pre)
 
 
 class Bottleneck(nn.Module):
     """conv1x1 -> BN -> ReLU -> conv3x3(stride) -> BN -> ReLU -> conv1x1(4 x features) -> BN,
     + shortcut, ReLU (torchvision's v1.5: the stride on the 3x3). The shortcut is
-    conv1x1(stride) -> BN when the stride or channel count changes, else identity."""
+    conv1x1(stride) -> BN when the stride or channel count changes, else identity.
+    ``return_preact``: return (output, the sum before the final ReLU)."""
     features: int
     stride: int = 1
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    return_preact: bool = False
     expansion = 4
 
     @nn.compact
@@ -48,7 +53,8 @@ class Bottleneck(nn.Module):
         y = bn("bn3")(conv(out, 1, dtype=self.dtype, name="conv3")(y))
         if self.stride != 1 or x.shape[-1] != out:
             x = bn("shortcut_bn")(conv(out, 1, self.stride, dtype=self.dtype, name="shortcut_conv")(x))
-        return nn.relu(y + x)
+        pre = y + x
+        return (nn.relu(pre), pre) if self.return_preact else nn.relu(pre)
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -64,7 +70,11 @@ class ResNet(nn.Module):
 
     Features: ``stage1`` .. ``stage{len(stage_channels)}`` (each stage's output, after its last
     block's ReLU), ``embedding`` (pooled, (B, stage_channels[-1] x expansion)), ``logits``.
-    For 32x32 inputs the stage maps are 32x32, 16x16, 8x8(, 4x4)."""
+    For 32x32 inputs the stage maps are 32x32, 16x16, 8x8(, 4x4). On request (``extra_features``,
+    `kdjax.models.layers.EXTRA_FEATURES`): ``preact_stage<N>`` (the last block's sum before its
+    ReLU) with ``preact_margin<N>`` from that block's last BN (bn2; bn3 in a bottleneck), as OFD's
+    ``get_bn_before_relu``, and
+    ``class_map`` (``fc`` at every position of the last stage's map)."""
     num_classes: int
     stem_channels: int = 16
     stage_channels: Sequence[int] = (16, 32, 64)
@@ -74,17 +84,26 @@ class ResNet(nn.Module):
     bn_axis_name: str | None = None
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, extra_features: tuple[str, ...] = ()):
         x = conv(self.stem_channels, 3, 1, dtype=self.dtype, name="conv1")(x)
         x = nn.relu(batch_norm(train, self.bn_axis_name, self.dtype, name="bn1")(x))
         for s, (c, n) in enumerate(zip(self.stage_channels, self.blocks)):
             for b in range(n):
                 stride = 2 if (s > 0 and b == 0) else 1
-                x = BLOCKS[self.block](c, stride, self.dtype, self.bn_axis_name, name=f"layer{s + 1}_{b}")(x, train)
+                last = b == n - 1
+                x = BLOCKS[self.block](c, stride, self.dtype, self.bn_axis_name, return_preact=last,
+                                       name=f"layer{s + 1}_{b}")(x, train)
+                if last:
+                    x, pre = x
+                    bn = "bn3" if self.block == "bottleneck" else "bn2"
+                    sow_preact(self, s + 1, pre, (f"layer{s + 1}_{b}", bn), extra_features)
             sow_feature(self, f"stage{s + 1}", x)
+        fmap = x
         x = global_avg_pool(x)
         sow_feature(self, "embedding", x)
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x).astype(jnp.float32)
+        head = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")
+        logits = head(x).astype(jnp.float32)
+        sow_class_map(self, head, fmap, extra_features)
         sow_feature(self, "logits", logits)
         return logits
 

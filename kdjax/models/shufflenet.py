@@ -5,7 +5,14 @@ stride-1 stem of 24 channels (no max-pool), as the reference; 949,258 and 1,355,
 for 100 classes, as in RepDistiller (checked in tests/test_models.py).
 
 Features: ``stage1`` .. ``stage3`` (each stage's output: 16, 8, 4 px on 32x32 inputs; RepDistiller's
-f1..f3), ``embedding`` (pooled, (B, 960) / (B, 1024)), ``logits``.
+f1..f3), ``embedding`` (pooled, (B, 960) / (B, 1024)), ``logits``. On request (``extra_features``,
+`kdjax.models.layers.EXTRA_FEATURES`): ``class_map`` (``fc`` at every position of the pooled map)
+for both; ``preact_stage<N>`` / ``preact_margin<N>`` for ShuffleV1 (the last block's sum before
+its ReLU, margin from its bn3, as mdistiller's ``get_bn_before_relu``). ShuffleV2: ``preact_stage<N>``
+only (mdistiller's ``preact``: the untouched half concatenated with the branch before its last
+ReLU, unshuffled); its stage output is not one BatchNorm before a ReLU, so it has no margins and
+can be an OFD student but not a teacher (mdistiller: "not supported for Overhaul teacher"; here
+the feature check refuses it in one line).
 """
 from __future__ import annotations
 
@@ -14,7 +21,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from .layers import DepthwiseConv, batch_norm, conv, conv_init, global_avg_pool, sow_feature
+from .layers import (DepthwiseConv, batch_norm, conv, conv_init, global_avg_pool, sow_class_map, sow_feature,
+                     sow_preact)
 
 
 def channel_shuffle(x, groups: int):
@@ -58,6 +66,7 @@ class ShuffleV1Block(nn.Module):
     depthwise_impl: str = "auto"
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    return_preact: bool = False  # return (output, the stride-1 sum before the final ReLU)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -69,8 +78,10 @@ class ShuffleV1Block(nn.Module):
         y = bn("bn3")(GroupedPointwise(self.features, self.groups, self.dtype, name="conv3")(y))
         if self.stride == 2:
             pooled = nn.avg_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), count_include_pad=True)
-            return nn.relu(jnp.concatenate([y, pooled.astype(y.dtype)], axis=-1))
-        return nn.relu(y + x)
+            pre = jnp.concatenate([y, pooled.astype(y.dtype)], axis=-1)
+        else:
+            pre = y + x
+        return (nn.relu(pre), pre) if self.return_preact else nn.relu(pre)
 
 
 class ShuffleNetV1(nn.Module):
@@ -86,19 +97,27 @@ class ShuffleNetV1(nn.Module):
     bn_axis_name: str | None = None
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, extra_features: tuple[str, ...] = ()):
         x = conv(24, 1, dtype=self.dtype, name="conv1")(x)
         x = nn.relu(batch_norm(train, self.bn_axis_name, self.dtype, name="bn1")(x))
         for s, (c, n) in enumerate(zip(self.stage_channels, self.blocks)):
             for b in range(n):
                 width = c - x.shape[-1] if b == 0 else c
                 first_groups = 1 if x.shape[-1] == 24 else self.groups
+                last = b == n - 1 and n > 1  # a stride-1 block: its sum is the whole output
                 x = ShuffleV1Block(width, 2 if b == 0 else 1, self.groups, first_groups, self.depthwise_impl,
-                                   self.dtype, self.bn_axis_name, name=f"layer{s + 1}_{b}")(x, train)
+                                   self.dtype, self.bn_axis_name, return_preact=last,
+                                   name=f"layer{s + 1}_{b}")(x, train)
+                if last:
+                    x, pre = x
+                    sow_preact(self, s + 1, pre, (f"layer{s + 1}_{b}", "bn3"), extra_features)
             sow_feature(self, f"stage{s + 1}", x)
+        fmap = x
         x = global_avg_pool(x)
         sow_feature(self, "embedding", x)
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x).astype(jnp.float32)
+        head = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")
+        logits = head(x).astype(jnp.float32)
+        sow_class_map(self, head, fmap, extra_features)
         sow_feature(self, "logits", logits)
         return logits
 
@@ -114,6 +133,7 @@ class ShuffleV2Block(nn.Module):
     depthwise_impl: str = "auto"
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    return_preact: bool = False  # stride 1: return (output, [left, branch before its ReLU])
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -125,8 +145,9 @@ class ShuffleV2Block(nn.Module):
             left, right = x[..., :half], x[..., half:]
             y = nn.relu(bn("bn1")(pw(right.shape[-1], "conv1")(right)))
             y = bn("bn2")(dw(1, "conv2")(y))
-            y = nn.relu(bn("bn3")(pw(right.shape[-1], "conv3")(y)))
-            return channel_shuffle(jnp.concatenate([left, y], axis=-1), 2)
+            pre = bn("bn3")(pw(right.shape[-1], "conv3")(y))
+            out = channel_shuffle(jnp.concatenate([left, nn.relu(pre)], axis=-1), 2)
+            return (out, jnp.concatenate([left, pre], axis=-1)) if self.return_preact else out
         mid = self.features // 2
         left = bn("bn1")(dw(2, "conv1")(x))
         left = nn.relu(bn("bn2")(pw(mid, "conv2")(left)))
@@ -149,17 +170,24 @@ class ShuffleNetV2(nn.Module):
     bn_axis_name: str | None = None
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, extra_features: tuple[str, ...] = ()):
         bn = lambda name: batch_norm(train, self.bn_axis_name, self.dtype, name=name)
         x = nn.relu(bn("bn1")(conv(24, 1, dtype=self.dtype, name="conv1")(x)))
         for s, (c, n) in enumerate(zip(self.stage_channels, self.blocks)):
             for b in range(n + 1):
+                last = b == n and n > 0  # a stride-1 (basic) block
                 x = ShuffleV2Block(c, 2 if b == 0 else 1, self.depthwise_impl, self.dtype, self.bn_axis_name,
-                                   name=f"layer{s + 1}_{b}")(x, train)
+                                   return_preact=last, name=f"layer{s + 1}_{b}")(x, train)
+                if last:
+                    x, pre = x
+                    sow_preact(self, s + 1, pre, None, extra_features)
             sow_feature(self, f"stage{s + 1}", x)
         x = nn.relu(bn("bn2")(conv(self.last_channels, 1, dtype=self.dtype, name="conv2")(x)))
+        fmap = x
         x = global_avg_pool(x)
         sow_feature(self, "embedding", x)
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x).astype(jnp.float32)
+        head = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")
+        logits = head(x).astype(jnp.float32)
+        sow_class_map(self, head, fmap, extra_features)
         sow_feature(self, "logits", logits)
         return logits

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import flax.linen as nn
 
-from .layers import batch_norm, conv, global_avg_pool, sow_feature
+from .layers import batch_norm, conv, global_avg_pool, sow_class_map, sow_feature, sow_preact
 
 CFGS = {
     8: ((64,), (128,), (256,), (512,), (512,)),
@@ -28,24 +28,33 @@ class VGG(nn.Module):
     pool and Dense.
 
     Features: ``stage1`` .. ``stage5`` (post-ReLU output of blocks 0..4; for 32x32 inputs
-    32, 16, 8, 4, 4 px), ``embedding`` (B, 512), ``logits``."""
+    32, 16, 8, 4, 4 px), ``embedding`` (B, 512), ``logits``. On request (``extra_features``,
+    `kdjax.models.layers.EXTRA_FEATURES`): ``preact_stage<N>`` / ``preact_margin<N>`` (block N-1's
+    last BatchNorm output, before its ReLU) and ``class_map`` (``classifier`` at every position of
+    stage5's map)."""
     num_classes: int
     cfg: Sequence[Sequence[int]] = CFGS[13]
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, extra_features: tuple[str, ...] = ()):
         h = x.shape[1]
         for b, block in enumerate(self.cfg):
             if b in (1, 2, 3) or (b == 4 and h == 64):
                 x = _maxpool(x)
             for k, c in enumerate(block):
                 x = conv(c, 3, 1, dtype=self.dtype, use_bias=True, name=f"conv{b}_{k}")(x)
-                x = nn.relu(batch_norm(train, self.bn_axis_name, self.dtype, name=f"bn{b}_{k}")(x))
+                x = batch_norm(train, self.bn_axis_name, self.dtype, name=f"bn{b}_{k}")(x)
+                if k == len(block) - 1:
+                    sow_preact(self, b + 1, x, (f"bn{b}_{k}",), extra_features)
+                x = nn.relu(x)
             sow_feature(self, f"stage{b + 1}", x)
+        fmap = x
         x = global_avg_pool(x)
         sow_feature(self, "embedding", x)
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x).astype(jnp.float32)
+        head = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")
+        logits = head(x).astype(jnp.float32)
+        sow_class_map(self, head, fmap, extra_features)
         sow_feature(self, "logits", logits)
         return logits
