@@ -200,6 +200,43 @@ def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
+# Two augmented views (config.augment.views='weak,strong'): the step runs a model on both and
+# hands the terms every feature twice, the weak view's under its own name and the strong view's
+# under STRONG + name ('strong/logits', 'strong/stage2', 'strong/stage*' ...). A term reading no
+# 'strong/' feature sees exactly what it sees without views; the strong view is computed only when
+# some term reads it, and only for the model(s) whose strong features are read.
+STRONG = "strong/"
+VIEWS = ("", "weak,strong")  # config.augment.views: one view (off), or the weak and the strong one
+
+
+def with_strong_view(features: Mapping[str, Any], strong: Mapping[str, Any]) -> dict:
+    """The features of the weak view plus those of the strong view, renamed STRONG + name."""
+    return {**features, **{STRONG + k: v for k, v in strong.items()}}
+
+
+def reads_strong_view(terms: Sequence["Term"]) -> tuple[bool, bool]:
+    """Whether any term reads a strong-view feature of (the student, the teacher)."""
+    return (any(n.startswith(STRONG) for t in terms for n in t.student),
+            any(n.startswith(STRONG) for t in terms for n in t.teacher))
+
+
+def check_views(terms: Sequence["Term"], views) -> bool:
+    """``config.augment.views`` -> whether the strong view is on; one-line ValueErrors for an
+    unknown value, for terms that read the strong view without it, and for views nobody reads."""
+    views = ",".join(v.strip() for v in str(views or "").split(",") if v.strip())
+    if views not in VIEWS:
+        raise ValueError(f"unknown config.augment.views {views!r}; choose '' (one view) or 'weak,strong'")
+    for t in terms:
+        if not views and any(n.startswith(STRONG) for n in t.student + t.teacher):
+            who = f"distill.method={t.name}" if t.name in METHODS else f"term {t.name!r}"
+            raise ValueError(f"{who} needs two augmented views: set --config.augment.views=weak,strong")
+    if views and not any(reads_strong_view(terms)):
+        raise ValueError("config.augment.views=weak,strong: no distillation term reads the strong view (features "
+                         f"'{STRONG}<name>'); use a method that does ("
+                         + ", ".join(n for n, m in METHODS.items() if m.views) + ") or set augment.views=''")
+    return bool(views)
+
+
 def _pairs(term: str, student, teacher) -> list[tuple[jax.Array, jax.Array]]:
     s, t = _as_list(student), _as_list(teacher)
     if len(s) != len(t):
@@ -646,6 +683,8 @@ class Method:
     `data` = {'num_data': int | None, 'dataset_labels': array | None} from the trainer.
     `temperature`: the method's terms soften with a temperature (their fn takes a ``temperature=``
     keyword), which CTKD (``distill.ctkd.enabled``) replaces by its learned one.
+    `views`: its terms read the strong augmented view ('strong/logits', ...), so it needs
+    ``config.augment.views='weak,strong'``.
     """
 
     paper: str
@@ -653,6 +692,7 @@ class Method:
     defaults: Mapping[str, Any]
     build: Callable[[Mapping[str, Any], float, Mapping[str, Any]], list[Term]]
     temperature: bool = False
+    views: bool = False  # its terms read the strong augmented view (config.augment.views)
 
 
 def _defaults(weight, student="logits", teacher="logits", warmup_epochs=0.0, **extra):
@@ -732,6 +772,42 @@ def _lskd(h, temperature, data):
 # and the teacher is power-transformed (gamma = 1/T), so the shared temperature does not apply.
 def _wttm(h, temperature, data):
     return [_term("wttm", functools.partial(_logit_term, losses.wttm, gamma=float(h["gamma"])), h)]
+
+
+# MLKD: Jin, Wang, Lin CVPR 2023; Jin-Ying/Multi-Level-Logit-Distillation KD_ours.py with the
+# defaults of its mdistiller/engine/cfg.py (KD.TEMPERATURE 4, LOSS.CE_WEIGHT 0.1, LOSS.KD_WEIGHT
+# 0.9: every one of its KD/CC/BC losses is weighted 0.9) and its configs/cifar100/ours/*.yaml
+# (TRAINER 'ours': the weak and the strong view). Its CE is 0.1 x (CE(weak) + CE(strong)): the
+# method's 'ce' term is the weak view's, its 'mlkd_ce_strong' term (weight strong_ce_weight) the
+# strong view's. A batch-level term (medians, the B x B and K x K correlations): global batch.
+def _mlkd_fn(student, teacher, ctx, *, temperatures, strong_temperatures, standardize=False):
+    (sw, tw), (ss, ts) = _pairs("mlkd", student, teacher)  # (weak pair), (strong pair)
+    if jnp.ndim(tw) == jnp.ndim(sw):  # one teacher
+        return losses.mlkd(sw, ss, tw, ts, temperatures, strong_temperatures, standardize=standardize)
+    # an ensemble: its teachers combined at each temperature; the masks from their T = 1 average
+    conf = _teacher_logits(sw, tw, ctx, 1.0)
+    return sum(losses.mlkd(sw, ss, _teacher_logits(sw, tw, ctx, t), _teacher_logits(ss, ts, ctx, t), (t,),
+                           tuple(x for x in strong_temperatures if float(x) == float(t)),
+                           confidence_logits=conf, standardize=standardize) for t in temperatures)
+
+
+def _mlkd(h, temperature, data):
+    kw = {"temperatures": tuple(float(t) for t in _as_floats(h["temperatures"])),
+          "strong_temperatures": tuple(float(t) for t in _as_floats(h["strong_temperatures"]))}
+    if not kw["temperatures"] or min(kw["temperatures"] + kw["strong_temperatures"]) <= 0:
+        raise ValueError(f"distill.mlkd.temperatures must be temperatures > 0, got {h['temperatures']!r}")
+    fn = functools.partial(_mlkd_fn, **kw)
+    fn.logit_standardized = functools.partial(_mlkd_fn, **kw, standardize=True)
+    ce = functools.partial(_ce_term, label_smoothing=0.0)
+    return [_term("mlkd", fn, h, paired=True, global_batch=True),
+            Term("mlkd_ce_strong", ce, _check_weight("distill.mlkd.strong_ce_weight", h["strong_ce_weight"]),
+                 (STRONG + "logits",), (), float(h["warmup_epochs"]))]
+
+
+def _as_floats(value) -> list[float]:
+    """'4,3,5' or (4, 3, 5) -> [4.0, 3.0, 5.0]."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [float(x) for x in items if str(x).strip()]
 
 
 # NKD: Yang et al. ICCV 2023; yzd-v/cls_KD configs/distillers/cifar100/res34_distill_res18_cifar.py
@@ -917,6 +993,12 @@ METHODS: dict[str, Method] = {
     "wttm": Method(
         paper="Zheng, Yang. Knowledge Distillation Based on Transformed Teacher Matching (ICLR 2024)",
         ce_weight=1.0, defaults=_defaults(4.0, gamma=0.2), build=_wttm),
+    "mlkd": Method(
+        paper="Jin, Wang, Lin. Multi-Level Logit Distillation (CVPR 2023)",
+        ce_weight=0.1,
+        defaults=_defaults(0.9, "logits,strong/logits", "logits,strong/logits", temperatures="4,3,5,2,6",
+                           strong_temperatures="4,3,5", strong_ce_weight=0.1),
+        build=_mlkd, views=True),
     "nkd": Method(
         paper="Yang, Zeng, Yuan, Li. From Knowledge Distillation to Self-Knowledge Distillation: A Unified "
               "Approach with Normalized Loss and Customized Soft Labels (ICCV 2023)",
@@ -1132,6 +1214,9 @@ def build_terms(distill: Mapping[str, Any], *, label_smoothing: float = 0.0,
             )
         )
     if standardize:  # one place for every logit term (lskd's own is already on)
+        # a term with a variant of its own (mlkd: as its reference, the instance level only)
+        terms = [dataclasses.replace(t, fn=t.fn.logit_standardized) if hasattr(t.fn, "logit_standardized") else t
+                 for t in terms]
         terms = [dataclasses.replace(t, fn=_standardized(t.fn))
                  if t.student == ("logits",) and t.teacher == ("logits",)
                  and not getattr(t.fn, "standardized", False) else t

@@ -40,11 +40,13 @@ def train_batch(split: kdata.Split, batch_size: int, *, seed: int, step: int, st
 
 
 def cache_obstacle(*, crop_padding: int, flip: bool, mixup_alpha: float, cutmix_alpha: float,
-                   teacher_source: str) -> str | None:
+                   teacher_source: str, views: str = "") -> str | None:
     """Why the teacher's output for an example can change from epoch to epoch (then it cannot be
-    cached), or None."""
+    cached), or None. `views`: config.augment.views (the strong view is random every epoch)."""
     if crop_padding or flip or mixup_alpha or cutmix_alpha:
         return "augmentation (crop, flip, mixup or cutmix) changes the teacher's input every epoch"
+    if views:
+        return "the strong augmented view (augment.views) changes the teacher's input every epoch"
     if teacher_source == "ema":
         return "the Mean Teacher (teacher.source='ema') changes every step"
     return None
