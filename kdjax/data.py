@@ -699,10 +699,12 @@ def _to_u8(x):
 
 
 def _gray(x):
-    """ITU-R 601-2 luma (PIL's 'L' conversion) of float (H, W, C); the image itself for C != 3."""
+    """ITU-R 601-2 luma of float (H, W, C) holding integers, rounded as PIL's 'L' conversion,
+    (19595 R + 38470 G + 7471 B + 2^15) >> 16; the image itself for C != 3."""
     if x.shape[-1] != 3:
         return x
-    return jnp.sum(x * jnp.asarray([0.299, 0.587, 0.114], jnp.float32), -1, keepdims=True)
+    weights = jnp.asarray([19595.0, 38470.0, 7471.0], jnp.float32)  # exact in float32: sums < 2^24
+    return jnp.floor((jnp.sum(x * weights, -1, keepdims=True) + 32768.0) / 65536.0)
 
 
 def _blend(degenerate, x, v):
@@ -734,8 +736,7 @@ def _rotation(v, h, w):
 def _autocontrast(x):
     """PIL ImageOps.autocontrast (cutoff 0): each channel stretched from [min, max] to [0, 255]."""
     lo, hi = jnp.min(x, (0, 1)), jnp.max(x, (0, 1))
-    scale = 255.0 / jnp.maximum(hi - lo, 1.0)
-    return jnp.where(hi > lo, _to_u8((x - lo) * scale), _to_u8(x))
+    return jnp.where(hi > lo, _to_u8((x - lo) * 255.0 / jnp.maximum(hi - lo, 1.0)), _to_u8(x))
 
 
 def _posterize(x, v):

@@ -79,6 +79,8 @@ def teacher_cache(mode: str, teachers: tuple, teacher_vars: tuple, terms: Sequen
     reason = obstacle
     abstract = jax.ShapeDtypeStruct((1,) + images.shape[1:], jnp.float32)
     feats = jax.eval_shape(lambda tv, x: kstep.teacher_features(teachers, tv, x), tuple(teacher_vars), abstract)
+    if distill.reads_strong_view(terms)[1]:  # named here, never cached (the views are an `obstacle`)
+        feats = distill.with_strong_view(feats, feats)
     names = sorted({n for t in terms if t.teacher for n in distill.resolve_features(t.teacher, feats)})
     for t in terms:  # patterns such as 'stage[-1]' must pick the same features from the subset
         if t.teacher and distill.resolve_features(t.teacher, names) != distill.resolve_features(t.teacher, feats):
