@@ -63,6 +63,13 @@ standardisation each teacher is standardised first. Every other teacher feature 
 teacher's: the trainer puts `teacher.feature_source` first, or refuses feature terms for an
 ensemble (`ensemble_order`).
 
+Two augmented views. With ``config.augment.views='weak,strong'`` the step also makes a strongly
+augmented view of the batch (`kdjax.data.strong_augment`) and hands the terms its features under
+``STRONG + name`` ('strong/logits', 'strong/stage*'); the unprefixed names stay the weak view's,
+so a term that reads no 'strong/' feature is unchanged. A method whose terms read them (``Method
+.views``: mlkd) without the views is refused in one line (`check_views`), as are views that no
+term reads. MLKD's hard-label CE on the strong view is its own term, 'mlkd_ce_strong'.
+
 What the trainer passes (`build_terms` keyword arguments): ``num_data`` (training-set size: rows of
 the CRD memory) and ``dataset_labels`` (training labels: CRD draws negatives from other classes,
 as RepDistiller's default 'exact' mode). Only CRD needs them; without them CRD fails at trace
@@ -226,11 +233,12 @@ def check_views(terms: Sequence["Term"], views) -> bool:
     views = ",".join(v.strip() for v in str(views or "").split(",") if v.strip())
     if views not in VIEWS:
         raise ValueError(f"unknown config.augment.views {views!r}; choose '' (one view) or 'weak,strong'")
-    for t in terms:
-        if not views and any(n.startswith(STRONG) for n in t.student + t.teacher):
-            who = f"distill.method={t.name}" if t.name in METHODS else f"term {t.name!r}"
-            raise ValueError(f"{who} needs two augmented views: set --config.augment.views=weak,strong")
-    if views and not any(reads_strong_view(terms)):
+    readers = [t.name for t in terms if any(n.startswith(STRONG) for n in t.student + t.teacher)]
+    if readers and not views:
+        methods = [n for n in readers if n in METHODS]  # (a method's extra terms: named after it)
+        who = f"distill.method={methods[0]}" if methods else f"term {readers[0]!r}"
+        raise ValueError(f"{who} needs two augmented views: set --config.augment.views=weak,strong")
+    if views and not readers:
         raise ValueError("config.augment.views=weak,strong: no distillation term reads the strong view (features "
                          f"'{STRONG}<name>'); use a method that does ("
                          + ", ".join(n for n, m in METHODS.items() if m.views) + ") or set augment.views=''")
@@ -799,9 +807,9 @@ def _mlkd(h, temperature, data):
     fn = functools.partial(_mlkd_fn, **kw)
     fn.logit_standardized = functools.partial(_mlkd_fn, **kw, standardize=True)
     ce = functools.partial(_ce_term, label_smoothing=0.0)
-    return [_term("mlkd", fn, h, paired=True, global_batch=True),
-            Term("mlkd_ce_strong", ce, _check_weight("distill.mlkd.strong_ce_weight", h["strong_ce_weight"]),
-                 (STRONG + "logits",), (), float(h["warmup_epochs"]))]
+    return [Term("mlkd_ce_strong", ce, _check_weight("distill.mlkd.strong_ce_weight", h["strong_ce_weight"]),
+                 (STRONG + "logits",), (), float(h["warmup_epochs"])),
+            _term("mlkd", fn, h, paired=True, global_batch=True)]
 
 
 def _as_floats(value) -> list[float]:
@@ -1235,18 +1243,20 @@ def needs_teacher(terms: Sequence[Term]) -> bool:
 
 def check_features(terms: Sequence[Term], student_names, teacher_names) -> None:
     """Raises a one-line ValueError when a term reads a feature a model does not expose, or when a
-    paired term's student and teacher features do not pair up one to one."""
+    paired term's student and teacher features do not pair up one to one. A model that has a
+    feature has it in the strong view too (STRONG + name)."""
     for t in terms:
         found = {}
         for who, wanted, have in (("student", t.student, student_names), ("teacher", t.teacher, teacher_names)):
-            have = list(have)
+            shown = [n for n in have if not n.startswith(STRONG)]
+            have = shown + [STRONG + n for n in shown]
             for n in wanted:
                 try:
                     resolve_features((n,), have)
                 except ValueError:
                     raise ValueError(
                         f"term {t.name!r} reads {who} feature {n!r}, which the {who} model does not "
-                        f"have; it has: {', '.join(sorted(have))}"
+                        f"have; it has: {', '.join(sorted(shown))}"
                     ) from None
             found[who] = resolve_features(wanted, have) if wanted else ()
         if t.paired and len(found["student"]) != len(found["teacher"]):

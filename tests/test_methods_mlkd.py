@@ -83,8 +83,8 @@ def test_mlkd_method_terms_weights_and_logit_standardize():
         cfg = distill.get_config("mlkd").to_dict()
         cfg["logit_standardize"] = stand
         terms = distill.build_terms(cfg)
-        assert [(x.name, x.weight) for x in terms] == [("ce", 0.1), ("mlkd", 0.9), ("mlkd_ce_strong", 0.1)]
-        assert terms[1].global_batch and not terms[0].global_batch
+        assert [(x.name, x.weight) for x in terms] == [("ce", 0.1), ("mlkd_ce_strong", 0.1), ("mlkd", 0.9)]
+        assert terms[2].global_batch and not terms[1].global_batch
         d = distill.Distiller(terms)
         got = jax.jit(lambda s, t, y: d.apply({}, s, t, _ctx(y)))(s, t, labels)
         total = sum(x.weight * got[x.name] for x in terms)
