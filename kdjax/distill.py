@@ -227,15 +227,12 @@ def reads_strong_view(terms: Sequence["Term"]) -> tuple[bool, bool]:
             any(n.startswith(STRONG) for t in terms for n in t.teacher))
 
 
-def check_views(terms: Sequence["Term"], views, *, distils: bool = True) -> bool:
+def check_views(terms: Sequence["Term"], views) -> bool:
     """``config.augment.views`` -> whether the strong view is on; one-line ValueErrors for an
-    unknown value, for terms that read the strong view without it, and for views no term reads.
-    `distils` False (a run without a 'student' stage): only the value is checked."""
+    unknown value, for terms that read the strong view without it, and for views no term reads."""
     views = ",".join(v.strip() for v in str(views or "").split(",") if v.strip())
     if views not in VIEWS:
         raise ValueError(f"unknown config.augment.views {views!r}; choose '' (one view) or 'weak,strong'")
-    if not distils:
-        return bool(views)
     readers = [t.name for t in terms if any(n.startswith(STRONG) for n in t.student + t.teacher)]
     if readers and not views:
         methods = [n for n in readers if n in METHODS]  # (a method's extra terms: named after it)

@@ -274,10 +274,7 @@ def validate(config) -> None:
             raise ValueError(f"config.{name} must be a positive integer, got {config[name]}")
     # The views serve the distillation terms: checked against them when a stage distils ('student'),
     # only their spelling otherwise (a compare baseline of an mlkd config trains on the weak view).
-    # (the views serve the distillation terms: a run of the teacher or the scratch baseline alone
-    # trains on the weak view, whatever augment.views says, e.g. compare's baseline of an mlkd config)
-    distill.check_views(distill.build_terms(config.distill.to_dict()), config.augment.get("views", ""),
-                        distils=bool({"student_init", "student", *FINE_TUNES} & set(_stages(config))))
+    distill.check_views(distill.build_terms(config.distill.to_dict()), config.augment.get("views", ""))
     _stages(config)
 
 
