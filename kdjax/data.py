@@ -33,8 +33,9 @@ mean (0.4914, 0.4822, 0.4465), std (0.2470, 0.2435, 0.2616).
 Batching is index-based and stateless: ``batch_indices`` returns the example indices
 of any (epoch, step) directly, so a resumed run sees exactly the batches it would
 have seen, and multi-process runs split each global batch into contiguous
-per-process parts. Augmentations (``augment``, ``mixup``, ``cutmix``) and
-``normalize`` are pure ``jax.numpy`` and run inside the jitted train step.
+per-process parts. Augmentations (``augment``, ``strong_augment`` for the strong view of
+``config.augment.views``, ``mixup``, ``cutmix``) and ``normalize`` are pure ``jax.numpy`` and run
+inside the jitted train step.
 
 Nothing here reads flags or configs: everything is a plain argument.
 """
