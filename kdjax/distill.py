@@ -793,6 +793,7 @@ def _mlkd_fn(student, teacher, ctx, *, temperatures, strong_temperatures, standa
     if jnp.ndim(tw) == jnp.ndim(sw):  # one teacher
         return losses.mlkd(sw, ss, tw, ts, temperatures, strong_temperatures, standardize=standardize)
     # an ensemble: its teachers combined at each temperature; the masks from their T = 1 average
+    # (with standardize, the combined logits are z-scored for the instance level)
     conf = _teacher_logits(sw, tw, ctx, 1.0)
     return sum(losses.mlkd(sw, ss, _teacher_logits(sw, tw, ctx, t), _teacher_logits(ss, ts, ctx, t), (t,),
                            tuple(x for x in strong_temperatures if float(x) == float(t)),
@@ -802,13 +803,16 @@ def _mlkd_fn(student, teacher, ctx, *, temperatures, strong_temperatures, standa
 def _mlkd(h, temperature, data):
     kw = {"temperatures": tuple(float(t) for t in _as_floats(h["temperatures"])),
           "strong_temperatures": tuple(float(t) for t in _as_floats(h["strong_temperatures"]))}
-    if not kw["temperatures"] or min(kw["temperatures"] + kw["strong_temperatures"]) <= 0:
+    if not kw["temperatures"] or min(kw["temperatures"]) <= 0:
         raise ValueError(f"distill.mlkd.temperatures must be temperatures > 0, got {h['temperatures']!r}")
+    if not set(kw["strong_temperatures"]) <= set(kw["temperatures"]):
+        raise ValueError(f"distill.mlkd.strong_temperatures={h['strong_temperatures']!r} must be among "
+                         f"distill.mlkd.temperatures={h['temperatures']!r}")
     fn = functools.partial(_mlkd_fn, **kw)
     fn.logit_standardized = functools.partial(_mlkd_fn, **kw, standardize=True)
     ce = functools.partial(_ce_term, label_smoothing=0.0)
     return [Term("mlkd_ce_strong", ce, _check_weight("distill.mlkd.strong_ce_weight", h["strong_ce_weight"]),
-                 (STRONG + "logits",), (), float(h["warmup_epochs"])),
+                 (STRONG + "logits",), ()),
             _term("mlkd", fn, h, paired=True, global_batch=True)]
 
 

@@ -126,3 +126,5 @@ def test_mlkd_without_views_and_views_without_a_reader_are_refused():
         distill.check_views(terms, "strong")
     with pytest.raises(ValueError, match="distill.mlkd.temperatures must be temperatures > 0"):
         distill.build_terms({"method": "mlkd", "mlkd": {"temperatures": "4,-1"}})
+    with pytest.raises(ValueError, match="strong_temperatures='4,7' must be among"):
+        distill.build_terms({"method": "mlkd", "mlkd": {"strong_temperatures": "4,7"}})
