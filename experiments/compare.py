@@ -20,7 +20,8 @@ string if any, e.g. `runs/cifar10_resnet18_mobilenetv2-smoke`). For each seed k:
   `scratch-<model>/` for any other (e.g. `scratch-cnn_tiny/`). kdjax starts it from the same
   initialisation as the student of the same seed and feeds it the same data order, so student
   minus scratch of the same seed is a paired difference. Its config is the method's config with
-  the default method's `distill` and `student_init` blocks (the baseline never reads them), so
+  the default method's `distill` and `student_init` blocks and `augment.views` (the baseline
+  never reads them), so
   methods sharing a student share one baseline, whichever methods a command lists.
 
 `--config.x=y` overrides reach every run (not `seed`, `stages`, `distill.method`,
@@ -159,6 +160,7 @@ def plan(config_argument: str, methods: list[str], seeds: list[int], root: str, 
                                  "teacher per seed for every method")
             scratch = copy.deepcopy(c)
             scratch.distill = copy.deepcopy(default.distill)
+            scratch.augment.views = default.augment.views  # (the labels-only baseline reads no strong view)
             scratch.student_init = copy.deepcopy(default.student_init)
             scratch.stages = "student_scratch"
             ident = json.dumps(train.run_identity(scratch), sort_keys=True, default=str)

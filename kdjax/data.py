@@ -33,8 +33,9 @@ mean (0.4914, 0.4822, 0.4465), std (0.2470, 0.2435, 0.2616).
 Batching is index-based and stateless: ``batch_indices`` returns the example indices
 of any (epoch, step) directly, so a resumed run sees exactly the batches it would
 have seen, and multi-process runs split each global batch into contiguous
-per-process parts. Augmentations (``augment``, ``mixup``, ``cutmix``) and
-``normalize`` are pure ``jax.numpy`` and run inside the jitted train step.
+per-process parts. Augmentations (``augment``, ``strong_augment`` for the strong view of
+``config.augment.views``, ``mixup``, ``cutmix``) and ``normalize`` are pure ``jax.numpy`` and run
+inside the jitted train step.
 
 Nothing here reads flags or configs: everything is a plain argument.
 """
@@ -686,6 +687,133 @@ def augment(keys, images, *, crop_padding: int = 0, flip: bool = False):
         return image
 
     return jax.vmap(one)(keys, images)
+
+
+# Strong view (augment.views='weak,strong'): RandAugment as the MLKD reference uses it
+# (Jin-Ying/Multi-Level-Logit-Distillation mdistiller/dataset/cifar100.py ``RandAugment(2, 10)``,
+# FixMatch's variant): after the weak view's crop and flip, two operations drawn uniformly with
+# replacement, each with a magnitude drawn uniformly from its range, then Cutout. Pure jnp on one
+# uint8 (H, W, C) image; values are computed in float32 and truncated back to uint8.
+
+def _to_u8(x):
+    return jnp.clip(jnp.floor(x), 0, 255).astype(jnp.uint8)
+
+
+def _gray(x):
+    """ITU-R 601-2 luma of float (H, W, C) holding integers, rounded as PIL's 'L' conversion,
+    (19595 R + 38470 G + 7471 B + 2^15) >> 16; the image itself for C != 3."""
+    if x.shape[-1] != 3:
+        return x
+    weights = jnp.asarray([19595.0, 38470.0, 7471.0], jnp.float32)  # exact in float32: sums < 2^24
+    return jnp.floor((jnp.sum(x * weights, -1, keepdims=True) + 32768.0) / 65536.0)
+
+
+def _blend(degenerate, x, v):
+    """PIL ImageEnhance: degenerate + v * (image - degenerate), clipped to [0, 255]."""
+    return _to_u8(degenerate + v * (x - degenerate))
+
+
+def _affine_nearest(image, m):
+    """PIL ``Image.transform(AFFINE, m)`` with nearest sampling: output pixel (x, y) takes input
+    pixel floor(a (x + .5) + b (y + .5) + c), floor(d (x + .5) + e (y + .5) + f); outside: 0."""
+    h, w = image.shape[:2]
+    ys, xs = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32) + 0.5, jnp.arange(w, dtype=jnp.float32) + 0.5,
+                          indexing="ij")
+    xi = jnp.floor(m[0] * xs + m[1] * ys + m[2]).astype(jnp.int32)
+    yi = jnp.floor(m[3] * xs + m[4] * ys + m[5]).astype(jnp.int32)
+    inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+    out = image[jnp.clip(yi, 0, h - 1), jnp.clip(xi, 0, w - 1)]
+    return jnp.where(inside[..., None], out, jnp.zeros((), image.dtype))
+
+
+def _rotation(v, h, w):
+    """PIL ``Image.rotate(v)`` (degrees, counter-clockwise about the centre) as an affine map."""
+    a = -v * (np.pi / 180.0)
+    cos, sin = jnp.cos(a), jnp.sin(a)
+    cx, cy = w / 2.0, h / 2.0
+    return jnp.stack([cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy])
+
+
+def _autocontrast(x):
+    """PIL ImageOps.autocontrast (cutoff 0): each channel stretched from [min, max] to [0, 255]."""
+    lo, hi = jnp.min(x, (0, 1)), jnp.max(x, (0, 1))
+    return jnp.where(hi > lo, _to_u8((x - lo) * 255.0 / jnp.maximum(hi - lo, 1.0)), _to_u8(x))
+
+
+def _posterize(x, v):
+    bits = jnp.clip(jnp.floor(v), 1, 8).astype(jnp.int32)
+    mask = (0xFF << (8 - bits)) & 0xFF
+    return (x.astype(jnp.int32) & mask).astype(jnp.uint8)
+
+
+# name -> (fn(image uint8 (H, W, C), magnitude) -> uint8, magnitude range): the reference's list
+# (FixMatch ranges) without Equalize and Sharpness.
+RANDAUGMENT_OPS = {
+    "identity": (lambda im, v: im, (0.0, 1.0)),
+    "autocontrast": (lambda im, v: _autocontrast(im.astype(jnp.float32)), (0.0, 1.0)),
+    "brightness": (lambda im, v: _blend(0.0, im.astype(jnp.float32), v), (0.05, 0.95)),
+    "color": (lambda im, v: _blend(_gray(im.astype(jnp.float32)), im.astype(jnp.float32), v), (0.05, 0.95)),
+    "contrast": (lambda im, v: _blend(jnp.floor(jnp.mean(_gray(im.astype(jnp.float32))) + 0.5),
+                                      im.astype(jnp.float32), v), (0.05, 0.95)),
+    "posterize": (_posterize, (4.0, 8.0)),
+    "rotate": (lambda im, v: _affine_nearest(im, _rotation(v, *im.shape[:2])), (-30.0, 30.0)),
+    "shear_x": (lambda im, v: _affine_nearest(im, jnp.stack([1.0, v, 0.0, 0.0, 1.0, 0.0])), (-0.3, 0.3)),
+    "shear_y": (lambda im, v: _affine_nearest(im, jnp.stack([1.0, 0.0, 0.0, v, 1.0, 0.0])), (-0.3, 0.3)),
+    "solarize": (lambda im, v: jnp.where(im.astype(jnp.float32) < v, im, 255 - im), (0.0, 256.0)),
+    "translate_x": (lambda im, v: _affine_nearest(im, jnp.stack([1.0, 0.0, v * im.shape[1], 0.0, 1.0, 0.0])),
+                    (-0.3, 0.3)),
+    "translate_y": (lambda im, v: _affine_nearest(im, jnp.stack([1.0, 0.0, 0.0, 0.0, 1.0, v * im.shape[0]])),
+                    (-0.3, 0.3)),
+}
+CUTOUT_FILL = (125, 123, 114)  # the reference's grey; single-channel images get their mean, 121
+
+
+def cutout(image, v, cy, cx):
+    """The reference's Cutout: a square of side s = v * W (v in [0, 0.5]) at top-left
+    (max(0, int(cy - s/2)), max(0, int(cx - s/2))), cut at the border, filled with `CUTOUT_FILL`.
+    `cy`, `cx` are the (float) centre drawn uniformly in [0, H) x [0, W)."""
+    h, w, c = image.shape
+    s = v * w
+    y0, x0 = jnp.floor(jnp.maximum(0.0, cy - s / 2)), jnp.floor(jnp.maximum(0.0, cx - s / 2))
+    ys, xs = jnp.arange(h, dtype=jnp.float32)[:, None], jnp.arange(w, dtype=jnp.float32)[None, :]
+    box = (ys >= y0) & (ys < y0 + s) & (xs >= x0) & (xs < x0 + s)
+    fill = CUTOUT_FILL if c == 3 else (round(sum(CUTOUT_FILL) / 3),) * c
+    return jnp.where(box[..., None], jnp.asarray(fill, image.dtype), image)
+
+
+def rand_augment(keys, images, *, num_ops: int = 2, max_cutout: float = 0.5):
+    """Per-example RandAugment + Cutout of uint8 (B, H, W, C) images (the strong view's ops after
+    its crop and flip). Example i: `num_ops` operations drawn uniformly with replacement from
+    `RANDAUGMENT_OPS`, magnitude v ~ U[lo, hi) of each op's range, applied in order; then
+    ``cutout(v ~ U[0, max_cutout), centre uniform over the image)``. Keys as in `augment`: example
+    i's result depends only on keys[i] and images[i]."""
+    ops = list(RANDAUGMENT_OPS.values())
+    lo = jnp.asarray([r[0] for _, r in ops], jnp.float32)
+    hi = jnp.asarray([r[1] for _, r in ops], jnp.float32)
+    branches = [fn for fn, _ in ops]
+
+    def one(key, image):
+        h, w = image.shape[:2]
+        k_op, k_mag, k_cut = jax.random.split(key, 3)
+        which = jax.random.randint(k_op, (num_ops,), 0, len(ops))
+        u = jax.random.uniform(k_mag, (num_ops,))
+        for i in range(num_ops):
+            v = lo[which[i]] + (hi[which[i]] - lo[which[i]]) * u[i]
+            image = jax.lax.switch(which[i], branches, image, v)
+        c = jax.random.uniform(k_cut, (3,))
+        return cutout(image, c[0] * max_cutout, c[1] * h, c[2] * w)
+
+    return jax.vmap(one)(keys, jnp.asarray(images).astype(jnp.uint8))
+
+
+def strong_augment(keys, images, *, crop_padding: int = 0, flip: bool = False):
+    """The strong view of uint8 images: `augment` (crop and flip; its own draw, not the weak
+    view's) then `rand_augment`, as the reference's strong transform (RandomCrop(32, padding=4),
+    RandomHorizontalFlip, RandAugment(2, 10) with Cutout). Keys as in `augment`."""
+    keys = jnp.asarray(keys)
+    split = jax.vmap(lambda k: jax.random.split(k))(keys)
+    x = augment(split[:, 0], images, crop_padding=crop_padding, flip=flip)
+    return rand_augment(split[:, 1], x)
 
 
 def _beta_lam(key, alpha: float):

@@ -63,6 +63,13 @@ standardisation each teacher is standardised first. Every other teacher feature 
 teacher's: the trainer puts `teacher.feature_source` first, or refuses feature terms for an
 ensemble (`ensemble_order`).
 
+Two augmented views. With ``config.augment.views='weak,strong'`` the step also makes a strongly
+augmented view of the batch (`kdjax.data.strong_augment`) and hands the terms its features under
+``STRONG + name`` ('strong/logits', 'strong/stage*'); the unprefixed names stay the weak view's,
+so a term that reads no 'strong/' feature is unchanged. A method whose terms read them (``Method
+.views``: mlkd) without the views is refused in one line (`check_views`), as are views that no
+term reads. MLKD's hard-label CE on the strong view is its own term, 'mlkd_ce_strong'.
+
 What the trainer passes (`build_terms` keyword arguments): ``num_data`` (training-set size: rows of
 the CRD memory) and ``dataset_labels`` (training labels: CRD draws negatives from other classes,
 as RepDistiller's default 'exact' mode). Only CRD needs them; without them CRD fails at trace
@@ -198,6 +205,44 @@ def _pick(features: Mapping[str, jax.Array], names: tuple[str, ...]):
 
 def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+# Two augmented views (config.augment.views='weak,strong'): the step runs a model on both and
+# hands the terms every feature twice, the weak view's under its own name and the strong view's
+# under STRONG + name ('strong/logits', 'strong/stage2', 'strong/stage*' ...). A term reading no
+# 'strong/' feature sees exactly what it sees without views; the strong view is computed only when
+# some term reads it, and only for the model(s) whose strong features are read.
+STRONG = "strong/"
+VIEWS = ("", "weak,strong")  # config.augment.views: one view (off), or the weak and the strong one
+
+
+def with_strong_view(features: Mapping[str, Any], strong: Mapping[str, Any]) -> dict:
+    """The features of the weak view plus those of the strong view, renamed STRONG + name."""
+    return {**features, **{STRONG + k: v for k, v in strong.items()}}
+
+
+def reads_strong_view(terms: Sequence["Term"]) -> tuple[bool, bool]:
+    """Whether any term reads a strong-view feature of (the student, the teacher)."""
+    return (any(n.startswith(STRONG) for t in terms for n in t.student),
+            any(n.startswith(STRONG) for t in terms for n in t.teacher))
+
+
+def check_views(terms: Sequence["Term"], views) -> bool:
+    """``config.augment.views`` -> whether the strong view is on; one-line ValueErrors for an
+    unknown value, for terms that read the strong view without it, and for views no term reads."""
+    views = ",".join(v.strip() for v in str(views or "").split(",") if v.strip())
+    if views not in VIEWS:
+        raise ValueError(f"unknown config.augment.views {views!r}; choose '' (one view) or 'weak,strong'")
+    readers = [t.name for t in terms if any(n.startswith(STRONG) for n in t.student + t.teacher)]
+    if readers and not views:
+        methods = [n for n in readers if n in METHODS]  # (a method's extra terms: named after it)
+        who = f"distill.method={methods[0]}" if methods else f"term {readers[0]!r}"
+        raise ValueError(f"{who} needs two augmented views: set --config.augment.views=weak,strong")
+    if views and not readers:
+        raise ValueError("config.augment.views=weak,strong: no distillation term reads the strong view (features "
+                         f"'{STRONG}<name>'); use a method that does ("
+                         + ", ".join(n for n, m in METHODS.items() if m.views) + ") or set augment.views=''")
+    return bool(views)
 
 
 def _pairs(term: str, student, teacher) -> list[tuple[jax.Array, jax.Array]]:
@@ -669,6 +714,8 @@ class Method:
     `data` = {'num_data': int | None, 'dataset_labels': array | None} from the trainer.
     `temperature`: the method's terms soften with a temperature (their fn takes a ``temperature=``
     keyword), which CTKD (``distill.ctkd.enabled``) replaces by its learned one.
+    `views`: its terms read the strong augmented view ('strong/logits', ...), so it needs
+    ``config.augment.views='weak,strong'``.
     """
 
     paper: str
@@ -676,6 +723,7 @@ class Method:
     defaults: Mapping[str, Any]
     build: Callable[[Mapping[str, Any], float, Mapping[str, Any]], list[Term]]
     temperature: bool = False
+    views: bool = False  # its terms read the strong augmented view (config.augment.views)
 
 
 def _defaults(weight, student="logits", teacher="logits", warmup_epochs=0.0, **extra):
@@ -755,6 +803,46 @@ def _lskd(h, temperature, data):
 # and the teacher is power-transformed (gamma = 1/T), so the shared temperature does not apply.
 def _wttm(h, temperature, data):
     return [_term("wttm", functools.partial(_logit_term, losses.wttm, gamma=float(h["gamma"])), h)]
+
+
+# MLKD: Jin, Wang, Lin CVPR 2023; Jin-Ying/Multi-Level-Logit-Distillation KD_ours.py with the
+# defaults of its mdistiller/engine/cfg.py (KD.TEMPERATURE 4, LOSS.CE_WEIGHT 0.1, LOSS.KD_WEIGHT
+# 0.9: every one of its KD/CC/BC losses is weighted 0.9) and its configs/cifar100/ours/*.yaml
+# (TRAINER 'ours': the weak and the strong view). Its CE is 0.1 x (CE(weak) + CE(strong)): the
+# method's 'ce' term is the weak view's, its 'mlkd_ce_strong' term (weight strong_ce_weight) the
+# strong view's. A batch-level term (medians, the B x B and K x K correlations): global batch.
+def _mlkd_fn(student, teacher, ctx, *, temperatures, strong_temperatures, standardize=False):
+    (sw, tw), (ss, ts) = _pairs("mlkd", student, teacher)  # (weak pair), (strong pair)
+    if jnp.ndim(tw) == jnp.ndim(sw):  # one teacher
+        return losses.mlkd(sw, ss, tw, ts, temperatures, strong_temperatures, standardize=standardize)
+    # an ensemble: its teachers combined at each temperature; the masks from their T = 1 average
+    # (with standardize, the combined logits are z-scored for the instance level)
+    conf = _teacher_logits(sw, tw, ctx, 1.0)
+    return sum(losses.mlkd(sw, ss, _teacher_logits(sw, tw, ctx, t), _teacher_logits(ss, ts, ctx, t), (t,),
+                           tuple(x for x in strong_temperatures if float(x) == float(t)),
+                           confidence_logits=conf, standardize=standardize) for t in temperatures)
+
+
+def _mlkd(h, temperature, data):
+    kw = {"temperatures": tuple(float(t) for t in _as_floats(h["temperatures"])),
+          "strong_temperatures": tuple(float(t) for t in _as_floats(h["strong_temperatures"]))}
+    if not kw["temperatures"] or min(kw["temperatures"]) <= 0:
+        raise ValueError(f"distill.mlkd.temperatures must be temperatures > 0, got {h['temperatures']!r}")
+    if not set(kw["strong_temperatures"]) <= set(kw["temperatures"]):
+        raise ValueError(f"distill.mlkd.strong_temperatures={h['strong_temperatures']!r} must be among "
+                         f"distill.mlkd.temperatures={h['temperatures']!r}")
+    fn = functools.partial(_mlkd_fn, **kw)
+    fn.logit_standardized = functools.partial(_mlkd_fn, **kw, standardize=True)
+    ce = functools.partial(_ce_term, label_smoothing=0.0)
+    return [Term("mlkd_ce_strong", ce, _check_weight("distill.mlkd.strong_ce_weight", h["strong_ce_weight"]),
+                 (STRONG + "logits",), ()),
+            _term("mlkd", fn, h, paired=True, global_batch=True)]
+
+
+def _as_floats(value) -> list[float]:
+    """'4,3,5' or (4, 3, 5) -> [4.0, 3.0, 5.0]."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [float(x) for x in items if str(x).strip()]
 
 
 # NKD: Yang et al. ICCV 2023; yzd-v/cls_KD configs/distillers/cifar100/res34_distill_res18_cifar.py
@@ -1087,6 +1175,12 @@ METHODS: dict[str, Method] = {
     "wttm": Method(
         paper="Zheng, Yang. Knowledge Distillation Based on Transformed Teacher Matching (ICLR 2024)",
         ce_weight=1.0, defaults=_defaults(4.0, gamma=0.2), build=_wttm),
+    "mlkd": Method(
+        paper="Jin, Wang, Lin. Multi-Level Logit Distillation (CVPR 2023)",
+        ce_weight=0.1,
+        defaults=_defaults(0.9, "logits,strong/logits", "logits,strong/logits", temperatures="4,3,5,2,6",
+                           strong_temperatures="4,3,5", strong_ce_weight=0.1),
+        build=_mlkd, views=True),
     "nkd": Method(
         paper="Yang, Zeng, Yuan, Li. From Knowledge Distillation to Self-Knowledge Distillation: A Unified "
               "Approach with Normalized Loss and Customized Soft Labels (ICCV 2023)",
@@ -1315,6 +1409,9 @@ def build_terms(distill: Mapping[str, Any], *, label_smoothing: float = 0.0,
             )
         )
     if standardize:  # one place for every logit term (lskd's own is already on)
+        # a term with a variant of its own (mlkd: as its reference, the instance level only)
+        terms = [dataclasses.replace(t, fn=t.fn.logit_standardized) if hasattr(t.fn, "logit_standardized") else t
+                 for t in terms]
         terms = [dataclasses.replace(t, fn=_standardized(t.fn))
                  if t.student == ("logits",) and t.teacher == ("logits",)
                  and not getattr(t.fn, "standardized", False) else t
@@ -1333,18 +1430,20 @@ def needs_teacher(terms: Sequence[Term]) -> bool:
 
 def check_features(terms: Sequence[Term], student_names, teacher_names) -> None:
     """Raises a one-line ValueError when a term reads a feature a model does not expose, or when a
-    paired term's student and teacher features do not pair up one to one."""
+    paired term's student and teacher features do not pair up one to one. A model that has a
+    feature has it in the strong view too (STRONG + name)."""
     for t in terms:
         found = {}
         for who, wanted, have in (("student", t.student, student_names), ("teacher", t.teacher, teacher_names)):
-            have = list(have)
+            shown = [n for n in have if not n.startswith(STRONG)]
+            have = shown + [STRONG + n for n in shown]
             for n in wanted:
                 try:
                     resolve_features((n,), have)
                 except ValueError:
                     raise ValueError(
                         f"term {t.name!r} reads {who} feature {n!r}, which the {who} model does not "
-                        f"have; it has: {', '.join(sorted(have))}"
+                        f"have; it has: {', '.join(sorted(shown))}"
                     ) from None
             found[who] = resolve_features(wanted, have) if wanted else ()
         if t.paired and len(found["student"]) != len(found["teacher"]):

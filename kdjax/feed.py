@@ -40,11 +40,13 @@ def train_batch(split: kdata.Split, batch_size: int, *, seed: int, step: int, st
 
 
 def cache_obstacle(*, crop_padding: int, flip: bool, mixup_alpha: float, cutmix_alpha: float,
-                   teacher_source: str) -> str | None:
+                   teacher_source: str, views: str = "") -> str | None:
     """Why the teacher's output for an example can change from epoch to epoch (then it cannot be
-    cached), or None."""
+    cached), or None. `views`: config.augment.views (the strong view is random every epoch)."""
     if crop_padding or flip or mixup_alpha or cutmix_alpha:
         return "augmentation (crop, flip, mixup or cutmix) changes the teacher's input every epoch"
+    if views:
+        return "the strong augmented view (augment.views) changes the teacher's input every epoch"
     if teacher_source == "ema":
         return "the Mean Teacher (teacher.source='ema') changes every step"
     return None
@@ -79,6 +81,8 @@ def teacher_cache(mode: str, teachers: tuple, teacher_vars: tuple, terms: Sequen
     extra = kstep.extras(terms)[1]
     feats = jax.eval_shape(lambda tv, x: kstep.teacher_features(teachers, tv, x, extra), tuple(teacher_vars),
                            abstract)
+    if distill.reads_strong_view(terms)[1]:  # named here, never cached (the views are an `obstacle`)
+        feats = distill.with_strong_view(feats, feats)
     names = sorted({n for t in terms if t.teacher for n in distill.resolve_features(t.teacher, feats)})
     for t in terms:  # patterns such as 'stage[-1]' must pick the same features from the subset
         if t.teacher and distill.resolve_features(t.teacher, names) != distill.resolve_features(t.teacher, feats):

@@ -35,6 +35,7 @@ from kdjax import models
 
 AXIS = distill.AXIS  # "data"
 DROPOUT_STREAM = 0x0D0  # folded into a step's key for the models' dropout masks
+STRONG_VIEW_STREAM = 0x5E0  # folded into a step's key for the strong view's augmentation
 
 
 @flax.struct.dataclass
@@ -65,6 +66,7 @@ class StepConfig:
     dtype: Any = jnp.float32
     ema_decay: float = 0.0  # > 0: the teacher is an EMA of the student (state.ema), decay per step
     dot: bool = False  # the optimizer is DOT (kdjax.optim.dot): it gets the task and distillation gradients apart
+    views: bool = False  # two augmented views (config.augment.views='weak,strong'; kdjax.distill.STRONG)
 
 
 def _apply_distiller(distiller, params, model_state, s_feats, t_feats, ctx):
@@ -78,8 +80,9 @@ def _apply_distiller(distiller, params, model_state, s_feats, t_feats, ctx):
 def extras(terms) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The on-request feature groups (`models.EXTRA_FEATURES`) that the terms read from the
     student and from the teacher: (student's, teacher's); () when none (the plain forward)."""
-    return (models.requested_extras(n for t in terms for n in t.student),
-            models.requested_extras(n for t in terms for n in t.teacher))
+    bare = lambda names: (n.removeprefix(distill.STRONG) for n in names)  # noqa: E731 (either view)
+    return (models.requested_extras(bare(n for t in terms for n in t.student)),
+            models.requested_extras(bare(n for t in terms for n in t.teacher)))
 
 
 def teacher_features(teachers, teacher_vars, x, extra: tuple[str, ...] = ()) -> dict:
@@ -118,6 +121,11 @@ def init_variables(student, distiller: distill.Distiller, teachers: tuple, teach
         t_feats = teacher_features((student,), (s_vars,), x, t_extra)
     else:
         t_feats = teacher_features(teachers, teacher_vars, x, t_extra)
+    s_strong, t_strong = distill.reads_strong_view(distiller.terms)
+    if s_strong:  # the strong view's features have the weak view's shapes
+        s_feats = distill.with_strong_view(s_feats, s_feats)
+    if t_strong:
+        t_feats = distill.with_strong_view(t_feats, t_feats)
     distill.check_features(distiller.terms, s_feats, t_feats)
     ctx = distill.Context(labels=jnp.zeros((2,), jnp.int32), train=False, indices=jnp.zeros((2,), jnp.int32),
                           rng=key_distiller)
@@ -178,33 +186,55 @@ def make_train_step(
     `cfg.ema_decay` > 0 the teacher is instead the student itself with the EMA variables
     `state.ema` (Mean Teacher), updated after every step. `frozen_stats`: a pytree of Python bools
     shaped like the student's non-parameter variables; True leaves (the BatchNorm statistics of
-    frozen layers) keep their values.
+    frozen layers) keep their values. With `cfg.views` and a term reading the strong view
+    (kdjax.distill.STRONG), the student and/or the teacher also see a strongly augmented view
+    (`kdata.strong_augment`, keyed by fold_in(step key, STRONG_VIEW_STREAM) and each example's
+    global position, so a resumed run draws the same views): its features reach the terms as
+    'strong/<name>'. The student runs on it after the weak view, from the BatchNorm statistics that
+    one left (two forward passes in train mode, as the reference's two calls).
     """
     terms = distiller.terms
     s_extra, t_extra = extras(terms)
+    if not cfg.views:
+        distill.check_views(terms, "")  # a term that reads the strong view needs it
+    # The strong view (two augmented views): only when a term reads it, only for who is read.
+    s_strong, t_strong = distill.reads_strong_view(terms)
 
     def step_fn(state: TrainState, teacher_vars, batch):
         step_key = jax.random.fold_in(state.rng, state.step)
         aug_key, mix_key, term_key = jax.random.split(step_key, 3)
         b = batch["label"].shape[0]
         position = jax.lax.axis_index(AXIS) * b + jnp.arange(b)
-        keys = jax.vmap(lambda i: jax.random.fold_in(aug_key, i))(position)
-        x = kdata.augment(keys, batch["image"], crop_padding=cfg.crop_padding, flip=cfg.flip)
-        x = kdata.normalize(x, cfg.mean, cfg.std, dtype=cfg.dtype)
-        perm = lam = None
-        if cfg.mixup_alpha > 0:
-            x, perm, lam = kdata.mixup(mix_key, x, cfg.mixup_alpha)
-        elif cfg.cutmix_alpha > 0:
-            x, perm, lam = kdata.cutmix(mix_key, x, cfg.cutmix_alpha)
+
+        def view(key, augment):  # one augmented, normalised (and mixed) view of the batch
+            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(position)
+            x = augment(keys, batch["image"], crop_padding=cfg.crop_padding, flip=cfg.flip)
+            x = kdata.normalize(x, cfg.mean, cfg.std, dtype=cfg.dtype)
+            perm = lam = None  # the same mix_key: both views get the same partners and weight
+            if cfg.mixup_alpha > 0:
+                x, perm, lam = kdata.mixup(mix_key, x, cfg.mixup_alpha)
+            elif cfg.cutmix_alpha > 0:
+                x, perm, lam = kdata.cutmix(mix_key, x, cfg.cutmix_alpha)
+            return x, perm, lam
+
+        x, perm, lam = view(aug_key, kdata.augment)
+        x_strong = None
+        if s_strong or t_strong:
+            x_strong, _, _ = view(jax.random.fold_in(step_key, STRONG_VIEW_STREAM), kdata.strong_augment)
 
         # Teacher: eval mode, the very same augmented batch, no gradient; or its outputs computed
         # once before training (kdjax.train: distill.cache_teacher), carried by the batch.
+        def teach(x):
+            if cfg.ema_decay > 0:
+                return teacher_features((student,), (state.ema,), x, t_extra)
+            return teacher_features(teachers, teacher_vars, x, t_extra)
+
         if "teacher" in batch:
             t_feats = batch["teacher"]
-        elif cfg.ema_decay > 0:
-            t_feats = teacher_features((student,), (state.ema,), x, t_extra)
         else:
-            t_feats = teacher_features(teachers, teacher_vars, x, t_extra)
+            t_feats = teach(x)
+            if t_strong:
+                t_feats = distill.with_strong_view(t_feats, teach(x_strong))
 
         ctx = distill.Context(
             labels=batch["label"], train=True, mix_perm=perm, mix_lam=lam,
@@ -219,6 +249,12 @@ def make_train_step(
             s_vars = {"params": params["student"], **state.model_state["student"]}
             logits, s_feats, s_stats = models.apply_model(student, s_vars, x, train=True, rng=dropout_key,
                                                            extra=s_extra)
+            if s_strong:  # then the strong view, from the statistics the weak one left (as two calls in torch)
+                if s_stats is not None:
+                    s_vars = {**s_vars, "batch_stats": s_stats}
+                _, strong, s_stats = models.apply_model(student, s_vars, x_strong, train=True, extra=s_extra,
+                                                        rng=jax.random.fold_in(dropout_key, STRONG_VIEW_STREAM))
+                s_feats = distill.with_strong_view(s_feats, strong)
             values, d_state = _apply_distiller(
                 distiller, params["distiller"], state.model_state["distiller"], s_feats, t_feats, ctx
             )

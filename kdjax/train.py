@@ -155,7 +155,8 @@ def _cache_obstacle(config) -> str | None:
     """Why config's teacher sees a different input for an example each epoch (see feed.cache_obstacle)."""
     a = config.augment
     return feed.cache_obstacle(crop_padding=a.crop_padding, flip=a.flip, mixup_alpha=a.mixup_alpha,
-                               cutmix_alpha=a.cutmix_alpha, teacher_source=config.teacher.source)
+                               cutmix_alpha=a.cutmix_alpha, teacher_source=config.teacher.source,
+                               views=a.get("views", ""))
 
 
 def _stages(config) -> list[str]:
@@ -271,7 +272,9 @@ def validate(config) -> None:
     for name in ("eval_batch_size", "throughput_batch", "log_every_steps"):
         if config[name] <= 0:
             raise ValueError(f"config.{name} must be a positive integer, got {config[name]}")
-    distill.build_terms(config.distill.to_dict())
+    # The views serve the distillation terms: checked against them when a stage distils ('student'),
+    # only their spelling otherwise (a compare baseline of an mlkd config trains on the weak view).
+    distill.check_views(distill.build_terms(config.distill.to_dict()), config.augment.get("views", ""))
     _stages(config)
 
 
@@ -421,6 +424,7 @@ class Stage:
             mixup_alpha=config.augment.mixup_alpha, cutmix_alpha=config.augment.cutmix_alpha,
             l1=config.loss.l1, l2=config.loss.l2, dtype=dtype,
             ema_decay=config.teacher.ema_decay if ema else 0.0, dot=config.optimizer.name == "dot",
+            views=bool(config.augment.get("views", "")),
         )
         self.distiller = distill.Distiller(self.terms, teacher_weights=teacher_weights)
         o = config.optimizer

@@ -39,6 +39,7 @@ def _features(rng, stages, emb, batch=B):
         f[f"preact_stage{i + 1}"] = rng.standard_normal((batch, *s)).astype(np.float32)
         f[f"preact_margin{i + 1}"] = -np.abs(rng.standard_normal((batch, s[-1]))).astype(np.float32)
     f["class_map"] = 3.0 * rng.standard_normal((batch, *stages[-1][:2], K)).astype(np.float32)
+    f["strong/logits"] = 3.0 * rng.standard_normal((batch, K)).astype(np.float32)  # the strong view's (mlkd)
     return f
 
 
@@ -74,8 +75,9 @@ def _finite(tree):
 def test_every_method_builds_with_reference_weights():
     for name in distill.METHODS:
         terms = distill.build_terms(distill.get_config(name).to_dict())
-        assert [t.name for t in terms] == (["ce"] if distill.METHODS[name].ce_weight else []) + (
-            [] if name == "ce" else [name])
+        # (a method's extra terms, named <method>_*, come before its own: mlkd_ce_strong)
+        assert [t.name for t in terms if not t.name.startswith(f"{name}_")] == (
+            ["ce"] if distill.METHODS[name].ce_weight else []) + ([] if name == "ce" else [name])
         if name != "ce":
             assert terms[-1].weight == distill.METHODS[name].defaults["weight"]
     dkd = distill.build_terms(distill.get_config("dkd").to_dict())
@@ -202,7 +204,7 @@ def test_defaults_fit_real_model_pairs(student, teacher, image):
     terms = _all_terms()
     distill.check_features(terms, shapes["student"], shapes["teacher"])
     sds = lambda d: {k: jax.ShapeDtypeStruct((2, *v[1:]), jnp.float32) for k, v in d.items()}
-    s, t = sds(shapes["student"]), sds(shapes["teacher"])
+    s, t = (distill.with_strong_view(d, d) for d in (sds(shapes["student"]), sds(shapes["teacher"])))  # mlkd's
     labels = jax.ShapeDtypeStruct((2,), jnp.int32)
     distiller = distill.Distiller(terms)
     variables = jax.eval_shape(lambda s, t, y: distiller.init(jax.random.key(0), s, t, _ctx(y)), s, t, labels)

@@ -38,6 +38,10 @@ CASES = {
                                    "the teacher, so config.teacher.checkpoint would be ignored: unset one of the two"),
     "ema teacher and ensemble": ({"stages": "student", "teacher.source": "ema", "teacher.ensemble": "runs/a,runs/b"},
                                  "so config.teacher.ensemble would be ignored: unset one of the two"),
+    "mlkd without two views": ({"distill.method": "mlkd"},
+                               "distill.method=mlkd needs two augmented views: set --config.augment.views=weak,strong"),
+    "two views nobody reads": ({"augment.views": "weak,strong"},
+                               "config.augment.views=weak,strong: no distillation term reads the strong view"),
 }
 
 

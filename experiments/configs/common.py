@@ -69,6 +69,12 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
     c.augment.flip = False  # random horizontal flip
     c.augment.mixup_alpha = 0.0
     c.augment.cutmix_alpha = 0.0
+    # 'weak,strong': two augmented views per image (the weak one: crop/flip above; the strong one:
+    # its own crop/flip + RandAugment + Cutout, kdjax.data.strong_augment) for methods that read
+    # both, e.g. mlkd; features of the strong view reach the terms as 'strong/<name>'. '' = one view.
+    # On by default for a method that needs it (`:method=mlkd`), off otherwise.
+    needs = [distill.METHODS[m].views for m in method.split("+") if m.strip() in distill.METHODS]
+    c.augment.views = "weak,strong" if any(needs) else ""
 
     for role in ("teacher", "student"):
         m = ml_collections.ConfigDict()
