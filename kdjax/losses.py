@@ -1046,14 +1046,17 @@ def _canonical_sign(v: jax.Array) -> jax.Array:
     return v * jnp.where(sign == 0, 1.0, sign)
 
 
-def _top_singular(f: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
-    """(B, H, W, C) map -> the leading n singular values of X = (B, HW, C), l2-normalised over the
-    n, and the matching right singular vectors (B, C, n), sign-canonical (`_canonical_sign`);
-    n is capped at min(HW, C) as a thin SVD returns no more."""
-    b, h, w, c = f.shape
-    x = f.reshape(b, h * w, c)
-    n = min(n, h * w, c)
-    lam, v = _eigh_desc(jnp.einsum("bkc,bkd->bcd", x, x, precision=_HI))  # X^T X = V S^2 V^T
+def _gram(f: jax.Array) -> jax.Array:
+    """(B, H, W, C) -> X^T X of X = (B, HW, C): (B, C, C)."""
+    x = f.reshape(f.shape[0], -1, f.shape[-1])
+    return jnp.einsum("bkc,bkd->bcd", x, x, precision=_HI)
+
+
+def _top_singular(lam: jax.Array, v: jax.Array, n: int, hw: int) -> tuple[jax.Array, jax.Array]:
+    """Eigenpairs of X^T X (descending) -> the leading n singular values of X = (B, HW, C),
+    l2-normalised over the n, and the matching right singular vectors (B, C, n), sign-canonical
+    (`_canonical_sign`); n is capped at min(HW, C) as a thin SVD returns no more."""
+    n = min(n, hw, v.shape[-1])
     s = _safe_sqrt(jnp.maximum(lam[:, :n], 0.0))
     return _l2_normalize(s), _canonical_sign(v[:, :, :n])
 
@@ -1092,10 +1095,17 @@ def kdsvd(student_feats: Sequence[Any], teacher_feats: Sequence[Any], k: int = 1
     student_feats, teacher_feats = _pair_lists("kdsvd", student_feats, teacher_feats)
     _same_widths("kdsvd", student_feats, teacher_feats, "KDSVD matches singular vectors over channels")
     total = jnp.zeros((), jnp.float32)
-    prev = None
+    prev = prev_lam = None
     for fs, ft in zip(student_feats, teacher_feats):
-        s_t, v_t = _top_singular(_f32(ft), k)
-        _, v_s = _top_singular(_f32(fs), k + 3)
+        # One decomposition call per level (student and teacher batched), each after the previous
+        # one: concurrent LAPACK calls on the CPU backend were seen to hang now and then.
+        g = jnp.concatenate([_gram(_f32(fs)), _gram(_f32(ft))])
+        if prev_lam is not None:
+            g, _ = jax.lax.optimization_barrier((g, prev_lam))
+        prev_lam, vecs = _eigh_desc(g)
+        b = fs.shape[0]
+        _, v_s = _top_singular(prev_lam[:b], vecs[:b], k + 3, fs.shape[1] * fs.shape[2])
+        s_t, v_t = _top_singular(prev_lam[b:], vecs[b:], k, ft.shape[1] * ft.shape[2])
         cos = jnp.einsum("bcm,bcj->bmj", v_s, v_t, precision=_HI)
         best = jnp.max(jnp.abs(cos), axis=1, keepdims=True)
         v_s = jnp.einsum("bcm,bmj->bcj", v_s, jnp.where(jnp.abs(cos) == best, jnp.sign(cos), 0.0),
