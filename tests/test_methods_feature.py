@@ -318,7 +318,9 @@ def test_ft_run_keeps_the_student_then_the_paraphraser_fixed(tmp_path):
     summary = train.run(config, workdir)
     assert summary["student_init"]["terms"] == {"ft": 1.0} and summary["student"]["terms"] == {"ce": 1.0, "ft": 200.0}
     dataset = train.load_dataset(config.dataset, config.seed)
-    fresh = jax.device_get(train.Stage("student_init", config, dataset, kstep.DataParallel("jit"), workdir)._init())
+    teacher, teacher_vars, _ = train.load_trained_model(workdir, "teacher", dataset, jnp.float32)
+    fresh = jax.device_get(train.Stage("student_init", config, dataset, kstep.DataParallel("jit"), workdir,
+                                       teachers=(teacher,), teacher_vars=(teacher_vars,))._init())
     init, main = _restore(workdir, "student_init"), _restore(workdir, "student")
     same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # noqa: E731
     assert same(init["params"]["student"], fresh.params["student"])
@@ -326,6 +328,8 @@ def test_ft_run_keeps_the_student_then_the_paraphraser_fixed(tmp_path):
     assert not same(init["params"]["distiller"]["ft_paraphraser"], fresh.params["distiller"]["ft_paraphraser"])
     assert same(main["params"]["distiller"]["ft_paraphraser"], init["params"]["distiller"]["ft_paraphraser"])
     assert not same(main["params"]["student"], init["params"]["student"])
-    assert not same(main["params"]["distiller"]["ft_translator"], fresh.params["distiller"]["ft_translator"])
+    fresh_main = jax.device_get(train.Stage("student", config, dataset, kstep.DataParallel("jit"), workdir,
+                                            teachers=(teacher,), teacher_vars=(teacher_vars,))._init())
+    assert not same(main["params"]["distiller"]["ft_translator"], fresh_main.params["distiller"]["ft_translator"])
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert all("loss/ce" not in r for r in rows if r["role"] == "student_init" and r["kind"] == "train")
