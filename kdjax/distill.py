@@ -130,6 +130,17 @@ class Term:
     `global_batch`: a batch-level term (it relates the examples of a batch to each other); inside
     the data-parallel step (ctx.train) it is evaluated on the all-gathered global batch, on every
     device (see the module docstring for why the gradients come out right).
+
+    Two-stage methods (the trainer's `student_init` stage trains the terms named in
+    ``config.student_init.terms`` first, then the student stage starts from its student and
+    adapters): `init_fn` is the term's objective in that stage instead of `fn` (FT's paraphraser
+    reconstruction), with weight `init_weight` (None: `weight`); `init_only` drops the term from
+    every later stage (FSP and AB: their student stage trains on labels only, as RepDistiller); a
+    term with either must be named in ``student_init.terms``. `frozen` / `init_frozen`: what the optimizer keeps fixed in the student
+    stage / in the student_init stage: names of adapter modules (top-level names in the Distiller's
+    parameters, e.g. 'ft_paraphraser'), or 'student' for the student model (its parameters and
+    BatchNorm statistics; FT's paraphraser pre-training). Fixed means no update at all, so weight
+    decay and momentum do not move them either.
     """
 
     name: str
@@ -141,6 +152,11 @@ class Term:
     paired: bool = False
     provides_temperature: bool = False
     global_batch: bool = False
+    init_fn: Callable[..., jax.Array] | None = None
+    init_weight: float | None = None
+    init_only: bool = False
+    frozen: tuple[str, ...] = ()
+    init_frozen: tuple[str, ...] = ()
 
     def weight_at(self, epoch: jax.Array) -> jax.Array:
         if self.warmup_epochs <= 0:
@@ -460,6 +476,7 @@ class ConvReg(nn.Module):
 
     teacher_shape: tuple[int, int, int]  # (H, W, C) of the target
     use_relu: bool = True
+    term: str = "fitnet"  # the term it serves, for error messages
 
     @nn.compact
     def __call__(self, x, ctx: Context):
@@ -477,11 +494,11 @@ class ConvReg(nn.Module):
             conv = nn.Conv(tc, k, padding="VALID", kernel_init=_torch_kernel,
                            bias_init=_torch_bias(k[0] * k[1] * sc), name="conv")
         else:
-            raise ValueError(f"fitnet: cannot regress a student map of size {sh}x{sw} to a teacher "
-                             f"map of size {th}x{tw}; choose other distill.fitnet features")
+            raise ValueError(f"{self.term}: cannot regress a student map of size {sh}x{sw} to a teacher "
+                             f"map of size {th}x{tw}; choose other distill.{self.term} features")
         y = _batch_norm(ctx, "bn")(conv(x.astype(jnp.float32)))
         if y.shape[1:] != tuple(self.teacher_shape):
-            raise ValueError(f"fitnet: regressed student map has shape {y.shape[1:]}, the teacher "
+            raise ValueError(f"{self.term}: regressed student map has shape {y.shape[1:]}, the teacher "
                              f"map {tuple(self.teacher_shape)}; choose other features")
         return nn.relu(y) if self.use_relu else y
 
@@ -535,6 +552,48 @@ class ABF(nn.Module):
         y = nn.Conv(self.out, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                     kernel_init=kaiming_a1, name="conv2")(x)
         return _batch_norm(ctx, "bn2")(y), x
+
+
+def _conv3x3_stack(x, channels: Sequence[int], ctx: Context | None, transpose: bool = False, prefix: str = "conv"):
+    """FT's paraphraser / translator body: per entry of `channels` a 3x3 stride-1 'same' conv
+    (transposed conv if `transpose`: torch ConvTranspose2d(k=3, s=1, p=1)), BatchNorm when `ctx` is
+    given, LeakyReLU(0.1); PyTorch default initialisation. Call inside a compact method."""
+    for i, c in enumerate(channels):
+        layer = nn.ConvTranspose if transpose else nn.Conv
+        x = layer(c, (3, 3), padding=((1, 1), (1, 1)), kernel_init=_torch_kernel,
+                  bias_init=_torch_bias(9 * x.shape[-1]), name=f"{prefix}{i}")(x)
+        if ctx is not None:
+            x = _batch_norm(ctx, f"{prefix}{i}_bn")(x)
+        x = nn.leaky_relu(x, 0.1)
+    return x
+
+
+class Paraphraser(nn.Module):
+    """FT's paraphraser (RepDistiller ``Paraphraser``, use_bn=False): an encoder of the teacher's
+    map, convs C -> C -> kC -> kC, and a decoder, transposed convs kC -> kC -> C -> C. Returns the
+    factor (encoder output), and with `decode` also the reconstruction."""
+
+    rate: float = 0.5
+
+    @nn.compact
+    def __call__(self, x, decode: bool = False):
+        c = x.shape[-1]
+        out = int(c * self.rate)
+        factor = _conv3x3_stack(x.astype(jnp.float32), (c, out, out), None, prefix="encoder")
+        if not decode:
+            return factor
+        return factor, _conv3x3_stack(factor, (out, c, c), None, transpose=True, prefix="decoder")
+
+
+class Translator(nn.Module):
+    """FT's translator (RepDistiller ``Translator``, use_bn=True): the student's map through convs
+    Cs -> Cs -> out -> out (out = rate x the teacher's channels), each with BatchNorm."""
+
+    out: int
+
+    @nn.compact
+    def __call__(self, x, ctx: Context):
+        return _conv3x3_stack(x.astype(jnp.float32), (x.shape[-1], self.out, self.out), ctx)
 
 
 class CRD(nn.Module):
@@ -1020,6 +1079,68 @@ def _reviewkd(h, temperature, data):
     return [_term("reviewkd", fn, h, paired=True)]
 
 
+# KDSVD: Lee et al. ECCV 2018; mdistiller configs/cifar100/kdsvd.yaml with mdistiller/engine/cfg.py
+# (KDSVD.K 1, LOSS.CE_WEIGHT 1, LOSS.FEAT_WEIGHT 1) on feats[1:] (every stage). Its student needs
+# the teacher's width at every stage (see losses.kdsvd).
+def _kdsvd(h, temperature, data):
+    return [_term("kdsvd", functools.partial(_loss_term, losses.kdsvd, k=int(h["k"])), h, paired=True)]
+
+
+# Init-only terms (FSP, AB): RepDistiller train_student.py trains them in its init stage
+# (helper/pretrain.py, --init_epochs 30, the summed loss group with weight 1), then distils with
+# CE only: its loops.py sets loss_kd = 0 for them, so -a 0 -b <x> is CE alone. Here: the term is
+# trained in the student_init stage (student_init.terms), and the student stage has CE only.
+# FSP: Yim et al. CVPR 2017; RepDistiller `--distill fsp -a 0 -b 50` on feat[:-1]. kdjax models sow
+# no stem feature, so the maps are the stages ('stage*': RepDistiller's feat[1:-1]); the reference
+# also relates the stem to the first stage.
+def _fsp(h, temperature, data):
+    return [dataclasses.replace(_term("fsp", functools.partial(_loss_term, losses.fsp), h, paired=True),
+                                init_only=True)]
+
+
+# AB: Heo et al. AAAI 2019; RepDistiller `--distill abound -a 0 -b 1` (CE only after the init
+# stage, see above): ABLoss(margin 1) on feat[1:-1] (every stage), each student map through a
+# Connector: identity when its channels and size equal the teacher's, else ConvReg without ReLU.
+# The reference reads pre-ReLU maps (preact=True); kdjax models sow post-ReLU stage maps.
+def _ab_fn(name, student, teacher, ctx, margin):
+    pairs = _pairs(name, student, teacher)
+    out = []
+    for i, (s, t) in enumerate(pairs):
+        if s.shape[-1] != t.shape[-1] or s.shape[1] != t.shape[1]:
+            s = ConvReg(tuple(t.shape[1:]), use_relu=False, term=name, name=f"{name}_connector{i}")(s, ctx)
+        out.append(s)
+    return losses.activation_boundary(out, [t for _, t in pairs], margin=margin)
+
+
+def _ab(h, temperature, data):
+    fn = functools.partial(_ab_fn, "ab", margin=float(h["margin"]))
+    return [dataclasses.replace(_term("ab", fn, h, paired=True), init_only=True)]
+
+
+# FT: Kim et al. NeurIPS 2018; RepDistiller `--distill factor -a 0 -b 200` on feat[-2] (the last
+# stage): Paraphraser(rate 0.5) pre-trained in the init stage on the teacher's map alone (MSE
+# reconstruction, weight 1, at lr 0.01 where kdjax uses the student's rate; the student is not
+# trained), then frozen while the student and its
+# Translator(rate 0.5) learn with FactorTransfer(p1 2, p2 1).
+def _ft_fn(name, student, teacher, ctx, rate, p1, p2):
+    factor_t = Paraphraser(rate, name=f"{name}_paraphraser")(teacher)
+    factor_s = Translator(int(teacher.shape[-1] * rate), name=f"{name}_translator")(student, ctx)
+    return losses.factor_transfer(factor_s, factor_t, p1=p1, p2=p2)
+
+
+def _ft_init_fn(name, student, teacher, ctx, rate):
+    _, rec = Paraphraser(rate, name=f"{name}_paraphraser")(teacher, decode=True)
+    return losses.fitnet(rec, teacher)  # nn.MSELoss(): mean squared error
+
+
+def _ft(h, temperature, data):
+    rate = float(h["rate"])
+    fn = functools.partial(_ft_fn, "ft", rate=rate, p1=float(h["p1"]), p2=float(h["p2"]))
+    init_fn = functools.partial(_ft_init_fn, "ft", rate=rate)
+    return [dataclasses.replace(_term("ft", fn, h), init_fn=init_fn, init_weight=1.0, frozen=("ft_paraphraser",),
+                                init_frozen=("student",))]
+
+
 # --- embeddings -------------------------------------------------------------------------------
 
 # RKD: Park et al. CVPR 2019; RepDistiller `--distill rkd -a 0 -b 1` on feat[-1] (pooled
@@ -1222,6 +1343,21 @@ METHODS: dict[str, Method] = {
         defaults=_defaults(1.0, "stage*,embedding", "stage*,embedding", warmup_epochs=20.0,
                            mid_channels=None),
         build=_reviewkd),
+    "kdsvd": Method(
+        paper="Lee, Kim, Song. Self-supervised Knowledge Distillation Using Singular Value Decomposition (ECCV 2018)",
+        ce_weight=1.0, defaults=_defaults(1.0, "stage*", "stage*", k=1), build=_kdsvd),
+    "fsp": Method(
+        paper="Yim, Joo, Bae, Kim. A Gift from Knowledge Distillation: Fast Optimization, Network Minimization "
+              "and Transfer Learning (CVPR 2017)",
+        ce_weight=1.0, defaults=_defaults(1.0, "stage*", "stage*"), build=_fsp),
+    "ab": Method(
+        paper="Heo, Lee, Yun, Choi. Knowledge Transfer via Distillation of Activation Boundaries Formed by "
+              "Hidden Neurons (AAAI 2019)",
+        ce_weight=1.0, defaults=_defaults(1.0, "stage*", "stage*", margin=1.0), build=_ab),
+    "ft": Method(
+        paper="Kim, Park, Kwak. Paraphrasing Complex Network: Network Compression via Factor Transfer (NeurIPS 2018)",
+        ce_weight=1.0, defaults=_defaults(200.0, "stage[-1]", "stage[-1]", rate=0.5, p1=2.0, p2=1.0),
+        build=_ft),
     "rkd": Method(
         paper="Park, Kim, Lu, Cho. Relational Knowledge Distillation (CVPR 2019)",
         ce_weight=1.0,
@@ -1426,6 +1562,14 @@ def build_terms(distill: Mapping[str, Any], *, label_smoothing: float = 0.0,
 
 def needs_teacher(terms: Sequence[Term]) -> bool:
     return any(t.teacher for t in terms)
+
+
+def init_terms(method: str) -> list[str]:
+    """Names of the terms of `method` (with its default settings) that need the `student_init`
+    stage: two-stage methods whose term is trained only there (FSP, AB) or whose adapters are
+    pre-trained there (FT's paraphraser). Configs use it to add that stage."""
+    terms = build_terms({"method": method, "ce_weight": 0.0})
+    return [t.name for t in terms if t.init_only or t.init_fn is not None]
 
 
 def check_features(terms: Sequence[Term], student_names, teacher_names) -> None:

@@ -120,6 +120,10 @@ __all__ = [
     "nst",
     "vid",
     "hcl",
+    "kdsvd",
+    "fsp",
+    "activation_boundary",
+    "factor_transfer",
     # embeddings / relations
     "rkd",
     "pkt",
@@ -1191,6 +1195,235 @@ def hcl(student_feats: Sequence[Any], teacher_feats: Sequence[Any]) -> jax.Array
             tot += cnt
         total = total + loss / tot
     return total
+
+
+def _pair_lists(fn: str, student_feats, teacher_feats) -> tuple[list, list]:
+    """Two equal-length lists of NHWC maps (the i-th student map goes with the i-th teacher's)."""
+    student_feats, teacher_feats = list(student_feats), list(teacher_feats)
+    if len(student_feats) != len(teacher_feats):
+        raise ValueError(f"{fn}: student_feats and teacher_feats must have the same length, got "
+                         f"{len(student_feats)} and {len(teacher_feats)}")
+    for i, (fs, ft) in enumerate(zip(student_feats, teacher_feats)):
+        _check(fn, {f"student_feats[{i}]": fs, f"teacher_feats[{i}]": ft},
+               ndim=4, layout="(B, H, W, C)", match="batch")
+    return student_feats, teacher_feats
+
+
+def _same_widths(fn: str, student_feats, teacher_feats, why: str) -> None:
+    for i, (fs, ft) in enumerate(zip(student_feats, teacher_feats)):
+        cs, ct = np.shape(fs)[-1], np.shape(ft)[-1]
+        if cs != ct:
+            raise ValueError(f"{fn}: student_feats[{i}] has {cs} channels and teacher_feats[{i}] {ct}; {why}, "
+                             "so every paired map needs the same width (choose a student as wide as the teacher)")
+
+
+@jax.custom_vjp
+def _eigh_desc(g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Eigen-decomposition of symmetric (..., n, n) matrices, eigenvalues in descending order."""
+    w, v = jnp.linalg.eigh(g)
+    return w[..., ::-1], v[..., ::-1]
+
+
+def _eigh_desc_fwd(g):
+    out = _eigh_desc(g)
+    return out, out
+
+
+def _eigh_desc_bwd(res, cot):
+    """The eigh gradient V (diag(gw) + F o (V^T gV)) V^T with F_ij = 1 / (w_j - w_i), except that
+    F is 0 where the two eigenvalues (nearly) coincide: the usual formula is inf * 0 = NaN there
+    (e.g. the many zero eigenvalues of a low-rank Gram matrix), although only the leading
+    eigenvectors carry a cotangent. Symmetrised, as the input is symmetric."""
+    w, v = res
+    gw, gv = cot
+    diff = w[..., None, :] - w[..., :, None]  # [i, j] = w_j - w_i
+    tol = 1e-6 * jnp.maximum(jnp.max(jnp.abs(w), axis=-1, keepdims=True)[..., None], 1e-30)
+    safe = jnp.abs(diff) > tol
+    f = jnp.where(safe, 1.0 / jnp.where(safe, diff, 1.0), 0.0)
+    inner = f * jnp.einsum("...ki,...kj->...ij", v, gv, precision=_HI)
+    inner = inner + gw[..., None, :] * jnp.eye(w.shape[-1], dtype=w.dtype)
+    grad = jnp.einsum("...ik,...kl,...jl->...ij", v, inner, v, precision=_HI)
+    return (0.5 * (grad + jnp.swapaxes(grad, -1, -2)),)
+
+
+_eigh_desc.defvjp(_eigh_desc_fwd, _eigh_desc_bwd)
+
+
+def _canonical_sign(v: jax.Array) -> jax.Array:
+    """Flips each column of (..., n, k) so that its largest-magnitude entry is positive."""
+    idx = jnp.argmax(jnp.abs(v), axis=-2, keepdims=True)
+    sign = jnp.sign(jnp.take_along_axis(v, idx, axis=-2))
+    return v * jnp.where(sign == 0, 1.0, sign)
+
+
+def _gram(f: jax.Array) -> jax.Array:
+    """(B, H, W, C) -> X^T X of X = (B, HW, C): (B, C, C)."""
+    x = f.reshape(f.shape[0], -1, f.shape[-1])
+    return jnp.einsum("bkc,bkd->bcd", x, x, precision=_HI)
+
+
+def _top_singular(lam: jax.Array, v: jax.Array, n: int, hw: int) -> tuple[jax.Array, jax.Array]:
+    """Eigenpairs of X^T X (descending) -> the leading n singular values of X = (B, HW, C),
+    l2-normalised over the n, and the matching right singular vectors (B, C, n), sign-canonical
+    (`_canonical_sign`); n is capped at min(HW, C) as a thin SVD returns no more."""
+    n = min(n, hw, v.shape[-1])
+    s = _safe_sqrt(jnp.maximum(lam[:, :n], 0.0))
+    return _l2_normalize(s), _canonical_sign(v[:, :, :n])
+
+
+def kdsvd(student_feats: Sequence[Any], teacher_feats: Sequence[Any], k: int = 1) -> jax.Array:
+    """KDSVD: RBF relations between the leading singular vectors of consecutive feature maps.
+
+    Per map i, X_i = reshape(F_i, (B, HW, C)). The teacher's k leading right singular vectors
+    V_t (B, C, k) and singular values s_t (l2-normalised over the k), the student's k + 3 leading
+    V_s; each teacher vector is matched with the student vector of largest |cosine|, times the
+    sign of that cosine (V_s <- V_s M, M one signed 1 per column); both scaled by s_t. For i > 0,
+      R(V_i, V_{i-1})[b, c, c', j] = exp(-(V_i[b, c, j] - V_{i-1}[b, c', j])^2 / 8)
+      loss_i = sum_{b,c,c',j} (R_s - R_t)^2 / B
+    loss = sum_{i>0} loss_i (one map: 0).
+
+    Sign convention: an SVD determines each singular vector only up to sign, and R(V_i, V_{i-1})
+    depends on the teacher's signs (the student's are aligned to the teacher's), so the reference
+    value depends on the SVD routine's choice. Here every singular vector is made sign-canonical,
+    its largest-magnitude entry positive, so every backend gives the same loss. The decomposition is
+    the eigen-decomposition of X^T X with a gradient that is 0 (not NaN) for the pairs of coinciding
+    eigenvalues (the reference zeroes NaN values, not gradients; the original TensorFlow code uses
+    a custom SVD gradient for the same reason).
+
+    Paper: Lee, Kim, Song, "Self-supervised Knowledge Distillation Using Singular Value
+    Decomposition", ECCV 2018 (sseung0703/SSKD_SVD). Reproduces RepDistiller ``KDSVD`` (k = 1),
+    which reshapes as the original code, (B, HW, C); mdistiller ``kdsvd_loss`` views its NCHW
+    tensor as (B, C*H, W) instead (singular vectors over the width), which is not followed here.
+
+    Shapes: equal-length lists of NHWC (B, H, W, C) maps in forward order; the i-th student and
+    teacher maps need the same channel count C_i (H, W may differ).
+
+    Args:
+      student_feats, teacher_feats: equal-length sequences of (B, H, W, C_i) maps.
+      k: number of teacher singular vectors (the student keeps k + 3 candidates).
+    """
+    student_feats, teacher_feats = _pair_lists("kdsvd", student_feats, teacher_feats)
+    _same_widths("kdsvd", student_feats, teacher_feats, "KDSVD matches singular vectors over channels")
+    total = jnp.zeros((), jnp.float32)
+    prev = prev_lam = None
+    for fs, ft in zip(student_feats, teacher_feats):
+        # One decomposition call per level (student and teacher batched), each after the previous
+        # one: concurrent LAPACK calls on the CPU backend were seen to hang now and then.
+        g = jnp.concatenate([_gram(_f32(fs)), _gram(_f32(ft))])
+        if prev_lam is not None:
+            g, _ = jax.lax.optimization_barrier((g, prev_lam))
+        prev_lam, vecs = _eigh_desc(g)
+        b = fs.shape[0]
+        _, v_s = _top_singular(prev_lam[:b], vecs[:b], k + 3, fs.shape[1] * fs.shape[2])
+        s_t, v_t = _top_singular(prev_lam[b:], vecs[b:], k, ft.shape[1] * ft.shape[2])
+        cos = jnp.einsum("bcm,bcj->bmj", v_s, v_t, precision=_HI)
+        best = jnp.max(jnp.abs(cos), axis=1, keepdims=True)
+        v_s = jnp.einsum("bcm,bmj->bcj", v_s, jnp.where(jnp.abs(cos) == best, jnp.sign(cos), 0.0),
+                         precision=_HI)
+        v_t, v_s = v_t * s_t[:, None, :], v_s * s_t[:, None, :]
+        if prev is not None:
+            rbf = lambda a, b: jnp.exp(-((a[:, :, None, :] - b[:, None, :, :]) ** 2) / 8.0)
+            d = rbf(v_s, prev[0]) - rbf(v_t, prev[1])
+            total = total + jnp.sum(d * d) / fs.shape[0]
+        prev = (v_s, v_t)
+    return total
+
+
+def fsp(student_feats: Sequence[Any], teacher_feats: Sequence[Any]) -> jax.Array:
+    """FSP ("flow of solution procedure") matrices of consecutive feature maps.
+
+    For consecutive maps (bottom F_i, top F_{i+1}) the larger is adaptive-average-pooled to the
+    smaller's size, then G[b, c, c'] = mean_{hw} F_i[b, hw, c] * F_{i+1}[b, hw, c'];
+      loss = sum_i mean_{b,c,c'} (G_s^(i) - G_t^(i))^2
+    (n maps give n - 1 matrices; the mean is over batch and both channel axes).
+
+    Paper: Yim, Joo, Bae, Kim, "A Gift from Knowledge Distillation: Fast Optimization, Network
+    Minimization and Transfer Learning", CVPR 2017. Reproduces RepDistiller ``FSP`` (whose trainer
+    sums the per-pair losses; it pools to a square (H_min, H_min), here (H_min, W_min), the same
+    for square maps, as ``attention_transfer``).
+
+    Shapes: equal-length lists of NHWC (B, H, W, C) maps in forward order; the i-th student and
+    teacher maps need the same channel count (RepDistiller refuses otherwise too); H, W may differ.
+
+    Args:
+      student_feats, teacher_feats: equal-length sequences (>= 2) of (B, H, W, C_i) maps.
+    """
+    student_feats, teacher_feats = _pair_lists("fsp", student_feats, teacher_feats)
+    _same_widths("fsp", student_feats, teacher_feats, "FSP matrices are channels x channels")
+    if len(student_feats) < 2:
+        raise ValueError(f"fsp: needs at least 2 feature maps (FSP relates consecutive maps), got {len(student_feats)}")
+
+    def matrices(feats):
+        out = []
+        for bot, top in zip(feats[:-1], feats[1:]):
+            bot, top = _pool_to_common(_f32(bot), _f32(top))
+            out.append(jnp.einsum("bhwc,bhwd->bcd", bot, top, precision=_HI) / (bot.shape[1] * bot.shape[2]))
+        return out
+
+    return sum(jnp.mean((gs - gt) ** 2) for gs, gt in zip(matrices(student_feats), matrices(teacher_feats)))
+
+
+def activation_boundary(student_feats: Sequence[Any], teacher_feats: Sequence[Any],
+                        margin: float = 1.0) -> jax.Array:
+    """AB: the student's (pre-)activations on the teacher's side of every neuron's boundary.
+
+    Per level i (of n), with the student's map s (regressed to the teacher's shape) and the
+    teacher's t, elementwise
+      l = (s + m)^2 [s > -m and t <= 0] + (s - m)^2 [s <= m and t > 0]
+    loss = sum_i 2^(i - n + 1) * sum_{b,h,w,c} l / B * 3 / 1000
+    (the deepest level weighs 1, each shallower one half the next).
+
+    Paper: Heo, Lee, Yun, Choi, "Knowledge Transfer via Distillation of Activation Boundaries
+    Formed by Hidden Neurons", AAAI 2019 (bhheo/AB_distillation). Reproduces RepDistiller
+    ``ABLoss`` (its trainer sums the levels; the 3/1000 scale is the reference's). The reference
+    reads pre-ReLU maps; the teacher's side is the same for post-ReLU maps (t > 0 iff relu(t) > 0).
+
+    Shapes: equal-length lists of NHWC (B, H, W, C) maps, the i-th pair of equal shape.
+
+    Args:
+      student_feats, teacher_feats: equal-length sequences of (B, H, W, C) maps.
+      margin: m.
+    """
+    student_feats, teacher_feats = _pair_lists("activation_boundary", student_feats, teacher_feats)
+    n = len(student_feats)
+    total = jnp.zeros((), jnp.float32)
+    for i, (s, t) in enumerate(zip(student_feats, teacher_feats)):
+        _check("activation_boundary", {f"student_feats[{i}]": s, f"teacher_feats[{i}]": t}, match="shape")
+        s, t = _f32(s), _f32(t)
+        l = ((s + margin) ** 2 * ((s > -margin) & (t <= 0)) + (s - margin) ** 2 * ((s <= margin) & (t > 0)))
+        total = total + 2.0 ** (i - n + 1) * jnp.sum(l) / s.shape[0] / 1000.0 * 3.0
+    return total
+
+
+def factor_transfer(student_factor, teacher_factor, p1: float = 2.0, p2: float = 1.0) -> jax.Array:
+    """FT factor loss: distance of the l2-normalised channel-mean factors.
+
+    factor(F) = normalize_2(flatten_{hw}(mean_c F^p1))   per sample, eps 1e-12
+    loss = mean_{b,hw} |factor(F_s) - factor(F_t)|     (p2 = 1)
+           mean_{b,hw} (factor(F_s) - factor(F_t))^p2  (otherwise)
+
+    The factors are the outputs of the student's translator and the teacher's paraphraser
+    (trainer-side modules). If spatial sizes differ the larger is adaptive-average-pooled to the
+    smaller first (RepDistiller pools to a square, see ``attention_transfer``).
+
+    Paper: Kim, Park, Kwak, "Paraphrasing Complex Network: Network Compression via Factor
+    Transfer", NeurIPS 2018. Reproduces RepDistiller ``FactorTransfer`` (p1 = 2, p2 = 1): it
+    normalises the mean over channels, where the paper normalises the flattened factor.
+
+    Shapes: NHWC (B, H, W, C); H, W and C may differ between student and teacher, B may not.
+
+    Args:
+      student_factor: (B, H, W, Cs) translator output.
+      teacher_factor: (B, H', W', Ct) paraphraser (encoder) output.
+      p1: power before the channel mean.
+      p2: 1 for the mean absolute difference, else the power of the difference.
+    """
+    _check("factor_transfer", {"student_factor": student_factor, "teacher_factor": teacher_factor},
+           ndim=4, layout="(B, H, W, C)", match="batch")
+    fs, ft = _pool_to_common(_f32(student_factor), _f32(teacher_factor))
+    factor = lambda f: _l2_normalize(_flat(jnp.mean(f**p1, axis=-1)))
+    d = factor(fs) - factor(ft)
+    return jnp.mean(jnp.abs(d)) if p2 == 1 else jnp.mean(d**p2)
 
 
 # --------------------------------------------------------------------------

@@ -344,15 +344,30 @@ def inference_throughput(model, variables, image_shape, mean, std, batch: int = 
 
 def _stage_terms(role: str, config, train: kdata.Split) -> tuple[distill.Term, ...]:
     """The objective of each stage: labels only, the distillation terms, or (student_init) the
-    subset of distillation terms named in config.student_init.terms, without the CE term."""
+    subset of distillation terms named in config.student_init.terms, without the CE term.
+
+    Two-stage terms (`distill.Term`): in student_init a term's `init_fn`, `init_weight` and
+    `init_frozen` replace its `fn`, `weight` and `frozen`; later stages drop `init_only` terms. A term with either must be named in
+    student_init.terms of a run with that stage (one line otherwise)."""
     smoothing = config.loss.label_smoothing
     if role in ("teacher", "student_scratch"):
         return distill.build_terms({"method": "ce", "ce_weight": 1.0}, label_smoothing=smoothing)
     terms = distill.build_terms(config.distill.to_dict(), label_smoothing=smoothing,
                                 num_data=len(train.labels), dataset_labels=train.labels)
-    if role == "student" or role in FINE_TUNES:  # pruning and QAT recover with the student's distillation objective
-        return terms
     wanted = [n.strip() for n in config.student_init.terms.split(",") if n.strip()]
+    if "student_init" not in _stages(config):
+        wanted = []
+    for t in terms:
+        if (t.init_only or t.init_fn is not None) and t.name not in wanted:
+            what = ("is trained only in stage 'student_init' (the student stage then has the other terms, "
+                    "e.g. CE alone, as the reference)" if t.init_only else
+                    "needs its adapters pre-trained in stage 'student_init'")
+            raise ValueError(
+                f"distillation term {t.name!r} {what}: add student_init to config.stages (before student) with "
+                f"config.student_init.terms={t.name} and student_init.epochs > 0 (experiments configs: "
+                f":init_epochs=30)")
+    if role == "student" or role in FINE_TUNES:  # pruning and QAT recover with the student's distillation objective
+        return tuple(t for t in terms if not t.init_only)
     names = [t.name for t in terms]
     missing = [n for n in wanted if n not in names]
     if missing or not wanted:
@@ -360,7 +375,18 @@ def _stage_terms(role: str, config, train: kdata.Split) -> tuple[distill.Term, .
             f"config.student_init.terms={config.student_init.terms!r}: name terms of the student's "
             f"objective; it has: {', '.join(names)}"
         )
-    return tuple(t for t in terms if t.name in wanted)
+    return tuple(dataclasses.replace(t, fn=t.init_fn or t.fn, frozen=t.init_frozen, init_fn=None,
+                                     weight=t.weight if t.init_weight is None else t.init_weight)
+                 for t in terms if t.name in wanted)
+
+
+def frozen_parts(terms) -> tuple[bool, tuple[str, ...]]:
+    """(whether the student is fixed, the adapter modules fixed) in a stage with these terms: the
+    student when every term freezes it ('student' in `Term.frozen`), an adapter when any does."""
+    terms = tuple(terms)
+    student = bool(terms) and all("student" in t.frozen for t in terms)
+    adapters = tuple(sorted({n for t in terms for n in t.frozen if n != "student"}))
+    return student, adapters
 
 
 class Stage:
@@ -445,6 +471,13 @@ class Stage:
             self.tx = optim.partition({"body": self.tx, "head": head_tx, "frozen": optax.set_to_zero()},
                                       [("frozen", self.freeze), ("head", o.head if head_scale != 1.0 else "")],
                                       default="body")
+        # Parts the stage's terms keep fixed (FT: the student while its paraphraser is pre-trained,
+        # the paraphraser afterwards): no update at all, so weight decay and momentum cannot move them.
+        self.student_frozen, frozen_adapters = frozen_parts(self.terms)
+        fixed = (["student/"] if self.student_frozen else []) + [f"distiller/{re.escape(n)}/" for n in frozen_adapters]
+        if fixed:
+            self.tx = optim.partition({"train": self.tx, "fixed": optax.set_to_zero()},
+                                      [("fixed", "^(" + "|".join(fixed) + ")")], default="train", within="")
         init = config.get("init")
         stages = [r.strip() for r in str(init.stages).split(",")] if init is not None and init.from_run else []
         self.transfer = (init.from_run, init.role, init.reinit) if role in stages else None
@@ -522,7 +555,10 @@ class Stage:
 
     def frozen_stats(self, state) -> Any:
         """Which of the student's non-parameter variables stay fixed: the BatchNorm statistics of
-        layers whose scale is frozen (config.optimizer.freeze); None when nothing is frozen."""
+        layers whose scale is frozen (config.optimizer.freeze), all of them when the stage's terms fix the
+        student (`frozen_parts`: FT's paraphraser pre-training); None when nothing is frozen."""
+        if self.student_frozen:
+            return jax.tree.map(lambda _: True, state.model_state["student"])
         if not self.freeze:
             return None
         pattern = re.compile(self.freeze)

@@ -22,6 +22,11 @@ CASES = {
     "unknown data set": ({"dataset.name": "imagenet"}, "unknown data set 'imagenet'; choose one of: digits"),
     "missing feature": ({"distill.method": "at"}, "reads student feature 'stage*', which the student model does "
                         "not have; it has: embedding, hidden1, logits"),
+    "two-stage method without its init stage": ({"distill.method": "fsp", "student.model": "cnn_tiny"},
+                                                "distillation term 'fsp' is trained only in stage 'student_init'"),
+    "channel-wise method, unequal widths": ({"distill.method": "kdsvd", "student.model": "cnn_tiny",
+                                             "teacher.model": "cnn_small"},
+                                            "kdsvd: student_feats[0] has 16 channels and teacher_feats[0] 32"),
     "negative temperature": ({"distill.temperature": -1.0}, "distill.temperature must be > 0"),
     "bad sdd scales": ({"distill.method": "sdd", "distill.sdd.scales": (1, 0)},
                        "distill.sdd.scales must be positive integers, e.g. (1, 2, 4), got (1, 0)"),

@@ -252,6 +252,8 @@ def smoke(c: ml_collections.ConfigDict) -> None:
     c.log_every_steps = 1
     for role in ("teacher", "student"):
         c[role].epochs = 1
+    if c.student_init.epochs:
+        c.student_init.epochs = 1
     c.optimizer.schedule = "constant"
 
 
@@ -268,6 +270,8 @@ def cifar_recipe(arg, dataset: str, teacher: str, student: str, *, student_lr_sc
     Config-string arguments: `method=<name>` (default kd), `seed=<int>`, `smoke`, and
     `init_epochs=<n>`: first train the student for n epochs on the method's own terms alone (the
     `student_init` stage: FitNet's hint pre-training; RepDistiller uses 30 init epochs for AB/FSP).
+    The two-stage methods fsp, ab and ft (`kdjax.distill.init_terms`) always get that stage, with
+    RepDistiller's 30 init epochs unless `init_epochs` says otherwise.
     """
     a = parse_arg(arg, smoke=False, method="kd", seed=0, init_epochs=0)
     c = base(a.method)
@@ -288,9 +292,10 @@ def cifar_recipe(arg, dataset: str, teacher: str, student: str, *, student_lr_sc
     c.optimizer.decay_epochs = (150, 180, 210)
     c.distill.temperature = 4.0
     c.distill.dkd.beta = dkd_beta
-    if a.init_epochs:
+    init_epochs = a.init_epochs or (30 if distill.init_terms(a.method) else 0)  # RepDistiller --init_epochs 30
+    if init_epochs:
         c.stages = "teacher,student_init,student,student_scratch"
-        c.student_init.epochs = a.init_epochs
+        c.student_init.epochs = init_epochs
         c.student_init.terms = ",".join(n for n in a.method.split("+") if n != "kd")
     if a.smoke:
         smoke(c)

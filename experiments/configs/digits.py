@@ -5,9 +5,13 @@
     python -m experiments.digits --config=experiments/configs/digits.py:method=at
 
 Trains the teacher, distils the student, trains the same student from scratch, and prints the
-comparison table. Methods that match feature maps (fitnet, at, sp, nst, vid, reviewkd) need a
-convolutional student: choose the method with the config-string argument (`:method=at`), which
-also switches the student to `cnn_tiny`, or add `--config.student.model=cnn_tiny`.
+comparison table. Methods that match feature maps (fitnet, at, sp, nst, vid, reviewkd, kdsvd, fsp,
+ab, ft) need a convolutional student: choose the method with the config-string argument
+(`:method=at`), which also switches the student to `cnn_tiny`, or add
+`--config.student.model=cnn_tiny`. kdsvd and fsp compare maps channel by channel, so their cnn_tiny
+is as wide as the teacher (channels 32, 64; RepDistiller's FSP refuses unequal widths too). The
+two-stage methods fsp, ab and ft (`kdjax.distill.init_terms`) get a `student_init` stage of
+INIT_EPOCHS epochs first (RepDistiller: 30 of 240).
 Learning rates: tuned for Adam, 3e-3 for the teacher and 1e-2 for the MLP student
 (`optimizer.tuned_learning_rates={'adam': 3e-3}` and `student.learning_rate_scale=10/3`). Another
 optimizer (`--config.optimizer.name=adadelta`) gets its own default rate
@@ -21,8 +25,11 @@ Config-string arguments (``--config=experiments/configs/digits.py:method=at,seed
 """
 
 from experiments.configs import common
+from kdjax import distill
 
-FEATURE_MAP_METHODS = {"fitnet", "ofd", "at", "sp", "nst", "vid", "reviewkd", "sdd"}
+FEATURE_MAP_METHODS = {"fitnet", "at", "sp", "nst", "vid", "reviewkd", "ofd", "sdd", "kdsvd", "fsp", "ab", "ft"}
+SAME_WIDTH_METHODS = {"kdsvd", "fsp"}  # need the teacher's channel counts at every stage
+INIT_EPOCHS = 8  # the student_init stage of the two-stage methods: 60 / 8, RepDistiller's 240 / 30
 
 
 def get_config(arg=None):
@@ -37,6 +44,12 @@ def get_config(arg=None):
     c.teacher.epochs = 20
     # Methods that match feature maps need a convolutional student; the others use the MLP.
     c.student.model = "cnn_tiny" if set(a.method.split("+")) & FEATURE_MAP_METHODS else "mlp"
+    if set(a.method.split("+")) & SAME_WIDTH_METHODS:
+        c.student.kwargs.channels = (32, 64)  # cnn_small's widths, cnn_tiny's depth
+    if distill.init_terms(a.method):
+        c.stages = "teacher,student_init,student,student_scratch"
+        c.student_init.epochs = INIT_EPOCHS
+        c.student_init.terms = ",".join(distill.init_terms(a.method))
     c.student.epochs = 60
     # The MLP student learns best at 10/3 of the teacher's rate (Adam: 1e-2 vs 3e-3). The base
     # rate 3e-3 is tuned for Adam only: it would not suit other optimizers (SGD at 10x its
