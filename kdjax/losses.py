@@ -1219,8 +1219,13 @@ def _same_widths(fn: str, student_feats, teacher_feats, why: str) -> None:
 
 @jax.custom_vjp
 def _eigh_desc(g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Eigen-decomposition of symmetric (..., n, n) matrices, eigenvalues in descending order."""
-    w, v = jnp.linalg.eigh(g)
+    """Eigen-decomposition of symmetric (B, n, n) matrices, eigenvalues in descending order.
+
+    One matrix per LAPACK call (`lax.map`): jaxlib's CPU eigh spreads a batch over XLA's
+    intra-op thread pool and blocks until it is done, which deadlocks now and then when several
+    devices of one process run it at once (2 host devices under shard_map: 5 hangs in 6 runs of a
+    kdsvd gradient step, jaxlib 0.10.2); with one matrix per call nothing is spread."""
+    w, v = jax.lax.map(jnp.linalg.eigh, g)
     return w[..., ::-1], v[..., ::-1]
 
 
@@ -1305,17 +1310,13 @@ def kdsvd(student_feats: Sequence[Any], teacher_feats: Sequence[Any], k: int = 1
     student_feats, teacher_feats = _pair_lists("kdsvd", student_feats, teacher_feats)
     _same_widths("kdsvd", student_feats, teacher_feats, "KDSVD matches singular vectors over channels")
     total = jnp.zeros((), jnp.float32)
-    prev = prev_lam = None
+    prev = None
     for fs, ft in zip(student_feats, teacher_feats):
-        # One decomposition call per level (student and teacher batched), each after the previous
-        # one: concurrent LAPACK calls on the CPU backend were seen to hang now and then.
-        g = jnp.concatenate([_gram(_f32(fs)), _gram(_f32(ft))])
-        if prev_lam is not None:
-            g, _ = jax.lax.optimization_barrier((g, prev_lam))
-        prev_lam, vecs = _eigh_desc(g)
+        g = jnp.concatenate([_gram(_f32(fs)), _gram(_f32(ft))])  # student and teacher: one decomposition
+        lam, vecs = _eigh_desc(g)
         b = fs.shape[0]
-        _, v_s = _top_singular(prev_lam[:b], vecs[:b], k + 3, fs.shape[1] * fs.shape[2])
-        s_t, v_t = _top_singular(prev_lam[b:], vecs[b:], k, ft.shape[1] * ft.shape[2])
+        _, v_s = _top_singular(lam[:b], vecs[:b], k + 3, fs.shape[1] * fs.shape[2])
+        s_t, v_t = _top_singular(lam[b:], vecs[b:], k, ft.shape[1] * ft.shape[2])
         cos = jnp.einsum("bcm,bcj->bmj", v_s, v_t, precision=_HI)
         best = jnp.max(jnp.abs(cos), axis=1, keepdims=True)
         v_s = jnp.einsum("bcm,bmj->bcj", v_s, jnp.where(jnp.abs(cos) == best, jnp.sign(cos), 0.0),
