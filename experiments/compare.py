@@ -169,8 +169,11 @@ def plan(config_argument: str, methods: list[str], seeds: list[int], root: str, 
                     label = "scratch"
                 else:
                     label = f"scratch-{c.student.model}"
-                    if label in scratch_dirs.values():
-                        label += "-" + hashlib.sha256(ident.encode()).hexdigest()[:8]
+                    if label in scratch_dirs.values():  # another config of that model: named by it, not by the seed
+                        unseeded = copy.deepcopy(scratch)
+                        unseeded.seed = 0
+                        key = json.dumps(train.run_identity(unseeded), sort_keys=True, default=str)
+                        label += "-" + hashlib.sha256(key.encode()).hexdigest()[:8]
                 scratch_dirs[ident] = label
                 runs.append(Planned(label, seed, os.path.join(folder, label, f"seed{seed}"), scratch))
             c.stages = _student_stages(c)

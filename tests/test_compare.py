@@ -122,6 +122,21 @@ def test_compare_bad_input_one_line_exit_2(tmp_path, args, message):
     assert not os.path.exists(tmp_path / "runs")
 
 
+def test_a_second_baseline_of_one_model_is_named_the_same_for_every_seed():
+    """No training: at (cnn_tiny) and fsp (cnn_tiny widened to the teacher's widths) need two
+    baselines of the same model; the second is named by its config, not by the seed, so each seed's
+    run of it lands in one folder and the table pairs every seed (it used to get a name per seed)."""
+    from experiments import compare
+
+    folder, runs = compare.plan("experiments/configs/digits.py", ["at", "fsp"], [0, 1], "/nonexistent", {})
+    labels = {}
+    for r in runs:
+        labels.setdefault(r.label, []).append(r.seed)
+    baselines = sorted(name for name in labels if name.startswith("scratch"))
+    assert len(baselines) == 2 and baselines[0] == "scratch-cnn_tiny"
+    assert baselines[1].startswith("scratch-cnn_tiny-") and labels[baselines[1]] == [0, 1]
+
+
 def test_table_bad_input_one_line_exit_2(tmp_path):
     p = _cli("experiments.table", str(tmp_path / "nope"))
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "is not a folder" in p.stderr

@@ -60,6 +60,7 @@ def _np_log_softmax(z):
 def _distiller(**adv):
     cfg = distill.get_config("adv").to_dict()
     cfg["adv"].update(adv)
+    cfg["ce_weight"] = 0.0  # the adversarial term alone
     return distill.Distiller(distill.build_terms(cfg, dataset_labels=np.arange(20) % K))
 
 
@@ -153,19 +154,20 @@ def test_adv_on_feature_maps_of_other_widths():
 def test_adv_refusals():
     with pytest.raises(ValueError, match="distill.adv.hidden must be comma-separated positive layer widths"):
         distill.build_terms({"method": "adv", "adv": {"hidden": "64,x"}})
-    (term,) = distill.build_terms({"method": "adv", "adv": {"student": "embedding", "teacher": "embedding"}})
+    (term,) = distill.build_terms({"method": "adv", "ce_weight": 0.0,
+                                    "adv": {"student": "embedding", "teacher": "embedding"}})
     x = np.zeros((2, 4), np.float32)
     ctx = distill.Context(labels=np.zeros(2, np.int32), train=False)
     with pytest.raises(ValueError, match="adv.conditional on a feature needs the number of classes"):
         distill.Distiller((term,)).init(jax.random.key(0), {"embedding": x}, {"embedding": x}, ctx)
-    (term,) = distill.build_terms({"method": "adv", "adv": {"student": "stage*", "teacher": "stage*"}})
+    (term,) = distill.build_terms({"method": "adv", "ce_weight": 0.0, "adv": {"student": "stage*", "teacher": "stage*"}})
     feats = {"stage1": x, "stage2": x}
     with pytest.raises(ValueError, match="adv reads one student and one teacher feature"):
         distill.Distiller((term,)).init(jax.random.key(0), feats, feats, ctx)
 
 
 def test_kd_plus_adv_trains_end_to_end_and_checkpoints_the_discriminator(tmp_path):
-    """`--config.distill.method=kd+adv`: kd's CE weight is kept (adv adds none), the discriminator's
+    """`--config.distill.method=kd+adv`: the larger CE weight of the two (adv's 1), the discriminator's
     BCE is logged every step, and the discriminator's parameters are in the stage's checkpoint
     with the student's (so a resumed run restores them and their optimizer state like any
     adapter's)."""
@@ -175,12 +177,12 @@ def test_kd_plus_adv_trains_end_to_end_and_checkpoints_the_discriminator(tmp_pat
     config = tiny_digits_config(**{"teacher.model": "mlp", "distill.method": "kd+adv", "distill.adv.hidden": "16"})
     workdir = str(tmp_path / "run")
     summary = train.run(config, workdir)
-    assert summary["student"]["terms"] == {"ce": 0.1, "kd": 0.9, "adv": 1.0}
+    assert summary["student"]["terms"] == {"ce": 1.0, "kd": 0.9, "adv": 1.0}
     rows = read_metrics(workdir, "student")
     adv = np.array([r["loss/adv"] for r in rows])
     assert len(adv) > 1 and np.all(np.isfinite(adv)) and np.all(adv > 0) and len(set(adv.tolist())) > 1
     np.testing.assert_allclose([r["loss"] for r in rows],
-                               [0.1 * r["loss/ce"] + 0.9 * r["loss/kd"] + r["loss/adv"] for r in rows], rtol=1e-5)
+                               [r["loss/ce"] + 0.9 * r["loss/kd"] + r["loss/adv"] for r in rows], rtol=1e-5)
     _, params = final_params(workdir, "student")
     assert params["distiller"]["adv_discriminator"]["dense0"]["kernel"].shape == (10 + 10, 16)
     assert os.path.exists(os.path.join(workdir, "student", "checkpoints"))
