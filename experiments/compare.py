@@ -148,7 +148,6 @@ def plan(config_argument: str, methods: list[str], seeds: list[int], root: str, 
         runs.append(Planned("teacher", seed, teacher_dir, teacher))
         base_scratch = copy.deepcopy(default)
         base_scratch.stages = "student_scratch"
-        base_id = train.run_identity(base_scratch)
         scratch_dirs: dict[str, str] = {}  # identity -> folder label
         students = []
         for m in methods:
@@ -165,22 +164,36 @@ def plan(config_argument: str, methods: list[str], seeds: list[int], root: str, 
             scratch.stages = "student_scratch"
             ident = json.dumps(train.run_identity(scratch), sort_keys=True, default=str)
             if ident not in scratch_dirs:
-                if train.run_identity(scratch) == base_id:
-                    label = "scratch"
-                else:
-                    label = f"scratch-{c.student.model}"
-                    if label in scratch_dirs.values():  # another config of that model: named by it, not by the seed
-                        unseeded = copy.deepcopy(scratch)
-                        unseeded.seed = 0
-                        key = json.dumps(train.run_identity(unseeded), sort_keys=True, default=str)
-                        label += "-" + hashlib.sha256(key.encode()).hexdigest()[:8]
-                scratch_dirs[ident] = label
+                scratch_dirs[ident] = _baseline_label(scratch, base_scratch)
+                label = scratch_dirs[ident]
                 runs.append(Planned(label, seed, os.path.join(folder, label, f"seed{seed}"), scratch))
             c.stages = _student_stages(c)
             c.teacher.checkpoint = teacher_dir
             students.append(Planned(m, seed, os.path.join(folder, m, f"seed{seed}"), c))
         runs.extend(students)
     return folder, runs
+
+
+def _baseline_label(scratch, base_scratch) -> str:
+    """The folder of a from-scratch baseline, a function of its config alone (not of the seed or of
+    the other methods of a command): 'scratch' for the config's own student, 'scratch-<model>' for
+    another model with the config's settings, 'scratch-<model>-<hash of its config>' otherwise
+    (e.g. digits' fsp/kdsvd student: cnn_tiny at the teacher's widths)."""
+    import copy
+
+    from kdjax import train
+
+    if train.run_identity(scratch) == train.run_identity(base_scratch):
+        return "scratch"
+    label = f"scratch-{scratch.student.model}"
+    plain = copy.deepcopy(base_scratch)
+    plain.student.model = scratch.student.model
+    if train.run_identity(scratch) == train.run_identity(plain):
+        return label
+    unseeded = copy.deepcopy(scratch)
+    unseeded.seed = 0
+    key = json.dumps(train.run_identity(unseeded), sort_keys=True, default=str)
+    return label + "-" + hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
 def _finished(run: Planned) -> bool | None:
@@ -195,6 +208,9 @@ def _finished(run: Planned) -> bool | None:
         saved = json.load(f)
     old, new = train.run_identity(saved), train.run_identity(run.config)
     changed = sorted(k for k in set(old) & set(new) if old[k] != new[k])
+    # A model's constructor arguments exist on one side only when they differ (an empty kwargs
+    # dict flattens to nothing), unlike a config field added to kdjax since the run.
+    changed += sorted(k for k in set(old) ^ set(new) if k.startswith(("student.kwargs.", "teacher.kwargs.")))
     if changed:
         raise ValueError(f"{run.workdir} holds a run of another config (differs in: {', '.join(changed[:8])}); "
                          "choose another --root, or move that folder away")

@@ -125,7 +125,8 @@ def test_compare_bad_input_one_line_exit_2(tmp_path, args, message):
 def test_a_second_baseline_of_one_model_is_named_the_same_for_every_seed():
     """No training: at (cnn_tiny) and fsp (cnn_tiny widened to the teacher's widths) need two
     baselines of the same model; the second is named by its config, not by the seed, so each seed's
-    run of it lands in one folder and the table pairs every seed (it used to get a name per seed)."""
+    run of it lands in one folder and the table pairs every seed (it used to get a name per seed,
+    and a name that depended on which methods a command listed)."""
     from experiments import compare
 
     folder, runs = compare.plan("experiments/configs/digits.py", ["at", "fsp"], [0, 1], "/nonexistent", {})
@@ -135,6 +136,9 @@ def test_a_second_baseline_of_one_model_is_named_the_same_for_every_seed():
     baselines = sorted(name for name in labels if name.startswith("scratch"))
     assert len(baselines) == 2 and baselines[0] == "scratch-cnn_tiny"
     assert baselines[1].startswith("scratch-cnn_tiny-") and labels[baselines[1]] == [0, 1]
+    # nor by the other methods of the command: fsp alone gets the same folder
+    _, alone = compare.plan("experiments/configs/digits.py", ["fsp"], [0], "/nonexistent", {})
+    assert [r.label for r in alone if r.label.startswith("scratch")] == [baselines[1]]
 
 
 def test_table_bad_input_one_line_exit_2(tmp_path):
