@@ -29,6 +29,7 @@ TINY = [
     "--config.stages=teacher,student",
     "--config.log_every_steps=1",
     "--config.throughput_batch=16",
+    "--config.log.report=False",  # (the one-process run's evaluation report: tests/test_evaluate.py)
 ]
 
 

@@ -104,7 +104,7 @@ STAGE = {"stages": "teacher,student,prune", "student.model": "cnn_tiny", "prune.
 CLI = ["--config.teacher.model=cnn_tiny", "--config.teacher.epochs=1", "--config.student.epochs=1",
        "--config.stages=teacher,student,prune", "--config.student.model=cnn_tiny", "--config.prune.epochs=2",
        "--config.log_every_steps=1", "--config.throughput_batch=16", "--config.checkpoint.every_steps=3",
-       "--verbosity=1"]  # the per-step lines are waited for
+       "--config.log.report=False", "--verbosity=1"]  # the per-step lines are waited for
 
 
 def _final(workdir):

@@ -25,7 +25,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {"teacher.epochs": 2, "checkpoint.every_steps": 3}
 CLI = ["--config.teacher.model=cnn_tiny", "--config.teacher.epochs=2", "--config.student.epochs=1",
        "--config.stages=teacher,student", "--config.log_every_steps=1", "--config.throughput_batch=16",
-       "--config.checkpoint.every_steps=3", "--verbosity=1"]  # verbosity 1: the per-step lines waited for
+       "--config.checkpoint.every_steps=3", "--config.log.report=False",  # the report: tests/test_evaluate.py
+       "--verbosity=1"]  # verbosity 1: the per-step lines waited for
 
 
 def start(workdir, *extra):

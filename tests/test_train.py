@@ -394,7 +394,7 @@ def test_any_eval_batch_size_on_eight_devices(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.digits", f"--workdir={workdir}", "--config.stages=teacher",
          "--config.teacher.model=mlp", "--config.teacher.epochs=1", "--config.eval_batch_size=500",
-         "--config.throughput_batch=16"],
+         "--config.throughput_batch=16", "--config.log.report=False"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data-parallel over 8 devices" in proc.stderr
