@@ -15,7 +15,8 @@ import pytest
 from kdjax import table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config.teacher.epochs=1", "--config.student.epochs=1", "--config.log_every_steps=1000"]
+TINY = ["--config.teacher.model=cnn_tiny", "--config.teacher.epochs=1", "--config.student.epochs=1",
+        "--config.log_every_steps=1000", "--config.throughput_batch=16"]
 
 
 def _cli(module, *args, cwd=REPO):

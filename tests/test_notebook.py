@@ -42,7 +42,7 @@ CIFAR10_CONFIG = ROOT / "experiments" / "configs" / "cifar10_resnet18_mobilenetv
 
 # Shrinks the quick run to seconds on 2 CPU cores (the notebook's QUICK flags stay: 2 epochs each).
 TEST_FLAGS = ("--config.teacher.model=cnn_tiny --config.student.model=mlp --config.batch_size=16 "
-              "--config.eval_batch_size=32 --config.throughput_batch=16")
+              "--config.eval_batch_size=32 --config.throughput_batch=16 --config.log.report=False")
 
 NO_TENSORFLOW = '''
 """As on a Colab TPU runtime: TensorFlow and tensorflow-datasets are not installed."""

@@ -547,8 +547,9 @@ def test_dot_in_the_trainer(tmp_path):
         return final_params(workdir, "student")[1]["student"]
 
     sgd = student("sgd")
-    dot0 = student("dot", **{"optimizer.dot_delta": 0.0})
-    dot = student("dot", **{"optimizer.dot_delta": 0.075})
+    teacher = {"stages": "student", "teacher.checkpoint": str(tmp_path / "sgd-0-")}  # the same teacher, trained once
+    dot0 = student("dot", **{"optimizer.dot_delta": 0.0}, **teacher)
+    dot = student("dot", **{"optimizer.dot_delta": 0.075}, **teacher)
     for layer in ("fc1", "head"):
         np.testing.assert_allclose(dot0[layer]["kernel"], sgd[layer]["kernel"], atol=2e-5)
         assert not np.allclose(dot[layer]["kernel"], sgd[layer]["kernel"], atol=1e-4)
