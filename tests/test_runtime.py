@@ -1,4 +1,4 @@
-"""kdjax.runtime: the XLA:CPU convolution flag and the persistent compilation cache."""
+"""kdjax.runtime: the XLA:CPU flags and the persistent compilation cache."""
 
 import os
 import subprocess
@@ -9,33 +9,57 @@ from kdjax import runtime
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_cpu_convolution_flag_is_added_once_and_switchable(monkeypatch):
+def test_cpu_flags_are_added_once_and_switchable(monkeypatch):
     monkeypatch.setattr(runtime, "_jaxlib_version", lambda: "0.10.2")
+    both = runtime.CPU_CONV_FLAG + " " + runtime.CPU_SCHEDULER_FLAG
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    assert runtime.configure_cpu_convolutions(env)
-    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2 " + runtime.CPU_CONV_FLAG
-    assert not runtime.configure_cpu_convolutions(env)  # already there: unchanged
-    assert env["XLA_FLAGS"].count("ynn_fusion_type") == 1
+    assert runtime.configure_xla_cpu(env) == (runtime.CPU_CONV_FLAG, runtime.CPU_SCHEDULER_FLAG)
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2 " + both
+    assert runtime.configure_xla_cpu(env) == ()  # already there: unchanged
+    assert env["XLA_FLAGS"].count("ynn_fusion_type") == 1 and env["XLA_FLAGS"].count("scheduler_type") == 1
 
-    off = {"KDJAX_CPU_CONV": "ynnpack"}
-    assert not runtime.configure_cpu_convolutions(off) and "XLA_FLAGS" not in off
-    own = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-    assert not runtime.configure_cpu_convolutions(own)  # the user's own choice is kept
-    assert own["XLA_FLAGS"].endswith("INDIVIDUAL_DOT")
+    off = {"KDJAX_CPU_CONV": "ynnpack", "KDJAX_CPU_SCHEDULER": "default"}
+    assert runtime.configure_xla_cpu(off) == () and "XLA_FLAGS" not in off
+    one = {"KDJAX_CPU_SCHEDULER": "default"}  # each switch alone
+    assert runtime.configure_xla_cpu(one) == (runtime.CPU_CONV_FLAG,)
+    own = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT "
+                        "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT"}
+    assert runtime.configure_xla_cpu(own) == ()  # the user's own choices are kept
+    assert own["XLA_FLAGS"].endswith("INDIVIDUAL_DOT --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT")
 
     monkeypatch.setattr(runtime, "_jaxlib_version", lambda: "0.11.0")  # not measured there: left alone
-    assert not runtime.configure_cpu_convolutions({})
+    assert runtime.configure_xla_cpu({}) == ()
 
 
-def test_import_kdjax_sets_the_flag_before_the_backend_starts():
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "KDJAX_CPU_CONV")}
+def test_import_kdjax_sets_the_flags_before_the_backend_starts():
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "KDJAX_CPU_CONV", "KDJAX_CPU_SCHEDULER")}
     code = ("import os, kdjax, jax, jax.numpy as jnp; "
             "jnp.ones(1).block_until_ready(); print(os.environ.get('XLA_FLAGS', ''))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
-    assert runtime.CPU_CONV_FLAG in out.stdout
-    env["KDJAX_CPU_CONV"] = "ynnpack"
+    assert runtime.CPU_CONV_FLAG in out.stdout and runtime.CPU_SCHEDULER_FLAG in out.stdout
+    env.update(KDJAX_CPU_CONV="ynnpack", KDJAX_CPU_SCHEDULER="default")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
-    assert "ynn_fusion_type" not in out.stdout
+    assert "ynn_fusion_type" not in out.stdout and "scheduler_type" not in out.stdout
+
+
+def test_memory_optimised_scheduler_halves_scratch_memory():
+    """What the scheduler flag is for, checked on a small conv net's train step: XLA's own memory
+    analysis of the compiled step, one process per setting (flags are read when the backend starts)."""
+    code = ("import kdjax, jax, jax.numpy as jnp; from kdjax import models\n"
+            "m = models.MODELS['cnn_small'](num_classes=10)\n"
+            "v = models.init_model(m, jax.random.PRNGKey(0), (28, 28, 1))\n"
+            "def loss(p, x): return m.apply({**v, 'params': p}, x, train=True, mutable=['batch_stats'])[0].sum()\n"
+            "c = jax.jit(jax.grad(loss)).lower(v['params'], jnp.ones((128, 28, 28, 1))).compile()\n"
+            "print(c.memory_analysis().temp_size_in_bytes)")
+    temp = {}
+    for setting in ("memory", "default"):
+        env = {k: v for k, v in os.environ.items() if k != "KDJAX_CPU_SCHEDULER"}
+        env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "scheduler_type" not in f)
+        env["KDJAX_CPU_SCHEDULER"] = setting
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                             check=True)
+        temp[setting] = int(out.stdout.split()[-1])
+    assert temp["memory"] < 0.8 * temp["default"], temp
 
 
 def test_compilation_cache_is_written_and_reused(tmp_path):
