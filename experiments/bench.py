@@ -470,6 +470,7 @@ def environment(torch_info: dict | None, torch_note: str | None) -> dict:
         "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
         "device_count": jax.device_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
         **{switch.lower(): os.environ.get(switch, on) for switch, on, _ in runtime.CPU_FLAGS},
+        "ld_preload": os.environ.get("LD_PRELOAD", ""),  # the host allocator (kdjax.runtime.relaunch_with_allocator)
         "jax_threads": "XLA default (one intra-op thread per core)",
         "compilation_cache_dir": jax.config.jax_compilation_cache_dir,
         "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
@@ -553,7 +554,7 @@ def main(argv):
     env = environment(torch_info, note)
     print(f"backend={env['backend']} devices={env['device_count']} ({env['device_kind']}) jax={env['jax']} "
           f"cpu={env['cpu']} cores={env['cpu_affinity']} load={env['loadavg']}")
-    print(f"XLA_FLAGS={env['xla_flags']!r}; XLA:CPU threads: {env['jax_threads']}")
+    print(f"XLA_FLAGS={env['xla_flags']!r}; XLA:CPU threads: {env['jax_threads']}; LD_PRELOAD={env['ld_preload']!r}")
     if torch_info:
         print(f"torch {torch_info['torch']} on {torch_info['device']}: {torch_info['threads']} intra-op / "
               f"{torch_info['interop_threads']} inter-op threads (defaults), python {torch_info['python']}")
@@ -599,4 +600,7 @@ def _write(path: str, obj) -> None:
 
 
 if __name__ == "__main__":
+    from experiments import launch
+
+    launch.relaunch()
     app.run(main)

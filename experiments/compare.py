@@ -370,4 +370,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    launch.relaunch()
     app.run(main, flags_parser=parse_flags)

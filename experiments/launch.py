@@ -141,10 +141,24 @@ def _report(workdir: str) -> None:
                         "--workdir=%s", type(e).__name__, e, workdir)
 
 
+def relaunch() -> None:
+    """First thing in a command: re-executes it with tcmalloc preloaded when installed
+    (`kdjax.runtime.relaunch_with_allocator`, ``KDJAX_MALLOC``); a bad ``KDJAX_MALLOC`` -> one
+    line, exit 2."""
+    from kdjax import runtime
+
+    try:
+        runtime.relaunch_with_allocator()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def run_main(default_config: str | None = None, runner=None, show=None) -> None:
     """absl main of an entry point: defines --config (a config file, `default_config` if given),
     runs `runner(config, workdir, overwrite=...)` (default kdjax.train.run) and prints `show(result,
     workdir)` (default: the comparison table). User errors -> one line, exit 2."""
+    relaunch()
     try:  # config_flags applies --config.* overrides while defining the flag
         config_flag = config_flags.DEFINE_config_file(
             "config", default_config, "Experiment config file, with an optional ':arg' string.", lock_config=True)

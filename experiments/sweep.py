@@ -90,4 +90,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    launch.relaunch()
     main()

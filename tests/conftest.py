@@ -16,3 +16,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "kdjax-tests-jax-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# CLI subprocesses keep glibc's malloc, so that a machine with tcmalloc installed runs them as CI
+# does (without it, once each); tests/test_runtime.py tests the relaunch with its own setting.
+os.environ.setdefault("KDJAX_MALLOC", "system")

@@ -94,3 +94,41 @@ def test_a_cache_folder_that_cannot_be_made_is_one_line(tmp_path):
             runtime.enable_compilation_cache(str(blocker / "cache"))
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_host_allocator_choice(tmp_path, monkeypatch):
+    lib = tmp_path / "libfake.so"
+    lib.write_text("")
+    assert runtime.host_allocator({"KDJAX_MALLOC": "system"}) is None
+    assert runtime.host_allocator({"KDJAX_MALLOC": str(lib)}) == str(lib)
+    assert runtime.host_allocator({"KDJAX_MALLOC": str(lib), "LD_PRELOAD": f"/x.so:{lib}"}) is None  # done
+    monkeypatch.setattr(runtime.ctypes.util, "find_library", lambda name: None)
+    assert runtime.host_allocator({}) is None  # auto without tcmalloc installed: nothing to do
+    monkeypatch.setattr(runtime.ctypes.util, "find_library", lambda name: f"lib{name}.so.4")
+    assert runtime.host_allocator({}) == "libtcmalloc_minimal.so.4"
+    import pytest
+
+    with pytest.raises(ValueError, match="KDJAX_MALLOC='/no/such.so' is not a file; use auto"):
+        runtime.host_allocator({"KDJAX_MALLOC": "/no/such.so"})
+
+
+def test_commands_relaunch_with_the_allocator_preloaded():
+    """The relaunch end to end, with libc standing in for tcmalloc (present on every Linux machine):
+    the command runs again with the library in LD_PRELOAD, once; a bad KDJAX_MALLOC is one line."""
+    import pytest
+
+    libc = next((os.path.join(d, "libc.so.6") for d in ("/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu",
+                 "/usr/lib64", "/lib64") if os.path.isfile(os.path.join(d, "libc.so.6"))), None)
+    if not sys.platform.startswith("linux") or libc is None:
+        pytest.skip("needs Linux with glibc")
+    code = ("import os; print('start', flush=True); from experiments import launch; launch.relaunch(); "
+            "print('preload', os.environ['LD_PRELOAD'])")
+    env = {**{k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}, "KDJAX_MALLOC": libc}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n") == ["start", "start", f"preload {libc}", ""]  # ran twice, preloaded once
+    env["KDJAX_MALLOC"] = "/no/such.so"
+    out = subprocess.run([sys.executable, "-m", "experiments.digits"], cwd=REPO, env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: KDJAX_MALLOC='/no/such.so' is not a file; use auto (tcmalloc when installed), system (glibc's "
+        "malloc) or the path of a malloc library, e.g. /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"]
