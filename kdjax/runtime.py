@@ -22,7 +22,8 @@ has an effect when a JAX computation already ran in this process before `import 
   large is fresh pages each time (about 640,000 page faults per step, measured with ``getrusage``),
   so halving it is also a speed-up: on the same VM, alternating the two settings twice, the
   R18 -> MNv2 step 1.2-1.5x, resnet32x4 -> resnet8x4 1.1-1.4x, cnn_small 1.0-1.2x faster. It orders
-  the same operations differently and does not change results.
+  the same operations differently and does not change results (the offline default run gave
+  identical accuracies and losses with and without it).
 
 **Host allocator.** The CPU runtime takes each step's scratch buffer (hundreds of MB for a
 ResNet-18 -> MobileNetV2 step) from ``malloc``, and glibc's malloc returns buffers that large to the
@@ -31,10 +32,10 @@ step for that pair even with the scheduler above). tcmalloc keeps them: on the s
 per setting, alternating twice, tcmalloc made the R18 -> MNv2 step 1.30x and 1.9x faster (the
 second glibc run was slowed by other load), cnn_small 1.26x and 1.44x, resnet32x4 -> resnet8x4
 1.09x and 1.12x, and page faults fell from 317,000 to 17,000 a step (R18 -> MNv2) and from 19,000
-to under 30 (cnn_small). An allocator can only be chosen
-when a process starts, so kdjax's command-line entry points call `relaunch_with_allocator` first:
-it re-executes the same command with tcmalloc in ``LD_PRELOAD`` when the library is installed
-(Debian/Ubuntu: ``apt-get install libtcmalloc-minimal4``). ``KDJAX_MALLOC=auto`` (the default)
+to under 30 (cnn_small). An allocator can only be chosen when a process starts, so kdjax's
+command-line entry points call `relaunch_with_allocator` first: it re-executes the same command with
+tcmalloc in ``LD_PRELOAD`` when the library is installed (Debian/Ubuntu: ``apt-get install
+libtcmalloc-minimal4``). ``KDJAX_MALLOC=auto`` (the default)
 does that, ``KDJAX_MALLOC=system`` keeps glibc's malloc, and ``KDJAX_MALLOC=<path of a .so>``
 preloads that library. In your own program, start Python with
 ``LD_PRELOAD=libtcmalloc_minimal.so.4`` for the same effect.
