@@ -114,12 +114,16 @@ TCMALLOC = ("tcmalloc_minimal", "tcmalloc")  # library names, in order of prefer
 
 def host_allocator(environ=os.environ) -> str | None:
     """The malloc library `relaunch_with_allocator` preloads (``KDJAX_MALLOC``: ``auto``, the
-    default, is tcmalloc when installed; ``system``: none; else a library path), or None when there
-    is none, or it is already preloaded. A path that is not a file raises ValueError."""
+    default, is tcmalloc when installed and no other malloc library is preloaded; ``system``: none;
+    else a library path), or None when there is none, or it is already preloaded. A path that is not
+    a file raises ValueError."""
     choice = environ.get("KDJAX_MALLOC", "auto")
+    preloaded = environ.get("LD_PRELOAD", "").replace(":", " ").split()
     if choice == "system" or not sys.platform.startswith("linux"):
         return None
     if choice == "auto":
+        if any("malloc" in os.path.basename(p) for p in preloaded):  # one chosen already (some Colab images preload tcmalloc)
+            return None
         lib = next(filter(None, map(ctypes.util.find_library, TCMALLOC)), None)
     elif os.path.isfile(choice):
         lib = choice
@@ -127,7 +131,6 @@ def host_allocator(environ=os.environ) -> str | None:
         raise ValueError(f"KDJAX_MALLOC={choice!r} is not a file; use auto (tcmalloc when installed), "
                          "system (glibc's malloc) or the path of a malloc library, e.g. "
                          "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
-    preloaded = environ.get("LD_PRELOAD", "").replace(":", " ").split()
     if lib is None or lib in preloaded:
         return None
     return lib
