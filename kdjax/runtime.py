@@ -122,8 +122,8 @@ def host_allocator(environ=os.environ) -> str | None:
     if choice == "system" or not sys.platform.startswith("linux"):
         return None
     if choice == "auto":
-        if any("malloc" in os.path.basename(p) for p in preloaded):  # one chosen already (some Colab images preload tcmalloc)
-            return None
+        if any("malloc" in os.path.basename(p) for p in preloaded):
+            return None  # one is preloaded already (some Colab images preload tcmalloc)
         lib = next(filter(None, map(ctypes.util.find_library, TCMALLOC)), None)
     elif os.path.isfile(choice):
         lib = choice

@@ -106,7 +106,7 @@ def test_host_allocator_choice(tmp_path, monkeypatch):
     assert runtime.host_allocator({}) is None  # auto without tcmalloc installed: nothing to do
     monkeypatch.setattr(runtime.ctypes.util, "find_library", lambda name: f"lib{name}.so.4")
     assert runtime.host_allocator({}) == "libtcmalloc_minimal.so.4"
-    assert runtime.host_allocator({"LD_PRELOAD": "/usr/lib/libtcmalloc.so.4"}) is None  # a malloc library preloaded already
+    assert runtime.host_allocator({"LD_PRELOAD": "/usr/lib/libtcmalloc.so.4"}) is None  # one already
     import pytest
 
     with pytest.raises(ValueError, match="KDJAX_MALLOC='/no/such.so' is not a file; use auto"):
