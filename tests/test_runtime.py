@@ -1,8 +1,10 @@
-"""kdjax.runtime: the XLA:CPU flags and the persistent compilation cache."""
+"""kdjax.runtime: the XLA:CPU flags, the host allocator relaunch and the persistent compilation cache."""
 
 import os
 import subprocess
 import sys
+
+import pytest
 
 from kdjax import runtime
 
@@ -73,7 +75,6 @@ def test_compilation_cache_is_written_and_reused(tmp_path):
 
 def test_a_cache_folder_that_cannot_be_made_is_one_line(tmp_path):
     import jax
-    import pytest
 
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -97,8 +98,6 @@ def test_host_allocator_choice(tmp_path, monkeypatch):
     monkeypatch.setattr(runtime.ctypes.util, "find_library", lambda name: f"lib{name}.so.4")
     assert runtime.host_allocator({}) == "libtcmalloc_minimal.so.4"
     assert runtime.host_allocator({"LD_PRELOAD": "/usr/lib/libtcmalloc.so.4"}) is None  # one already
-    import pytest
-
     with pytest.raises(ValueError, match="KDJAX_MALLOC='/no/such.so' is not a file; use auto"):
         runtime.host_allocator({"KDJAX_MALLOC": "/no/such.so"})
 
@@ -106,8 +105,6 @@ def test_host_allocator_choice(tmp_path, monkeypatch):
 def test_commands_relaunch_with_the_allocator_preloaded():
     """The relaunch end to end, with libc standing in for tcmalloc (present on every Linux machine):
     the command runs again with the library in LD_PRELOAD, once; a bad KDJAX_MALLOC is one line."""
-    import pytest
-
     libc = next((os.path.join(d, "libc.so.6") for d in ("/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu",
                  "/usr/lib64", "/lib64") if os.path.isfile(os.path.join(d, "libc.so.6"))), None)
     if not sys.platform.startswith("linux") or libc is None:
