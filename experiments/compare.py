@@ -38,6 +38,7 @@ At the end the table of the whole folder (kdjax.table) is printed and written to
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import importlib.util
@@ -124,8 +125,6 @@ def _student_stages(config) -> str:
 
 def plan(config_argument: str, methods: list[str], seeds: list[int], root: str, overrides: dict) -> tuple[str, list[Planned]]:
     """(the comparison folder, every run in the order they train). ValueError: one line."""
-    import copy
-
     from kdjax import train
 
     path, _, arg = config_argument.partition(":")
@@ -148,7 +147,7 @@ def plan(config_argument: str, methods: list[str], seeds: list[int], root: str, 
         runs.append(Planned("teacher", seed, teacher_dir, teacher))
         base_scratch = copy.deepcopy(default)
         base_scratch.stages = "student_scratch"
-        scratch_dirs: dict[str, str] = {}  # identity -> folder label
+        scratch_seen: set[str] = set()  # identities of this seed's baselines
         students = []
         for m in methods:
             c = _config_for(module, items, overrides, m, seed)
@@ -163,9 +162,9 @@ def plan(config_argument: str, methods: list[str], seeds: list[int], root: str, 
             scratch.student_init = copy.deepcopy(default.student_init)
             scratch.stages = "student_scratch"
             ident = json.dumps(train.run_identity(scratch), sort_keys=True, default=str)
-            if ident not in scratch_dirs:
-                scratch_dirs[ident] = _baseline_label(scratch, base_scratch)
-                label = scratch_dirs[ident]
+            if ident not in scratch_seen:
+                scratch_seen.add(ident)
+                label = _baseline_label(scratch, base_scratch)
                 runs.append(Planned(label, seed, os.path.join(folder, label, f"seed{seed}"), scratch))
             c.stages = _student_stages(c)
             c.teacher.checkpoint = teacher_dir
@@ -179,16 +178,15 @@ def _baseline_label(scratch, base_scratch) -> str:
     the other methods of a command): 'scratch' for the config's own student, 'scratch-<model>' for
     another model with the config's settings, 'scratch-<model>-<hash of its config>' otherwise
     (e.g. digits' fsp/kdsvd student: cnn_tiny at the teacher's widths)."""
-    import copy
-
     from kdjax import train
 
-    if train.run_identity(scratch) == train.run_identity(base_scratch):
+    ident = train.run_identity(scratch)
+    if ident == train.run_identity(base_scratch):
         return "scratch"
     label = f"scratch-{scratch.student.model}"
     plain = copy.deepcopy(base_scratch)
     plain.student.model = scratch.student.model
-    if train.run_identity(scratch) == train.run_identity(plain):
+    if ident == train.run_identity(plain):
         return label
     unseeded = copy.deepcopy(scratch)
     unseeded.seed = 0
