@@ -35,9 +35,9 @@ second glibc run was slowed by other load), cnn_small 1.26x and 1.44x, resnet32x
 to under 30 (cnn_small). An allocator can only be chosen when a process starts, so kdjax's
 command-line entry points call `relaunch_with_allocator` first: it re-executes the same command with
 tcmalloc in ``LD_PRELOAD`` when the library is installed (Debian/Ubuntu: ``apt-get install
-libtcmalloc-minimal4``). ``KDJAX_MALLOC=auto`` (the default)
-does that, ``KDJAX_MALLOC=system`` keeps glibc's malloc, and ``KDJAX_MALLOC=<path of a .so>``
-preloads that library. In your own program, start Python with
+libtcmalloc-minimal4``). ``KDJAX_MALLOC=auto`` (the default) does that unless a malloc library is
+preloaded already, ``KDJAX_MALLOC=system`` keeps glibc's malloc, and ``KDJAX_MALLOC=<path of a
+.so>`` preloads that library. In your own program, start Python with
 ``LD_PRELOAD=libtcmalloc_minimal.so.4`` for the same effect.
 
 **Compilation cache.** `enable_compilation_cache(path)` turns on JAX's persistent cache: a second
