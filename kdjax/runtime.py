@@ -11,8 +11,8 @@ has an effect when a JAX computation already ran in this process before `import 
 - **Convolutions in Eigen** (``KDJAX_CPU_CONV=eigen``, the default; ``=ynnpack`` switches it off):
   ``--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION``. XLA:CPU in
   jaxlib 0.10 sends convolutions to YNNPACK by default, whose weight gradients are slower than
-  Eigen's (measured on a 2-core AMD EPYC VM with `python -m experiments.bench --suite`, alternating
-  the two settings: the cnn_small train step 1.3x and the resnet32x4 -> resnet8x4 KD step 1.1-1.2x
+  Eigen's (measured on a 2-core AMD EPYC VM on 2026-12-01 with `python -m experiments.bench --suite`,
+  alternating the two settings: the cnn_small train step 1.3x and the resnet32x4 -> resnet8x4 KD step 1.1-1.2x
   faster with Eigen).
 - **The memory-optimised scheduler** (``KDJAX_CPU_SCHEDULER=memory``, the default; ``=default``
   switches it off): ``--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED``. XLA:CPU's
@@ -20,7 +20,7 @@ has an effect when a JAX computation already ran in this process before `import 
   step at batch 64 needs 2.6 GB of scratch memory per step, the memory-optimised order 1.3 GB. The
   CPU runtime takes that scratch buffer from the system allocator on every step, and a buffer that
   large is fresh pages each time (about 640,000 page faults per step, measured with ``getrusage``),
-  so halving it is also a speed-up: on the same VM, alternating the two settings twice, the
+  so halving it is also a speed-up: on the same VM on 2026-12-02, alternating the two settings twice, the
   R18 -> MNv2 step 1.2-1.5x, resnet32x4 -> resnet8x4 1.1-1.4x, cnn_small 1.0-1.2x faster. It orders
   the same operations differently and does not change results (the offline default run gave
   identical accuracies and losses with and without it).
