@@ -469,7 +469,7 @@ def environment(torch_info: dict | None, torch_note: str | None) -> dict:
         "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
         "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
         "device_count": jax.device_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        **{switch.lower(): os.environ.get(switch, on) for switch, on, _ in runtime.CPU_FLAGS},
+        **{switch.lower(): os.environ.get(switch, on) for switch, on, *_ in runtime.CPU_FLAGS},
         "ld_preload": os.environ.get("LD_PRELOAD", ""),  # the host allocator (kdjax.runtime.relaunch_with_allocator)
         "jax_threads": "XLA default (one intra-op thread per core)",
         "compilation_cache_dir": jax.config.jax_compilation_cache_dir,

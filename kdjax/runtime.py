@@ -51,12 +51,13 @@ from __future__ import annotations
 import ctypes.util
 import os
 import sys
+import warnings
 
 CPU_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
 CPU_SCHEDULER_FLAG = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
-# (switch variable, the value that means on = its default, the flag); see the module docstring
-CPU_FLAGS = (("KDJAX_CPU_CONV", "eigen", CPU_CONV_FLAG),
-             ("KDJAX_CPU_SCHEDULER", "memory", CPU_SCHEDULER_FLAG))
+# (switch variable, its value for on = the default, its value for off, the flag); see the module docstring
+CPU_FLAGS = (("KDJAX_CPU_CONV", "eigen", "ynnpack", CPU_CONV_FLAG),
+             ("KDJAX_CPU_SCHEDULER", "memory", "default", CPU_SCHEDULER_FLAG))
 TESTED_JAXLIB = ("0.10.",)  # jaxlib versions on which the CPU flags exist and were measured faster
 DEFAULT_CACHE_DIR = "~/.cache/kdjax/jax"
 
@@ -71,14 +72,19 @@ def _jaxlib_version() -> str:
 
 def configure_xla_cpu(environ=os.environ) -> tuple[str, ...]:
     """Appends kdjax's XLA:CPU flags (see the module docstring) to ``XLA_FLAGS`` in `environ`, each
-    unless switched off or already chosen by the user; returns the flags it added."""
+    unless switched off or already chosen by the user; returns the flags it added. A switch set to
+    neither of its values counts as off, with a warning."""
     if not _jaxlib_version().startswith(TESTED_JAXLIB):
         return ()
     added = []
-    for switch, on, flag in CPU_FLAGS:
+    for switch, on, off, flag in CPU_FLAGS:
         flags = environ.get("XLA_FLAGS", "")
         name = flag.split("=")[0]
-        if environ.get(switch, on).lower() != on or name in flags:  # off, or the user decided
+        value = environ.get(switch, on).lower()
+        if value not in (on, off):
+            warnings.warn(f"{switch}={value!r} is neither {on!r} (the default) nor {off!r}; kdjax treats it as {off!r}",
+                          stacklevel=2)
+        if value != on or name in flags:  # off, or the user decided
             continue
         environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
         added.append(flag)

@@ -24,6 +24,8 @@ def test_cpu_flags_are_added_once_and_switchable(monkeypatch):
     assert runtime.configure_xla_cpu(off) == () and "XLA_FLAGS" not in off
     one = {"KDJAX_CPU_SCHEDULER": "default"}  # each switch alone
     assert runtime.configure_xla_cpu(one) == (runtime.CPU_CONV_FLAG,)
+    with pytest.warns(UserWarning, match="KDJAX_CPU_SCHEDULER='memroy' is neither 'memory' .* treats it as 'default'"):
+        assert runtime.configure_xla_cpu({"KDJAX_CPU_SCHEDULER": "memroy"}) == (runtime.CPU_CONV_FLAG,)
     own = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT "
                         "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT"}
     assert runtime.configure_xla_cpu(own) == ()  # the user's own choices are kept
