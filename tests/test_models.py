@@ -256,6 +256,47 @@ def test_depthwise_impls_agree(stride):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads["shift"], grads["xla"])
 
 
+def test_depthwise_shift_gradient_is_recomputed_bit_exactly():
+    """The shift implementation's backward recomputes its nine slices (jax.checkpoint) rather than
+    storing them: the same forward and gradients, bit for bit, as plain autodiff of it."""
+    from kdjax.models.layers import _depthwise_shift, _depthwise_shift_remat
+
+    x, k = _x((2, 9, 8, 6)), _x((3, 3, 1, 6), seed=2)
+    for stride in (1, 2):
+        grads = [jax.jit(jax.grad(lambda x, k, f=f: jnp.sum(jnp.sin(f(x, k, stride))), argnums=(0, 1)))(x, k)
+                 for f in (_depthwise_shift, _depthwise_shift_remat)]
+        jax.tree.map(np.testing.assert_array_equal, grads[0], grads[1])
+    assert "prevent_cse" in str(jax.make_jaxpr(lambda x, k: _depthwise_shift_remat(x, k, 1))(x, k))  # a remat
+
+
+def test_pointwise_conv_is_a_matmul_with_the_conv_parameters():
+    """On CPU a 1x1 convolution (stride 1 or 2, odd sizes too) is computed as a matrix product
+    over the channels: the values and gradients of lax's convolution with the same kernel; a
+    convolution that is not a plain 1x1 (3x3, or grouped) still goes to lax."""
+    from kdjax.models.layers import _pointwise_conv, conv
+
+    x, r = _x((2, 7, 6, 5)), _x((2, 7, 6, 4), seed=3)
+    for stride in (1, 2):
+        m = conv(4, 1, stride, dtype=jnp.float32)
+        v = {"params": {"kernel": _x((1, 1, 5, 4), seed=2)}}
+        ref = lambda v, x: jax.lax.conv_general_dilated(  # noqa: E731
+            x, v["params"]["kernel"], (stride, stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        out = jax.jit(m.apply)(v, x)
+        assert out.shape == (2, (7 - 1) // stride + 1, (6 - 1) // stride + 1, 4)
+        np.testing.assert_allclose(out, ref(v, x), rtol=1e-5, atol=1e-5)
+        loss = lambda f: lambda v, x: jnp.sum(f(v, x) * r[:, ::stride, ::stride])  # noqa: E731
+        got, want = (jax.grad(loss(f), argnums=(0, 1))(v, x) for f in (m.apply, ref))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
+        jaxpr = str(jax.make_jaxpr(m.apply)(v, x))
+        assert ("conv_general_dilated" in jaxpr) == (jax.default_backend() != "cpu")
+    dn = jax.lax.conv_dimension_numbers(x.shape, (3, 3, 5, 4), ("NHWC", "HWIO", "NHWC"))
+    for kernel, groups in (((3, 3, 5, 4), 1), ((1, 1, 1, 5), 5)):
+        w = _x(kernel, seed=4)
+        assert "conv_general_dilated" in str(jax.make_jaxpr(
+            lambda x, w: _pointwise_conv(x, w, (1, 1), ((0, 0), (0, 0)), dimension_numbers=dn,
+                                         feature_group_count=groups))(x, w))
+
+
 def test_shufflenet_grouped_pointwise_and_channel_shuffle():
     """ShuffleNet's two special operations against independent statements: the grouped 1x1
     convolution against XLA's grouped convolution with the same (1, 1, C_in/g, C_out) kernel, and

@@ -167,6 +167,24 @@ def test_grad_clip_is_first():
     np.testing.assert_allclose(float(optax.tree.norm(u)), 1.0, rtol=1e-5)
 
 
+def test_global_norm_is_optax_tree_norm_in_one_reduction():
+    """The step's norms (grad, update, param) over all leaves at once: optax.tree.norm's value
+    (float32 for any leaf dtype, 0 for no leaves)."""
+    from kdjax.step import global_norm
+
+    rng = np.random.default_rng(1)
+    tree = {'a': jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), 'b': [jnp.asarray(rng.normal(size=(5,)), jnp.bfloat16),
+            jnp.float32(-2.0)]}
+    want = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree)))
+    got = jax.jit(global_norm)(tree)
+    assert got.dtype == jnp.float32 and got.shape == ()
+    np.testing.assert_allclose(float(got), want, rtol=1e-6)
+    np.testing.assert_allclose(float(got), float(optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))),
+                               rtol=1e-6)
+    assert float(global_norm({})) == 0.0
+    assert not np.isfinite(float(global_norm({'x': jnp.array([1.0, jnp.inf])})))
+
+
 # ----------------------------------------------------------------------------- mask
 
 
