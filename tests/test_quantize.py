@@ -92,6 +92,23 @@ def test_ptq_weights_is_numpy_absmax_per_channel(mlp, mlp_int8, digits):
     assert (np.argmax(got, 1) == np.argmax(want, 1)).mean() >= 0.97  # measured 0.992 (random init: near ties)
 
 
+def test_a_1x1_convolution_quantises_as_a_convolution():
+    """On CPU kdjax computes a 1x1 convolution as a matmul (kdjax.models.layers); under Qwix it
+    stays a convolution, so the layer quantises per output channel with its scale named after the
+    convolution, as on any backend (resnet8's shortcut: 1x1, stride 2)."""
+    model = models.get_model("resnet8", num_classes=10)
+    variables = models.init_model(model, jax.random.key(0), (8, 8, 3))
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype(np.float32)
+    qmodel, qvars = Q.ptq(model, variables, "static", [x])
+    shortcut = qvars["params"]["layer2_0"]["shortcut_conv"]
+    assert set(shortcut) == {"kernel", "conv_general_dilated0_lhs_scale"}
+    kernel = variables["params"]["layer2_0"]["shortcut_conv"]["kernel"]
+    np.testing.assert_array_equal(shortcut["kernel"].array.qvalue, _absmax_int8(kernel)[0])
+    got = models.apply_model(qmodel, qvars, jnp.asarray(x), train=False)[0]
+    want = models.apply_model(model, variables, jnp.asarray(x), train=False)[0]
+    assert np.linalg.norm(got - want) <= 0.10 * np.linalg.norm(want)  # measured: relative L2 error 0.044
+
+
 def test_ptq_exclude_keeps_float_and_zeros_stay_exact(mlp):
     model, variables = mlp
     pruned = jax.tree.map(lambda a: a, variables)

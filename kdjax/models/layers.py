@@ -1,5 +1,5 @@
-"""Shared building blocks: PyTorch-equivalent BatchNorm / conv presets, feature sowing,
-and a depthwise 3x3 convolution whose implementation is chosen per backend."""
+"""Shared building blocks: PyTorch-equivalent BatchNorm / conv presets (a 1x1 conv is a matmul on
+CPU), feature sowing, and a depthwise 3x3 convolution whose implementation is chosen per backend."""
 from __future__ import annotations
 
 from typing import Any
@@ -33,15 +33,20 @@ def conv(features: int, kernel: int, stride: int = 1, *, dtype: Any, use_bias: b
                    conv_general_dilated=pointwise)
 
 
+_LAX_CONV_CODE = lax.conv_general_dilated.__code__  # Qwix intercepts by swapping the code object
+
+
 def _pointwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                     dimension_numbers=None, feature_group_count=1, precision=None):
     """``lax.conv_general_dilated`` for a 1x1 NHWC convolution as what it is, a matrix product over
     the channels (strided: of the subsampled map); any other convolution goes to lax. The same
     parameters and values up to float rounding. XLA:CPU runs its convolution's gradient through
     transposed copies; as a matmul the forward and both gradients are 1.3-3.6x faster on the
-    pointwise layers of MobileNetV2."""
-    plain = (rhs.shape[:2] == (1, 1) and all(p == (0, 0) for p in padding) and feature_group_count == 1
-             and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
+    pointwise layers of MobileNetV2. While lax's convolution is intercepted (`kdjax.quantize`:
+    Qwix quantises a layer by its op and names its scales after it) it stays a convolution."""
+    plain = (lax.conv_general_dilated.__code__ is _LAX_CONV_CODE and rhs.shape[:2] == (1, 1) and feature_group_count == 1
+             and all(p == (0, 0) for p in padding) and all(d == 1 for d in (lhs_dilation or (1, 1)))
+             and all(d == 1 for d in (rhs_dilation or (1, 1)))
              and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")))
     if not plain:
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
