@@ -266,7 +266,8 @@ def test_depthwise_shift_gradient_is_recomputed_bit_exactly():
         grads = [jax.jit(jax.grad(lambda x, k, f=f: jnp.sum(jnp.sin(f(x, k, stride))), argnums=(0, 1)))(x, k)
                  for f in (_depthwise_shift, _depthwise_shift_remat)]
         jax.tree.map(np.testing.assert_array_equal, grads[0], grads[1])
-    assert "prevent_cse" in str(jax.make_jaxpr(lambda x, k: _depthwise_shift_remat(x, k, 1))(x, k))  # remat: jax.checkpoint
+    jaxpr = str(jax.make_jaxpr(lambda x, k: _depthwise_shift_remat(x, k, 1))(x, k))
+    assert "prevent_cse" in jaxpr  # a remat (jax.checkpoint) equation
 
 
 def test_pointwise_conv_is_a_matmul_with_the_conv_parameters():

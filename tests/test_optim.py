@@ -173,8 +173,8 @@ def test_global_norm_is_optax_tree_norm_in_one_reduction():
     from kdjax.step import global_norm
 
     rng = np.random.default_rng(1)
-    tree = {'a': jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), 'b': [jnp.asarray(rng.normal(size=(5,)), jnp.bfloat16),
-            jnp.float32(-2.0)]}
+    tree = {'a': jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+            'b': [jnp.asarray(rng.normal(size=(5,)), jnp.bfloat16), jnp.float32(-2.0)]}
     want = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree)))
     got = jax.jit(global_norm)(tree)
     assert got.dtype == jnp.float32 and got.shape == ()

@@ -44,9 +44,9 @@ def _pointwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
     transposed copies; as a matmul the forward and both gradients are 1.3-3.6x faster on the
     pointwise layers of MobileNetV2. While lax's convolution is intercepted (`kdjax.quantize`:
     Qwix quantises a layer by its op and names its scales after it) it stays a convolution."""
-    plain = (lax.conv_general_dilated.__code__ is _LAX_CONV_CODE and rhs.shape[:2] == (1, 1) and feature_group_count == 1
-             and all(p == (0, 0) for p in padding) and all(d == 1 for d in (lhs_dilation or (1, 1)))
-             and all(d == 1 for d in (rhs_dilation or (1, 1)))
+    plain = (lax.conv_general_dilated.__code__ is _LAX_CONV_CODE and rhs.shape[:2] == (1, 1)
+             and feature_group_count == 1 and all(p == (0, 0) for p in padding)
+             and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
              and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")))
     if not plain:
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
