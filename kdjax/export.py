@@ -42,6 +42,7 @@ import numpy as np
 
 from kdjax import data as kdata
 from kdjax import models
+from kdjax.models import layers
 from kdjax import quantize
 
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -72,7 +73,8 @@ def export_model(model, variables: dict, *, image_shape: tuple, mean, std, out_d
     previous = jax.config.jax_hlo_source_file_canonicalization_regex
     jax.config.update("jax_hlo_source_file_canonicalization_regex", ".*/")
     try:
-        exported = jax.export.export(jax.jit(logits_fn), platforms=platforms)(spec)
+        with layers.portable():  # no XLA:CPU fusion barriers in a program for every platform
+            exported = jax.export.export(jax.jit(logits_fn), platforms=platforms)(spec)
     finally:
         jax.config.update("jax_hlo_source_file_canonicalization_regex", previous)
     os.makedirs(out_dir, exist_ok=True)

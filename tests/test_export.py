@@ -107,6 +107,7 @@ def small_models():
         "mlp_int8": quantize.ptq(mlp, mlp_vars, "weights", input_shape=shape),
         "mlp_bf16": (mlp, quantize.bf16(mlp_vars)),
         "cnn_static": quantize.ptq(cnn, cnn_vars, "static", calibration),
+        "cnn_float": (cnn, cnn_vars),
     }
 
 
@@ -165,3 +166,17 @@ def test_int8_artifact_embeds_int8_weights(small_models, tmp_path):
     assert meta["weights_dtype"] == "float32" and meta["quantization"] is None and meta["stage"] == "student"
     meta = json.load(open(_export(dataset, *zoo["mlp_int8"], tmp_path, "x", metadata={"quantization": "qat"})["json"]))
     assert meta["quantization"] == "qat"  # metadata overrides what is detected
+
+
+def test_export_is_traced_portable(small_models, tmp_path):
+    """The artifact is lowered for CPU, CUDA and TPU, so it is traced inside `layers.portable()`:
+    none of the conditionals `layers.materialize` puts in front of XLA:CPU's convolutions."""
+    dataset, zoo = small_models
+    model, variables = zoo["cnn_float"]
+    paths = _export(dataset, model, variables, tmp_path, "cnn")
+    with open(paths["jaxexport"], "rb") as f:
+        text = jax.export.deserialize(bytearray(f.read())).mlir_module()
+    assert "stablehlo.convolution" in text and "is_finite" not in text  # materialize's predicate
+    x = jnp.zeros((2, *dataset.image_shape))
+    plain = jax.jit(lambda x: models.apply_model(model, variables, x, train=False)[0]).lower(x).as_text()
+    assert ("is_finite" in plain) == (jax.default_backend() == "cpu")

@@ -270,11 +270,11 @@ def test_depthwise_shift_gradient_is_recomputed_bit_exactly():
     assert "prevent_cse" in jaxpr  # a remat (jax.checkpoint) equation
 
 
-def test_pointwise_conv_is_a_matmul_with_the_conv_parameters():
+def test_cpu_conv_is_a_matmul_with_the_conv_parameters():
     """On CPU a 1x1 convolution (stride 1 or 2, odd sizes too) is computed as a matrix product
     over the channels: the values and gradients of lax's convolution with the same kernel; a
     convolution that is not a plain 1x1 (3x3, or grouped) still goes to lax."""
-    from kdjax.models.layers import _pointwise_conv, conv
+    from kdjax.models.layers import _cpu_conv, conv
 
     x, r = _x((2, 7, 6, 5)), _x((2, 7, 6, 4), seed=3)
     for stride in (1, 2):
@@ -294,8 +294,34 @@ def test_pointwise_conv_is_a_matmul_with_the_conv_parameters():
     for kernel, groups in (((3, 3, 5, 4), 1), ((1, 1, 1, 5), 5)):
         w = _x(kernel, seed=4)
         assert "conv_general_dilated" in str(jax.make_jaxpr(
-            lambda x, w: _pointwise_conv(x, w, (1, 1), ((0, 0), (0, 0)), dimension_numbers=dn,
-                                         feature_group_count=groups))(x, w))
+            lambda x, w: _cpu_conv(x, w, (1, 1), ((0, 0), (0, 0)), dimension_numbers=dn,
+                                   feature_group_count=groups))(x, w))
+
+
+def test_conv_inputs_are_materialized_on_cpu_and_not_in_portable_programs():
+    """On CPU a 3x3 convolution's and a depthwise convolution's input pass through
+    `layers.materialize` (an identity in a conditional, which XLA does not fuse across): the values
+    and gradients are lax's; inside `layers.portable()` (what `kdjax.export` traces under) and on
+    other backends there is no conditional."""
+    from kdjax.models import layers
+
+    x, r = _x((2, 7, 6, 5)), _x((2, 7, 6, 4), seed=3)
+    m = layers.conv(4, 3, 1, dtype=jnp.float32)
+    v = {"params": {"kernel": _x((3, 3, 5, 4), seed=2)}}
+    ref = lambda v, x: jax.lax.conv_general_dilated(  # noqa: E731
+        jnp.maximum(x, 0), v["params"]["kernel"], (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    f = lambda v, x: m.apply(v, jnp.maximum(x, 0))  # noqa: E731
+    np.testing.assert_array_equal(jax.jit(f)(v, x), jax.jit(ref)(v, x))
+    got, want = (jax.jit(jax.grad(lambda v, x, g=g: jnp.sum(g(v, x) * r), argnums=(0, 1)))(v, x) for g in (f, ref))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), got, want)
+    dw = DepthwiseConv(impl="shift")
+    dv = _init(dw, x.shape)
+    cpu = jax.default_backend() == "cpu"
+    for fn, args in ((f, (v, x)), (dw.apply, (dv, x))):  # a new function each time: jax caches traces
+        assert ("cond[" in str(jax.make_jaxpr(lambda *a: fn(*a))(*args))) == cpu
+        with layers.portable():
+            assert "cond[" not in str(jax.make_jaxpr(lambda *a: fn(*a))(*args))
+        assert ("cond[" in str(jax.make_jaxpr(lambda *a: fn(*a))(*args))) == cpu  # the switch is scoped
 
 
 def test_shufflenet_grouped_pointwise_and_channel_shuffle():

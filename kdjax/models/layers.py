@@ -1,7 +1,10 @@
-"""Shared building blocks: PyTorch-equivalent BatchNorm / conv presets (a 1x1 conv is a matmul on
-CPU), feature sowing, and a depthwise 3x3 convolution whose implementation is chosen per backend."""
+"""Shared building blocks: PyTorch-equivalent BatchNorm / conv presets (on CPU a 1x1 conv is a
+matmul and a conv's input is `materialize`d), feature sowing, and a depthwise 3x3 convolution whose
+implementation is chosen per backend."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any
 
 import jax
@@ -25,32 +28,64 @@ def batch_norm(train: bool, axis_name: str | None, dtype: Any, name: str | None 
 def conv(features: int, kernel: int, stride: int = 1, *, dtype: Any, use_bias: bool = False,
          name: str | None = None) -> nn.Conv:
     """kxk convolution with PyTorch padding (k // 2 on every side, so stride 2 matches torch
-    exactly; flax 'SAME' would pad (0, 1) for even sizes), no bias by default."""
+    exactly; flax 'SAME' would pad (0, 1) for even sizes), no bias by default. On the CPU backend
+    it runs as `_cpu_conv`: the same parameters and values, laid out for XLA:CPU's kernels."""
     p = kernel // 2
-    pointwise = _pointwise_conv if kernel == 1 and jax.default_backend() == "cpu" else None
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)),
                    use_bias=use_bias, kernel_init=conv_init, dtype=dtype, name=name,
-                   conv_general_dilated=pointwise)
+                   conv_general_dilated=_cpu_conv if jax.default_backend() == "cpu" else None)
 
 
 _LAX_CONV_CODE = lax.conv_general_dilated.__code__  # Qwix intercepts by swapping the code object
 
 
-def _pointwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                    dimension_numbers=None, feature_group_count=1, precision=None):
-    """``lax.conv_general_dilated`` for a 1x1 NHWC convolution as what it is, a matrix product over
-    the channels (strided: of the subsampled map); any other convolution goes to lax. The same
-    parameters and values up to float rounding. XLA:CPU runs its convolution's gradient through
-    transposed copies; as a matmul the forward and both gradients are 1.3-3.6x faster on the
-    pointwise layers of MobileNetV2. While lax's convolution is intercepted (`kdjax.quantize`:
-    Qwix quantises a layer by its op and names its scales after it) it stays a convolution."""
-    plain = (lax.conv_general_dilated.__code__ is _LAX_CONV_CODE and rhs.shape[:2] == (1, 1)
-             and feature_group_count == 1 and all(p == (0, 0) for p in padding)
+_FUSION_BARRIERS = contextvars.ContextVar("kdjax_fusion_barriers", default=True)
+
+
+def materialize(x: jax.Array, like: jax.Array) -> jax.Array:
+    """``x``, unchanged, computed in full before anything reads it (on the CPU backend, outside
+    `portable`; elsewhere ``x`` itself): an identity inside a conditional (on whether ``like``'s
+    first element is finite; both branches return ``x``), which XLA does not fuse across. XLA:CPU
+    otherwise folds the element-wise work that produced ``x`` (BatchNorm and ReLU) into each of
+    its consumers, and the consumers of a convolution's input include the layout transpose that
+    feeds the weight gradient: recomputed there, in transposed order, that work made the transpose
+    4x slower. (``lax.optimization_barrier`` does not do this: XLA:CPU removes it before fusion.)"""
+    if not _FUSION_BARRIERS.get() or jax.default_backend() != "cpu":
+        return x
+    return lax.cond(jnp.isfinite(like.reshape(-1)[0]), lambda v: v, lambda v: v * 1, x)
+
+
+@contextlib.contextmanager
+def portable():
+    """Trace models without `materialize`'s conditionals, for a program that is not only for
+    XLA:CPU (`kdjax.export` lowers one artifact for CPU, CUDA and TPU; on a GPU a conditional
+    reads its predicate on the host). It applies to traces made inside it: jax reuses a cached
+    trace of a function it has traced before, so pass a new one (as `kdjax.export` does)."""
+    token = _FUSION_BARRIERS.set(False)
+    try:
+        yield
+    finally:
+        _FUSION_BARRIERS.reset(token)
+
+
+def _cpu_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+              dimension_numbers=None, feature_group_count=1, precision=None):
+    """``lax.conv_general_dilated`` as `conv` runs it on XLA:CPU. A plain 1x1 NHWC convolution is
+    what it is, a matrix product over the channels (strided: of the subsampled map): XLA:CPU ran
+    its gradient through transposed copies, and as a matmul the forward and both gradients are
+    1.3-3.6x faster on the pointwise layers of MobileNetV2. Any other convolution reads its input
+    `materialize`d. While lax's convolution is intercepted (`kdjax.quantize`: Qwix quantises a
+    layer by its op and names its scales after it) it is lax's convolution, as is."""
+    def lax_conv(x):
+        return lax.conv_general_dilated(x, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, precision=precision)
+    if lax.conv_general_dilated.__code__ is not _LAX_CONV_CODE:
+        return lax_conv(lhs)
+    plain = (rhs.shape[:2] == (1, 1) and feature_group_count == 1 and all(p == (0, 0) for p in padding)
              and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
              and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")))
     if not plain:
-        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                        dimension_numbers, feature_group_count, precision=precision)
+        return lax_conv(materialize(lhs, rhs))
     sh, sw = window_strides
     x = lhs[:, ::sh, ::sw, :] if (sh, sw) != (1, 1) else lhs
     y = lax.dot_general(x.reshape(-1, x.shape[-1]), rhs[0, 0], (((1,), (0,)), ((), ())), precision=precision)
@@ -169,5 +204,6 @@ class DepthwiseConv(nn.Module):
         c = x.shape[-1]
         kernel = self.param("kernel", conv_init, (3, 3, 1, c), self.param_dtype)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        fn = _depthwise_shift_remat if impl == "shift" else _depthwise_xla
-        return fn(x, kernel, self.stride)
+        if impl == "xla":
+            return _depthwise_xla(x, kernel, self.stride)
+        return _depthwise_shift_remat(materialize(x, kernel), kernel, self.stride)
