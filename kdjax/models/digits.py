@@ -6,7 +6,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import flax.linen as nn
 
-from .layers import batch_norm, conv, global_avg_pool, sow_class_map, sow_feature, sow_preact
+from .layers import batch_norm, classifier, conv, sow_feature, sow_preact
 
 
 class MLP(nn.Module):
@@ -89,12 +89,4 @@ class SmallCNN(nn.Module):
                     sow_preact(self, s + 1, x, (f"bn{s + 1}_{k}",), extra_features)
                 x = nn.relu(x)
             sow_feature(self, f"stage{s + 1}", x)
-        fmap = x
-        x = global_avg_pool(x)
-        sow_feature(self, "embedding", x)
-        x = nn.Dropout(self.dropout, deterministic=not train or not self.dropout)(x)
-        head = nn.Dense(self.num_classes, dtype=self.dtype, name="head")
-        logits = head(x).astype(jnp.float32)
-        sow_class_map(self, head, fmap, extra_features)
-        sow_feature(self, "logits", logits)
-        return logits
+        return classifier(self, x, "head", extra_features, self.dropout, train)

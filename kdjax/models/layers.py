@@ -150,6 +150,23 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
     return jnp.mean(x, axis=(1, 2))
 
 
+def classifier(module: nn.Module, fmap: jax.Array, name: str, extra, dropout: float = 0.0,
+               train: bool = False) -> jax.Array:
+    """The head every conv net here ends with, called from ``module``'s compact ``__call__``: global
+    average pool of the (B, H, W, C) map ``fmap`` (sown as ``embedding``) -> dropout at rate
+    ``dropout`` (training only) -> ``Dense(module.num_classes)`` named ``name`` -> float32 logits
+    (sown as ``logits``, and returned); and, on request, the head's class map (`sow_class_map`)."""
+    x = global_avg_pool(fmap)
+    sow_feature(module, "embedding", x)
+    if dropout:
+        x = nn.Dropout(dropout, deterministic=not train)(x)
+    head = nn.Dense(module.num_classes, dtype=module.dtype, name=name)
+    logits = head(x).astype(jnp.float32)
+    sow_class_map(module, head, fmap, extra)
+    sow_feature(module, "logits", logits)
+    return logits
+
+
 def _depthwise_xla(x, kernel, stride):
     c = x.shape[-1]
     return lax.conv_general_dilated(

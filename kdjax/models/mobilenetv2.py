@@ -8,7 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 import flax.linen as nn
 
-from .layers import DepthwiseConv, batch_norm, conv, global_avg_pool, sow_class_map, sow_feature, sow_preact
+from .layers import DepthwiseConv, batch_norm, classifier, conv, sow_feature, sow_preact
 
 # (expansion t, out channels c, repeats n, first stride s)
 CFG = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -86,14 +86,7 @@ class MobileNetV2(nn.Module):
                 sow_preact(self, stage, x, (f"block{g}_{n - 1}", "bn3"), extra_features)
         last = int(1280 * self.width_mult) if self.width_mult > 1.0 else 1280
         x = nn.relu(bn("bn2")(conv(last, 1, dtype=self.dtype, name="conv2")(x)))
-        fmap = x
-        x = global_avg_pool(x)
-        sow_feature(self, "embedding", x)
-        head = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")
-        logits = head(x).astype(jnp.float32)
-        sow_class_map(self, head, fmap, extra_features)
-        sow_feature(self, "logits", logits)
-        return logits
+        return classifier(self, x, "fc", extra_features)
 
 
 def mobilenetv2(**kw) -> MobileNetV2:

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import flax.linen as nn
 
-from .layers import batch_norm, conv, global_avg_pool, sow_class_map, sow_feature, sow_preact
+from .layers import batch_norm, classifier, conv, sow_feature, sow_preact
 
 
 class BasicBlock(nn.Module):
@@ -98,14 +98,7 @@ class ResNet(nn.Module):
                     bn = "bn3" if self.block == "bottleneck" else "bn2"
                     sow_preact(self, s + 1, pre, (f"layer{s + 1}_{b}", bn), extra_features)
             sow_feature(self, f"stage{s + 1}", x)
-        fmap = x
-        x = global_avg_pool(x)
-        sow_feature(self, "embedding", x)
-        head = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")
-        logits = head(x).astype(jnp.float32)
-        sow_class_map(self, head, fmap, extra_features)
-        sow_feature(self, "logits", logits)
-        return logits
+        return classifier(self, x, "fc", extra_features)
 
 
 def cifar_resnet(depth: int, widths: Sequence[int] = (16, 16, 32, 64), **kw) -> ResNet:

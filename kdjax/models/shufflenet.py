@@ -21,8 +21,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from .layers import (DepthwiseConv, batch_norm, conv, conv_init, global_avg_pool, sow_class_map, sow_feature,
-                     sow_preact)
+from .layers import DepthwiseConv, batch_norm, classifier, conv, conv_init, sow_feature, sow_preact
 
 
 def channel_shuffle(x, groups: int):
@@ -112,14 +111,7 @@ class ShuffleNetV1(nn.Module):
                     x, pre = x
                     sow_preact(self, s + 1, pre, (f"layer{s + 1}_{b}", "bn3"), extra_features)
             sow_feature(self, f"stage{s + 1}", x)
-        fmap = x
-        x = global_avg_pool(x)
-        sow_feature(self, "embedding", x)
-        head = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")
-        logits = head(x).astype(jnp.float32)
-        sow_class_map(self, head, fmap, extra_features)
-        sow_feature(self, "logits", logits)
-        return logits
+        return classifier(self, x, "fc", extra_features)
 
 
 class ShuffleV2Block(nn.Module):
@@ -183,11 +175,4 @@ class ShuffleNetV2(nn.Module):
                     sow_preact(self, s + 1, pre, None, extra_features)
             sow_feature(self, f"stage{s + 1}", x)
         x = nn.relu(bn("bn2")(conv(self.last_channels, 1, dtype=self.dtype, name="conv2")(x)))
-        fmap = x
-        x = global_avg_pool(x)
-        sow_feature(self, "embedding", x)
-        head = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")
-        logits = head(x).astype(jnp.float32)
-        sow_class_map(self, head, fmap, extra_features)
-        sow_feature(self, "logits", logits)
-        return logits
+        return classifier(self, x, "fc", extra_features)

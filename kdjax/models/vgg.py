@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import flax.linen as nn
 
-from .layers import batch_norm, conv, global_avg_pool, sow_class_map, sow_feature, sow_preact
+from .layers import batch_norm, classifier, conv, sow_feature, sow_preact
 
 CFGS = {
     8: ((64,), (128,), (256,), (512,), (512,)),
@@ -50,11 +50,4 @@ class VGG(nn.Module):
                     sow_preact(self, b + 1, x, (f"bn{b}_{k}",), extra_features)
                 x = nn.relu(x)
             sow_feature(self, f"stage{b + 1}", x)
-        fmap = x
-        x = global_avg_pool(x)
-        sow_feature(self, "embedding", x)
-        head = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")
-        logits = head(x).astype(jnp.float32)
-        sow_class_map(self, head, fmap, extra_features)
-        sow_feature(self, "logits", logits)
-        return logits
+        return classifier(self, x, "classifier", extra_features)

@@ -6,7 +6,7 @@ from typing import Any
 import jax.numpy as jnp
 import flax.linen as nn
 
-from .layers import batch_norm, conv, global_avg_pool, sow_class_map, sow_feature, sow_preact
+from .layers import batch_norm, classifier, conv, sow_feature, sow_preact
 
 
 class WideBasic(nn.Module):
@@ -74,11 +74,4 @@ class WideResNet(nn.Module):
         x = batch_norm(train, self.bn_axis_name, self.dtype, name="bn1")(x)
         sow_preact(self, 3, x, ("bn1",), extra_features)
         x = nn.relu(x)
-        fmap = x
-        x = global_avg_pool(x)
-        sow_feature(self, "embedding", x)
-        head = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")
-        logits = head(x).astype(jnp.float32)
-        sow_class_map(self, head, fmap, extra_features)
-        sow_feature(self, "logits", logits)
-        return logits
+        return classifier(self, x, "fc", extra_features)
