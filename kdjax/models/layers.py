@@ -1,6 +1,6 @@
 """Shared building blocks: PyTorch-equivalent BatchNorm / conv presets (on CPU a 1x1 conv is a
-matmul and a conv's input is `materialize`d), feature sowing, and a depthwise 3x3 convolution whose
-implementation is chosen per backend."""
+matmul and a conv's input is `materialize`d), feature sowing, the pooled classifier head the conv
+nets end with, and a depthwise 3x3 convolution whose implementation is chosen per backend."""
 from __future__ import annotations
 
 import contextlib
