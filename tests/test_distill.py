@@ -12,13 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from kdjax import distill, losses
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-    """XLA:CPU spends most of these tests compiling; its optimisation passes are not needed here."""
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # tests/conftest.py
 
 
 B, K, N = 8, 10, 64  # batch, classes, data-set size (CRD memory rows)

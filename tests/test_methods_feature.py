@@ -20,12 +20,7 @@ from kdjax import step as kstep
 NEW = ("kdsvd", "fsp", "ab", "ft")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # tests/conftest.py
 
 
 def _maps(rng, shapes, batch=4, relu=True):
