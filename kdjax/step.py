@@ -66,7 +66,6 @@ class StepConfig:
     dtype: Any = jnp.float32
     ema_decay: float = 0.0  # > 0: the teacher is an EMA of the student (state.ema), decay per step
     dot: bool = False  # the optimizer is DOT (kdjax.optim.dot): it gets the task and distillation gradients apart
-    views: bool = False  # two augmented views (config.augment.views='weak,strong'; kdjax.distill.STRONG)
 
 
 def _apply_distiller(distiller, params, model_state, s_feats, t_feats, ctx):
@@ -198,17 +197,15 @@ def make_train_step(
     `cfg.ema_decay` > 0 the teacher is instead the student itself with the EMA variables
     `state.ema` (Mean Teacher), updated after every step. `frozen_stats`: a pytree of Python bools
     shaped like the student's non-parameter variables; True leaves (the BatchNorm statistics of
-    frozen layers) keep their values. With `cfg.views` and a term reading the strong view
-    (kdjax.distill.STRONG), the student and/or the teacher also see a strongly augmented view
-    (`kdata.strong_augment`, keyed by fold_in(step key, STRONG_VIEW_STREAM) and each example's
+    frozen layers) keep their values. When a term reads the strong view (kdjax.distill.STRONG;
+    config.augment.views='weak,strong', which kdjax.distill.check_views requires of such terms),
+    the student and/or the teacher also see a strongly augmented view (`kdata.strong_augment`, keyed by fold_in(step key, STRONG_VIEW_STREAM) and each example's
     global position, so a resumed run draws the same views): its features reach the terms as
     'strong/<name>'. The student runs on it after the weak view, from the BatchNorm statistics that
     one left (two forward passes in train mode, as the reference's two calls).
     """
     terms = distiller.terms
     s_extra, t_extra = extras(terms)
-    if not cfg.views:
-        distill.check_views(terms, "")  # a term that reads the strong view needs it
     # The strong view (two augmented views): only when a term reads it, only for who is read.
     s_strong, t_strong = distill.reads_strong_view(terms)
 

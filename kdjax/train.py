@@ -450,7 +450,6 @@ class Stage:
             mixup_alpha=config.augment.mixup_alpha, cutmix_alpha=config.augment.cutmix_alpha,
             l1=config.loss.l1, l2=config.loss.l2, dtype=dtype,
             ema_decay=config.teacher.ema_decay if ema else 0.0, dot=config.optimizer.name == "dot",
-            views=bool(config.augment.get("views", "")),
         )
         self.distiller = distill.Distiller(self.terms, teacher_weights=teacher_weights)
         o = config.optimizer
