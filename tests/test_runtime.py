@@ -107,6 +107,16 @@ def test_host_allocator_choice(tmp_path, monkeypatch):
         runtime.host_allocator({"KDJAX_MALLOC": "/no/such.so"})
 
 
+def test_the_relaunch_environment_keeps_tcmallocs_memory():
+    env = runtime.allocator_environ("/usr/lib/libtcmalloc_minimal.so.4", {"LD_PRELOAD": "/x.so", "A": "1"})
+    assert env["LD_PRELOAD"] == "/usr/lib/libtcmalloc_minimal.so.4 /x.so" and env["A"] == "1"
+    assert env["TCMALLOC_RELEASE_RATE"] == "0" and int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 1 << 40
+    mine = runtime.allocator_environ("libtcmalloc.so.4", {"TCMALLOC_RELEASE_RATE": "2"})
+    assert mine["TCMALLOC_RELEASE_RATE"] == "2"  # the user's own setting stays
+    other = runtime.allocator_environ("/opt/libjemalloc.so.2", {})
+    assert other == {"LD_PRELOAD": "/opt/libjemalloc.so.2"}  # tcmalloc's settings only for tcmalloc
+
+
 def test_commands_relaunch_with_the_allocator_preloaded():
     """The relaunch end to end, with libc standing in for tcmalloc (present on every Linux machine):
     the command runs again with the library in LD_PRELOAD, once; a bad KDJAX_MALLOC is one line."""
