@@ -229,7 +229,7 @@ class JaxStep:
         if case.teacher:
             teacher = make_model(case.teacher, nc, dtype, depthwise)
             # Random teacher weights, built by one compiled function as the trainer builds its state
-            # (eager, op by op, ResNet-18's init took about 10 s here).
+            # (eager, op by op, ResNet-18's took 8.7-9.5 s on the 2-core VM; jitted, 2.6-2.9 s).
             init = jax.jit(lambda key: models.init_model(teacher, key, shape),
                            compiler_options=kstep.INIT_COMPILER_OPTIONS.get(jax.default_backend()))
             teachers, teacher_vars = (teacher,), (init(jax.random.PRNGKey(2)),)

@@ -44,9 +44,9 @@ With tcmalloc the relaunch also sets ``TCMALLOC_RELEASE_RATE=0`` (unless it is s
 keeps the memory a process frees instead of handing it back to the system a little at a time. The
 memory XLA frees after compiling was otherwise handed back and faulted in again while training: in
 the Fashion-MNIST recipe with an empty compilation cache (2-core VM, 2026-12-02, alternated twice)
-the run took 1.4-1.9 million minor page faults and 6.0-7.0 s of system time by default, 182,000-
-192,000 and 3.3-3.4 s with the setting, with a peak RSS no higher (900-942 MB against 1,034-1,272
-MB). Set your own ``TCMALLOC_RELEASE_RATE`` to choose otherwise.
+the run took 1.4-1.9 million minor page faults and 6.0-7.0 s of system time by default, and
+182,000 and 192,000 faults and 3.3-3.4 s with the setting, with a peak RSS no higher (900-942 MB
+against 1,034-1,272 MB). Set your own ``TCMALLOC_RELEASE_RATE`` to choose otherwise.
 
 **Compilation cache.** `enable_compilation_cache(path)` turns on JAX's persistent cache: a second
 launch of the same run loads its compiled steps from disk instead of recompiling them. The trainer

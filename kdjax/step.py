@@ -199,9 +199,9 @@ def make_train_step(
     shaped like the student's non-parameter variables; True leaves (the BatchNorm statistics of
     frozen layers) keep their values. When a term reads the strong view (kdjax.distill.STRONG;
     config.augment.views='weak,strong', which kdjax.distill.check_views requires of such terms),
-    the student and/or the teacher also see a strongly augmented view (`kdata.strong_augment`, keyed by fold_in(step key, STRONG_VIEW_STREAM) and each example's
-    global position, so a resumed run draws the same views): its features reach the terms as
-    'strong/<name>'. The student runs on it after the weak view, from the BatchNorm statistics that
+    the student and/or the teacher also see a strongly augmented view (`kdata.strong_augment`,
+    keyed by fold_in(step key, STRONG_VIEW_STREAM) and each example's global position, so a resumed
+    run draws the same views): its features reach the terms as 'strong/<name>'. The student runs on it after the weak view, from the BatchNorm statistics that
     one left (two forward passes in train mode, as the reference's two calls).
     """
     terms = distiller.terms
