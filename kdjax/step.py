@@ -201,8 +201,9 @@ def make_train_step(
     config.augment.views='weak,strong', which kdjax.distill.check_views requires of such terms),
     the student and/or the teacher also see a strongly augmented view (`kdata.strong_augment`,
     keyed by fold_in(step key, STRONG_VIEW_STREAM) and each example's global position, so a resumed
-    run draws the same views): its features reach the terms as 'strong/<name>'. The student runs on it after the weak view, from the BatchNorm statistics that
-    one left (two forward passes in train mode, as the reference's two calls).
+    run draws the same views): its features reach the terms as 'strong/<name>'. The student runs on
+    it after the weak view, from the BatchNorm statistics that one left (two forward passes in train
+    mode, as the reference's two calls).
     """
     terms = distiller.terms
     s_extra, t_extra = extras(terms)
