@@ -523,17 +523,23 @@ def main(argv):
             print(f"{c.name:18s} {c.description}")
         return
     if FLAGS.steps < 1 or FLAGS.warmup < 0 or FLAGS.sync_every < 1 or FLAGS.rounds < 0:
-        raise app.UsageError("--steps and --sync_every must be >= 1, --warmup and --rounds >= 0")
+        _fail("--steps and --sync_every must be >= 1, --warmup and --rounds >= 0")
     if FLAGS.suite or FLAGS.cases:
         available = suite_cases()
         unknown = [n for n in FLAGS.cases if n not in available]
         if unknown:
-            raise app.UsageError(f"unknown case(s) {', '.join(unknown)}; choose from: {', '.join(available)}")
+            _fail(f"unknown case(s) {', '.join(unknown)}; choose from: {', '.join(available)}")
         cases = [available[n] for n in FLAGS.cases] if FLAGS.cases else list(available.values())
         if FLAGS["batch"].present:
             cases = [dataclasses.replace(c, batch=FLAGS.batch) for c in cases]
     else:
         cases = [single_case()]
+    try:  # an unknown --teacher / --student: the model registry's one line, before any JAX work
+        for c in cases:
+            for name in filter(None, (c.student, c.teacher)):
+                models.get_model(name, 10)
+    except ValueError as e:
+        _fail(e)
     if FLAGS.torch_device is None:
         FLAGS.torch_device = "cuda" if jax.default_backend() == "gpu" else "cpu"
     rounds = FLAGS.rounds or (4 if FLAGS.compare_torch else 1)
@@ -594,6 +600,12 @@ def main(argv):
         print(f"\nwritten to {FLAGS.out}")
     if failed:
         sys.exit(1)
+
+
+def _fail(message) -> None:
+    """A user mistake on the command line: one line on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _write(path: str, obj) -> None:

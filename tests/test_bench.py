@@ -83,3 +83,8 @@ def test_list_and_unknown_case():
         assert name in listed.stdout
     bad = run("--cases", "no_such_case")
     assert bad.returncode != 0 and "unknown case" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: unknown case(s) no_such_case")
+    assert len([line for line in bad.stderr.splitlines() if not line[:1] in "IW"]) == 1  # one line, no usage dump
+    model = run("--student", "no_such_model")
+    assert model.returncode == 2 and "Traceback" not in model.stderr
+    assert model.stderr.strip().splitlines()[-1].startswith("error: unknown model 'no_such_model'; choose one of:")
