@@ -1,0 +1,76 @@
+"""The run folder and identity of every shipped config are pinned, with the values computed on
+main at 4052a98 (before the package split of issue 20): a refactor that moved a run folder would
+strand every run made before it (a rerun would start afresh instead of resuming).
+
+If a change is *meant* to alter what a config trains, update the pin in the same commit and say so
+in its message; adding a field with a default leaves the folder names alone (they hash only what
+differs from kdjax's defaults) but changes the identity digest.
+"""
+
+import hashlib
+import importlib
+import json
+import os
+
+import pytest
+
+from experiments import launch
+from kdjax import distill, train
+
+# config -> (default workdir name, sha256[:12] of its run identity)
+PINNED = {
+    "cifar100_resnet32x4_mobilenetv2_half": ("cifar100_resnet32x4_mobilenetv2_half-kd-s0-a1352424", "24c56fedbe14"),
+    "cifar100_resnet32x4_resnet8x4": ("cifar100_resnet32x4_resnet8x4-kd-s0-4ef0dbbb", "4292734f4e7d"),
+    "cifar100_resnet32x4_shufflev1": ("cifar100_resnet32x4_shufflev1-kd-s0-486a30fa", "09206a242e5a"),
+    "cifar100_resnet32x4_shufflev2": ("cifar100_resnet32x4_shufflev2-kd-s0-4419c81c", "4a4b2dd33e40"),
+    "cifar100_resnet50_mobilenetv2_half": ("cifar100_resnet50_mobilenetv2_half-kd-s0-4c4c90f6", "35f936272f50"),
+    "cifar100_resnet50_vgg8": ("cifar100_resnet50_vgg8-kd-s0-9366a18b", "b208d6a2baf3"),
+    "cifar100_vgg13_mobilenetv2_half": ("cifar100_vgg13_mobilenetv2_half-kd-s0-e33f0252", "c06f20d3c4c8"),
+    "cifar100_vgg13_vgg8": ("cifar100_vgg13_vgg8-kd-s0-6adbbb3e", "58dc68464ebe"),
+    "cifar100_wrn_40_2_shufflev1": ("cifar100_wrn_40_2_shufflev1-kd-s0-f4bfaaec", "e81766625ebf"),
+    "cifar100_wrn_40_2_wrn_16_2": ("cifar100_wrn_40_2_wrn_16_2-kd-s0-477a13fc", "1a2a6783c051"),
+    "cifar10_resnet18_mobilenetv2": ("cifar10_resnet18_mobilenetv2-kd-s0-2128baa6", "1527482ba4ab"),
+    "compress_cifar10_resnet18_mobilenetv2": ("compress_cifar10_resnet18_mobilenetv2-kd-s0-8cf49c58", "c4778f397526"),
+    "compress_digits": ("compress_digits-kd-s0-d6ef9e91", "1cfb80a3c0e6"),
+    "digits": ("digits-kd-s0-c35795b4", "1b3f7114b450"),
+    "digits_transfer": ("digits_transfer-ce-s0-de13ca35", "32fe5a7cba35"),
+    "fashion_mnist": ("fashion_mnist-kd-s0-22026656", "53b2236718ec"),
+}
+
+# experiments/configs/digits.py:method=<m> -> its default workdir's hash
+DIGITS_METHODS = {
+    "kd": "c35795b4", "dkd": "c35795b4", "dist": "c35795b4", "lskd": "c35795b4", "wttm": "c35795b4",
+    "mlkd": "c35795b4", "nkd": "c35795b4", "sdd": "1388925d", "mse_logits": "c35795b4", "fm": "c35795b4",
+    "fitnet": "1388925d", "ofd": "1388925d", "at": "1388925d", "sp": "1388925d", "nst": "1388925d",
+    "vid": "1388925d", "reviewkd": "1388925d", "kdsvd": "07005106", "fsp": "fb33107b", "ab": "9610a502",
+    "ft": "cf00f91f", "rkd": "c35795b4", "pkt": "c35795b4", "cc": "c35795b4", "crd": "c35795b4",
+    "adv": "c35795b4", "ce": "c35795b4",
+}
+
+
+def _path(name):
+    return os.path.join("experiments", "configs", f"{name}.py")
+
+
+def test_every_shipped_config_is_pinned():
+    here = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs")
+    shipped = {os.path.splitext(f)[0] for f in os.listdir(here)
+               if f.endswith(".py") and not f.startswith(("_", "common"))}
+    assert shipped == set(PINNED), "pin the workdir and identity of a new config here"
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_run_folder_and_identity_unchanged(name):
+    config = importlib.import_module(f"experiments.configs.{name}").get_config()
+    folder, digest = PINNED[name]
+    assert os.path.basename(launch.default_workdir(config, _path(name))) == folder
+    ident = json.dumps(train.run_identity(config), sort_keys=True, default=str)
+    assert hashlib.sha256(ident.encode()).hexdigest()[:12] == digest
+
+
+def test_digits_run_folder_of_every_method_unchanged():
+    assert list(distill.METHODS) == list(DIGITS_METHODS)  # the registry's order is part of the contract
+    module = importlib.import_module("experiments.configs.digits")
+    for method, digest in DIGITS_METHODS.items():
+        got = launch.default_workdir(module.get_config(f"method={method}"), _path("digits"))
+        assert os.path.basename(got) == f"digits-{method}-s0-{digest}", method
