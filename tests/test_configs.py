@@ -69,8 +69,8 @@ def test_cifar_learning_rates_follow_the_optimizer():
 
 
 def test_learning_rate_table_is_documented():
-    """The default-rate table in experiments/configs/common.py's comment and in the README are
-    the one in kdjax.optim."""
+    """The default-rate table in experiments/configs/common.py's comment and in docs/configs.md
+    are the one in kdjax.optim."""
     from experiments.configs import common
     from kdjax import optim
 
@@ -78,11 +78,11 @@ def test_learning_rate_table_is_documented():
     repo = os.path.join(os.path.dirname(__file__), "..")
     with open(os.path.join(repo, "experiments", "configs", "common.py")) as f:
         common_src = f.read()
-    with open(os.path.join(repo, "README.md")) as f:
-        readme = f.read()
+    with open(os.path.join(repo, "docs", "configs.md")) as f:
+        doc = f.read()
     for name, lr in optim.DEFAULT_LEARNING_RATES.items():
         assert re.search(rf"#   {name} +{lr!r} ", common_src), name
-        assert f"| `{name}` | {lr!r} |" in readme, name
+        assert f"| `{name}` | {lr!r} |" in doc, name
 
 
 @pytest.mark.parametrize("name", [n for n in CONFIGS if n.startswith("compress")])

@@ -86,7 +86,7 @@ def test_masked_kd_matches_numpy_on_the_unpadded_tokens_and_pads_get_zero_gradie
 
 
 def test_plain_optax_loop_distils_a_sequence_model():
-    """The README's snippet, run: no kdjax trainer, only losses.kd with a padding mask."""
+    """docs/losses.md's snippet, run: no kdjax trainer, only losses.kd with a padding mask."""
     student = init_mlp(jax.random.key(0))
     tx = optax.adam(0.05)
     opt_state = tx.init(student)

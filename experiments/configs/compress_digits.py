@@ -9,7 +9,7 @@ with a 167k-parameter student so that compression means something), then: magnit
 each fine-tuned with KD; int8 post-training quantisation (weights only, and static with calibrated
 int8 activations) and bf16 weights; quantisation-aware training with KD (static int8). Exports
 every model and writes compress.json / compress.md / compress.png (kdjax/compress.py).
-Measured results: see README.md ("Compression").
+Measured results: see docs/compression.md.
 Config-string arguments: method (distillation method, default kd), seed. Methods that match
 feature maps (digits.FEATURE_MAP_METHODS) need a convolutional student: they get a cnn_small
 student (the teacher's architecture, 65,834 parameters) and no weight-only int8 row, which Qwix

@@ -18,7 +18,7 @@ optimizer (`--config.optimizer.name=adadelta`) gets its own default rate
 (kdjax.optim.DEFAULT_LEARNING_RATES) times the same stage scales; the KD student reaches >= 0.95
 with each of the six (tests/test_optim.py). `--config.optimizer.learning_rate=x` sets the base
 rate (the teacher's; the student's is 10/3 of it).
-Measured results: see README.md.
+Measured results: README.md (the offline default) and docs/methods.md (every method, 3 seeds).
 Config-string arguments (``--config=experiments/configs/digits.py:method=at,seed=1``):
   method  distillation method name(s) (see kdjax.distill.METHODS)
   seed    random seed

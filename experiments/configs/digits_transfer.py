@@ -1,7 +1,7 @@
 """Transfer learning on sklearn's digits, offline: pre-train on digits 0-4, then learn digits 5-9
 from 10 labelled images per class (with `data=fashion_mnist`: the same on Fashion-MNIST's classes).
 
-    python -m experiments.digits_transfer            # the whole demo over 3 seeds: table in README.md
+    python -m experiments.digits_transfer            # the whole demo over 3 seeds: table in docs/transfer.md
     python -m experiments.digits --config=experiments/configs/digits_transfer.py:mode=pretrain
     python -m experiments.digits --config=experiments/configs/digits_transfer.py:mode=finetune,seed=1 \\
         --config.init.from_run=runs/<the pretrain run>
@@ -20,7 +20,7 @@ Config-string arguments:
         dress, coat; 30k images) for 3 epochs of batch 128, few-shot on 5-9 (sandal, shirt,
         sneaker, bag, ankle boot)
 The few-shot stages train 30 epochs of 5 steps (batch 10), Adam 3e-3, cosine. Measured results:
-README.md ("Transfer learning").
+docs/transfer.md.
 """
 
 from experiments.configs import common

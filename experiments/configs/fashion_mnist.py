@@ -11,8 +11,8 @@ kdjax.optim.resolve_learning_rate), cosine decay to 0 over each stage, no weight
 augmentation (so the frozen teacher's logits are computed once: `distill.cache_teacher='auto'`).
 `experiments/torch_reference/fashion_mnist.py` is the same recipe in PyTorch and
 `experiments/torch_reference/compare_fashion_mnist.py` runs both back to back (it reads the resolved
-learning rates, temperature and weights from this file). Runtime and accuracies: see README.md
-("Speed").
+learning rates, temperature and weights from this file). Runtime and accuracies: see
+docs/benchmarks.md (the whole Fashion-MNIST recipe against PyTorch).
 
 Config-string arguments (``--config=experiments/configs/fashion_mnist.py:method=dkd,seed=1``):
   method  distillation method name(s) (kdjax.distill.METHODS); feature-map methods switch the

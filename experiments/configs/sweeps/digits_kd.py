@@ -19,8 +19,8 @@ checkpoint. Outputs in runs/sweeps/digits_kd/: trials.csv, best.json, best_confi
 
 Expected runtime (2-core AMD EPYC VM, no accelerator, 2 workers): 96 s wall on an otherwise idle
 machine, 209 s while other jobs kept it busy (load ~6); each trial trains a teacher (20 epochs)
-and a student (60 epochs, or until pruned), 6-11 s of one core's time. Measured results: README.md,
-"Hyper-parameter search".
+and a student (60 epochs, or until pruned), 6-11 s of one core's time. Measured results:
+docs/sweeps.md.
 """
 
 from kdjax import sweep
