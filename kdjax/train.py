@@ -622,6 +622,7 @@ class Stage:
         _agree("latest checkpoints", -1 if latest is None else latest, ckpts.directory)
         if latest is not None:
             state, meta = ckpts.restore(latest, jax.device_get(state))
+            ckpts.check_selected(meta, self.role)  # before training on: the end would fail the same way
             logging.info("resuming stage %r from step %d (epoch %.2f of %d) in %s",
                          self.role, latest, latest / self.spe, self.epochs, ckpts.directory)
         else:
@@ -671,9 +672,8 @@ class Stage:
             if end_of_epoch:
                 meta = dict(self._end_of_epoch(step, state, eval_step, meta), skipped_steps=skipped)
                 stopped = _patience_exhausted(meta, patience)
-            if end_of_epoch or periodic or preempted:
-                score = meta["history"][-1]["score"] if end_of_epoch else None
-                ckpts.save(step, self.par.unreplicate(state), meta, score=score)
+            if end_of_epoch or periodic or preempted:  # keeps the latest N and meta's best_step
+                ckpts.save(step, self.par.unreplicate(state), meta)
                 control.saved()
             if end_of_epoch and self.on_epoch is not None:  # e.g. a sweep's pruner (it may raise)
                 self.on_epoch(self.role, meta["history"][-1])
@@ -789,7 +789,7 @@ class Stage:
             row["score"] = -1.0
         history = meta["history"] + [row]
         best_step, best_score = meta["best_step"], meta["best_score"]
-        # '>=': on ties the later epoch is selected, as orbax's BestN (a stable sort) keeps it.
+        # '>=': on ties the later epoch is selected (kdjax.checkpoint keeps exactly this step).
         if best_score is None or row["score"] >= best_score:
             best_step, best_score = step, row["score"]
         self._log(step, {k: v for k, v in row.items() if k not in ("epoch", "step")}, kind="eval")
@@ -892,7 +892,13 @@ def _read_stage_variables(run_dir: str, role: str) -> tuple[dict, dict, str, int
     if latest is None:
         ckpts.close()
         raise ValueError(f"no {role} checkpoint in {ckpt_dir}")
-    step = ckpts.restore_meta(latest).get("best_step") or latest
+    meta = ckpts.restore_meta(latest)
+    try:
+        ckpts.check_selected(meta, role)
+    except ValueError:
+        ckpts.close()
+        raise
+    step = meta.get("best_step") or latest
     try:
         state, _ = ckpts.restore(step)  # as saved; the callers check it against an architecture
     except Exception as e:  # orbax raises many types for truncated or corrupt files

@@ -48,6 +48,22 @@ def wait_for(proc, pattern, timeout=300):
     raise AssertionError(f"never saw {pattern!r} (exit code {proc.wait()})")
 
 
+# The kill-anywhere variants: (config overrides, the same as command-line flags, the range of the
+# teacher's and of the student's kill step). "val_early_stop": a validation split selects the
+# checkpoint and early stopping ends the student after epoch 5 of 8 (15 steps an epoch; the best
+# validation epoch is 4, step 60); the student's kill lands after that best checkpoint has aged out
+# of the latest two (periodic saves at 63, 66, ...), the case that once lost it.
+VARIANTS = {
+    "plain": ({}, (2, 42), (2, 20)),
+    "val_early_stop": ({"dataset.val_size": 0.3, "train.early_stop_patience": 1, "student.epochs": 8,
+                        "optimizer.learning_rate": 0.03}, (2, 28), (68, 73)),
+}
+
+
+def _flags(overrides):
+    return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("reference"))
@@ -61,17 +77,23 @@ def finished_checkpoints(workdir, stage):
     return sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
 
 
-def test_sigkill_anywhere_then_rerun_equals_uninterrupted(tmp_path, reference):
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_sigkill_anywhere_then_rerun_equals_uninterrupted(tmp_path, reference, variant):
+    overrides, teacher_range, student_range = VARIANTS[variant]
+    if overrides:
+        reference = str(tmp_path / "reference")
+        train.run(tiny_digits_config(**OVERRIDES, **overrides), reference)
+    extra = _flags(overrides)
     # Seeded, so a failure can be replayed: KDJAX_TEST_SEED=<seed> pytest -k sigkill_anywhere
     seed = int(os.environ.get("KDJAX_TEST_SEED", "0"))
     rng = random.Random(seed)
-    teacher_step, student_step = rng.randint(2, 42), rng.randint(2, 20)
+    teacher_step, student_step = rng.randint(*teacher_range), rng.randint(*student_range)
     points = [f"[teacher] train step {teacher_step} ", "stage 'student': training",
               f"[student] train step {student_step} "]
     print(f"kill points (KDJAX_TEST_SEED={seed}): {points}")
     workdir = str(tmp_path / "killed")
     for point in points:  # in the teacher stage, at the boundary, in the student stage
-        proc = start(workdir)
+        proc = start(workdir, *extra)
         wait_for(proc, point)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -79,7 +101,7 @@ def test_sigkill_anywhere_then_rerun_equals_uninterrupted(tmp_path, reference):
     # asynchronous): with one the rerun resumes, without one it restarts the stage. Either way the
     # final parameters must equal the uninterrupted run's.
     saved = finished_checkpoints(workdir, "student")
-    proc = start(workdir)
+    proc = start(workdir, *extra)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     if saved:
@@ -95,7 +117,12 @@ def test_sigkill_anywhere_then_rerun_equals_uninterrupted(tmp_path, reference):
     ref_summary = json.load(open(os.path.join(reference, "summary.json")))
     summary = json.load(open(os.path.join(workdir, "summary.json")))
     for role in ("teacher", "student"):
-        assert summary[role]["test_accuracy"] == ref_summary[role]["test_accuracy"], f"kill points: {points}"
+        for key in ("test_accuracy", "selected_epoch", "selected_test_accuracy", "selected_val_accuracy",
+                    "stopped_early_at_epoch"):
+            assert summary[role].get(key) == ref_summary[role].get(key), f"{role} {key}; kill points: {points}"
+    if overrides:  # the variant really selects by validation and stops early
+        assert ref_summary["student"]["stopped_early_at_epoch"] == 5
+        assert ref_summary["student"]["selected_by"] == "val_accuracy"
     assert read_metrics(workdir, "student")[-1] == read_metrics(reference, "student")[-1]
 
 
