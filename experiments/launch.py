@@ -9,7 +9,6 @@ multi-host flags.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import sys
@@ -97,22 +96,18 @@ def config_file_error(argument: str | None) -> str | None:
     (raises on import, lacks get_config, or get_config raises); None if it loads."""
     if not argument:
         return None
-    path, _, arg = argument.partition(":")
+    path = argument.partition(":")[0]
     if not os.path.isfile(path):
         names = sorted(n for n in os.listdir(CONFIGS_DIR)
                        if n.endswith(".py") and not n.startswith(("_", "common")))
         return (f"config file {path} not found; configs live in {_shown(CONFIGS_DIR)}{os.sep}: "
                 f"{', '.join(names)}")
+    from kdjax import config as kconfig
+
     try:
-        spec = importlib.util.spec_from_file_location("_kdjax_config_check", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        if not callable(getattr(module, "get_config", None)):
-            return f"config file {path} defines no get_config(arg=None) function"
-        module.get_config(*([arg] if ":" in argument else []))
-    except Exception as e:  # noqa: BLE001 - anything the user's config file raises
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        return f"config file {path}: {type(e).__name__}" + (f": {lines[-1]}" if lines else "")
+        kconfig.load_config_file(argument)
+    except ValueError as e:
+        return str(e)
     return None
 
 

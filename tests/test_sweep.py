@@ -362,7 +362,7 @@ def test_interrupted_trials_are_retried_and_live_ones_left_alone(tmp_path):
     study = optuna.create_study(study_name="r", storage=sweep.make_storage(None, workdir), direction="maximize")
     dead = subprocess.Popen(["true"])
     dead.wait()
-    me = sweep._me()
+    me = sweep.this_worker()
     elsewhere = dict(me, ns="another-machine")
     workers = {"dead": dict(me, pid=dead.pid), "alive": me, "silent elsewhere": elsewhere, "beating elsewhere": elsewhere}
     trials = {}
@@ -379,7 +379,7 @@ def test_interrupted_trials_are_retried_and_live_ones_left_alone(tmp_path):
     preempted.set_user_attr("interrupted", "stage 'student' stopped by SIGTERM at step 6")
     study.tell(preempted, state=optuna.trial.TrialState.FAIL)
     for _ in range(2):  # a second pass retries nothing more
-        sweep._retry_interrupted(p, workdir, study)
+        sweep.retry_interrupted(p, workdir, study)
     by_number = {t.number: t for t in study.get_trials()}
     retries = {t.system_attrs["failed_trial"]: t for t in by_number.values() if t.state.name == "WAITING"}
     expected = {trials["dead"].number, trials["silent elsewhere"].number, preempted.number}
@@ -397,7 +397,7 @@ def test_interrupted_trials_are_retried_and_live_ones_left_alone(tmp_path):
         assert t.suggest_float("distill.temperature", 1.0, 8.0) == 2.0
         t.set_user_attr("interrupted", "SIGTERM")
         study.tell(t, state=optuna.trial.TrialState.FAIL)
-        sweep._retry_interrupted(p, workdir, study)
+        sweep.retry_interrupted(p, workdir, study)
     chain = study.get_trials()
     assert [t.state.name for t in chain] == ["FAIL"] * 3
     assert [t.system_attrs.get("retry_history") for t in chain] == [None, [0], [0, 1]]
