@@ -435,15 +435,6 @@ def _batch_norm(ctx: Context, name: str) -> nn.BatchNorm:
                         axis_name=AXIS if ctx.train else None, name=name)
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
-    """x / max(||x||, 1e-12) along the last axis."""
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
-
-
-def _flat(x: jax.Array) -> jax.Array:
-    return x.reshape(x.shape[0], -1).astype(jnp.float32)
-
-
 def _resize_nearest(x: jax.Array, hw: tuple[int, int]) -> jax.Array:
     """torch F.interpolate(mode='nearest') of an NHWC map: source index floor(i * in / out)."""
     h, w = x.shape[1:3]
@@ -463,9 +454,9 @@ class Embed(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = _flat(x)
+        x = losses.relation.flatten(x)
         x = nn.Dense(self.dim, kernel_init=_torch_kernel, bias_init=_torch_bias(x.shape[-1]))(x)
-        return _l2_normalize(x) if self.normalize else x
+        return losses.contrastive.normalize_embedding(x) if self.normalize else x
 
 
 class ConvReg(nn.Module):
@@ -1012,7 +1003,7 @@ def _ofd_fn(name, student, teacher, ctx):
         if s.ndim != 4 or t.ndim != 4:
             raise ValueError(f"{name}: needs (B, H, W, C) feature maps, got student {s.shape} and teacher {t.shape}")
         s = OFDConnector(t.shape[-1], name=f"{name}_connector{i}")(s, ctx)
-        t = losses._adaptive_avg_pool(t.astype(jnp.float32), s.shape[1:3])
+        t = losses.feature.adaptive_avg_pool(t.astype(jnp.float32), s.shape[1:3])
         total = total + losses.ofd(s, t, m) / 2.0 ** (n - 1 - i)
     return total
 
@@ -1046,7 +1037,7 @@ def _nst(h, temperature, data):
 def _vid_fn(name, student, teacher, ctx, init_pred_var, eps):
     total = 0.0
     for i, (s, t) in enumerate(_pairs(name, student, teacher)):
-        s, t = losses._pool_to_common(s.astype(jnp.float32), t.astype(jnp.float32))
+        s, t = losses.feature.pool_to_common(s.astype(jnp.float32), t.astype(jnp.float32))
         c = t.shape[-1]
         mean, var = VIDRegressor(c, c, init_pred_var, eps, name=f"{name}_regressor{i}")(s)
         total = total + losses.vid(mean, t, var)

@@ -480,7 +480,7 @@ def test_dkd_confident_teacher_is_finite():
 def test_adaptive_pool_helper_matches_torch_bins():
     x = rnd(2, 7, 5, 3, seed=20)
     for oh, ow in [(3, 2), (1, 1), (4, 5), (7, 5)]:
-        np.testing.assert_allclose(np.asarray(L._adaptive_avg_pool(jnp.asarray(x), (oh, ow))),
+        np.testing.assert_allclose(np.asarray(L.feature.adaptive_avg_pool(jnp.asarray(x), (oh, ow))),
                                    np_pool(x, oh, ow), **TOL)
 
 
@@ -678,10 +678,23 @@ def test_value_error_raised_at_trace_time_under_jit():
 
 
 def test_all_lists_exactly_the_public_functions():
+    # the functions defined in the family modules (kdjax.losses.logit, .feature, ...) and re-exported
     public = {n for n, v in vars(L).items()
-              if not n.startswith("_") and callable(v) and getattr(v, "__module__", None) == L.__name__}
+              if not n.startswith("_") and callable(v) and getattr(v, "__module__", "").startswith(L.__name__ + ".")}
     assert set(L.__all__) == public
     assert len(L.__all__) == len(set(L.__all__))
     namespace = {}
     exec("from kdjax.losses import *", namespace)
     assert not {"jax", "jnp", "np", "optax", "math"} & set(namespace)
+
+
+def test_import_needs_neither_flax_nor_the_config():
+    """`kdjax.losses` is usable in anyone's JAX code: importing it (and its family modules) brings in
+    neither Flax nor ml_collections."""
+    import subprocess
+    import sys
+
+    code = ("import sys, kdjax.losses, kdjax.losses.feature, kdjax.losses.relation, kdjax.losses.contrastive; "
+            "print('flax' in sys.modules, 'ml_collections' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]

@@ -105,10 +105,10 @@ def test_kdsvd_gradient_is_finite_on_low_rank_maps_and_matches_eigh():
 
     def f(x, decompose):
         w, v = decompose(jnp.einsum("bkc,bkd->bcd", x, x))
-        return jnp.sum(w[:, :2] * jnp.arange(2.0)) + jnp.sum(losses._canonical_sign(v[..., :2]) * jnp.arange(5.0)[:, None])
+        return jnp.sum(w[:, :2] * jnp.arange(2.0)) + jnp.sum(losses.feature._canonical_sign(v[..., :2]) * jnp.arange(5.0)[:, None])
 
     native = lambda g: tuple(a[..., ::-1] for a in jnp.linalg.eigh(g))  # noqa: E731
-    grads = jax.jit(lambda x: (jax.grad(functools.partial(f, decompose=losses._eigh_desc))(x),
+    grads = jax.jit(lambda x: (jax.grad(functools.partial(f, decompose=losses.feature._eigh_desc))(x),
                                jax.grad(functools.partial(f, decompose=native))(x)))
     ours, theirs = grads(x)
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
@@ -349,7 +349,7 @@ print("done")
 def test_kdsvd_gradient_on_two_devices_does_not_deadlock():
     """jaxlib's CPU eigh spreads a batch over the intra-op thread pool and blocks; two host devices
     running a kdsvd gradient step at once deadlocked in 5 of 6 runs of 300 steps (and this test failed 1 run in 3) until kdsvd
-    decomposed one matrix per call (losses._eigh_desc). 300 steps in a subprocess, with a deadline."""
+    decomposed one matrix per call (losses.feature._eigh_desc). 300 steps in a subprocess, with a deadline."""
     import subprocess
     import sys
 
