@@ -79,7 +79,7 @@ def one_device_env():
 
 
 def test_teacher_relevant_fields_move_the_teacher(tmp_path):
-    p = sweep.plan(sweep_config())
+    p = sweep.parse(sweep_config())
     _, _, base_teacher = p.configs({"distill.temperature": 4.0, "distill.kd.weight": 0.9}, str(tmp_path))
     student_side = {"distill.temperature": 2.0, "distill.kd.weight": 0.5, "student.learning_rate_scale": 2.0,
                     "student.epochs": 3, "distill.ce_weight": 0.3}
@@ -98,7 +98,7 @@ def test_teacher_relevant_fields_move_the_teacher(tmp_path):
         dirs.add(teacher_dir)
     assert len(dirs) == len(teacher_side)
     # teacher_sharing='base': one teacher whatever the trial changes
-    p = sweep.plan(sweep_config(teacher_sharing="base"))
+    p = sweep.parse(sweep_config(teacher_sharing="base"))
     assert p.configs({"optimizer.learning_rate": 0.01}, str(tmp_path))[2] == base_teacher
 
 
@@ -107,7 +107,7 @@ def test_digits_kd_sweep_config():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
-    p = sweep.plan(c)
+    p = sweep.parse(c)
     assert (p.study, p.objective, p.n_trials, p.sampler["name"], p.pruner["name"]) == ("digits_kd", "student", 20, "tpe", "median")
     assert p.base.dataset.val_size == 0.2 and p.base.teacher.model == "cnn_small" and p.base.student.model == "mlp"
     space = {q.field: q for q in p.params}
@@ -198,12 +198,12 @@ def test_bad_input_is_one_line_and_exit_2_via_the_cli(tmp_path):
 def test_a_changed_sweep_in_the_same_folder_is_refused(tmp_path):
     workdir = str(tmp_path / "sw")
     os.makedirs(workdir)
-    p = sweep.plan(sweep_config())
+    p = sweep.parse(sweep_config())
     with open(os.path.join(workdir, "sweep.json"), "w") as f:
         json.dump({"setup": json.loads(json.dumps(p.setup(), default=str)), "n_trials": 3}, f)
-    sweep.check_workdir(sweep.plan(sweep_config(n_trials=5)), workdir)  # more trials: fine
+    sweep.check_workdir(sweep.parse(sweep_config(n_trials=5)), workdir)  # more trials: fine
     with pytest.raises(ValueError, match=r"holds a sweep with another setup \(differs in: search_space"):
-        sweep.check_workdir(sweep.plan(sweep_config(search_space={"distill.temperature": KD_SPACE["distill.temperature"]})), workdir)
+        sweep.check_workdir(sweep.parse(sweep_config(search_space={"distill.temperature": KD_SPACE["distill.temperature"]})), workdir)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,7 +357,7 @@ def test_interrupted_trials_are_retried_and_live_ones_left_alone(tmp_path):
     which names the original trial (so it resumes trials/<original>); live trials are untouched."""
     import optuna
 
-    p = sweep.plan(sweep_config(max_retries=2, stale_after_minutes=1.0))
+    p = sweep.parse(sweep_config(max_retries=2, stale_after_minutes=1.0))
     workdir = str(tmp_path)
     study = optuna.create_study(study_name="r", storage=sweep.make_storage(None, workdir), direction="maximize")
     dead = subprocess.Popen(["true"])

@@ -55,20 +55,20 @@ from kdjax.sweep.space import (
     STUDENT_ONLY,
     TEACHER_SHARING,
     Param,
-    Plan,
+    Sweep,
     apply,
     build_config,
     defaults,
     load_config_file,
-    plan,
+    parse,
     student_only,
     teacher_identity,
 )
 from kdjax.sweep.workers import progress, retry_interrupted, root_number, this_worker
 
 __all__ = [
-    "KINDS", "PRUNERS", "SAMPLERS", "STUDENT_ONLY", "TEACHER_SHARING", "Param", "Plan", "apply", "build_config",
+    "KINDS", "PRUNERS", "SAMPLERS", "STUDENT_ONLY", "TEACHER_SHARING", "Param", "Sweep", "apply", "build_config",
     "check_storage", "check_workdir", "default_workdir", "defaults", "format_report", "load_config_file",
-    "make_pruner", "make_sampler", "make_storage", "plan", "progress", "retry_interrupted", "root_number", "run",
+    "make_pruner", "make_sampler", "make_storage", "parse", "progress", "retry_interrupted", "root_number", "run",
     "student_only", "teacher_identity", "this_worker", "write_plots", "write_report",
 ]

@@ -39,7 +39,7 @@ class Objective:
     """Optuna objective: one kdjax run per trial. Entered with the sweep lock held; releases it
     once the trial has its parameters and worker (so trial creation is serialised)."""
 
-    def __init__(self, p: space.Plan, workdir: str, lock: workers.FileLock, heartbeat_s: float):
+    def __init__(self, p: space.Sweep, workdir: str, lock: workers.FileLock, heartbeat_s: float):
         self.p, self.workdir, self.lock, self.heartbeat_s = p, workdir, lock, heartbeat_s
         self.interrupted: BaseException | None = None
 

@@ -16,7 +16,7 @@ from absl import logging
 from kdjax.sweep import _files, space, workers
 
 
-def _best_config_text(p: space.Plan, trial, workdir: str) -> str:
+def _best_config_text(p: space.Sweep, trial, workdir: str) -> str:
     params = dict(trial.params)
     _, _, teacher_dir = p.configs(params, workdir)
     overrides = dict(p.overrides)
@@ -62,7 +62,7 @@ def _best_config_text(p: space.Plan, trial, workdir: str) -> str:
     return doc + body
 
 
-def _rows(p: space.Plan, study) -> list[dict]:
+def _rows(p: space.Sweep, study) -> list[dict]:
     retried = workers.retried_numbers(study.get_trials(deepcopy=False))
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -83,7 +83,7 @@ def _rows(p: space.Plan, study) -> list[dict]:
     return rows
 
 
-def write_report(p: space.Plan, study, workdir: str, plots: bool, report_only: bool = False) -> dict:
+def write_report(p: space.Sweep, study, workdir: str, plots: bool, report_only: bool = False) -> dict:
     """trials.csv, best.json, best_config.py and (with `plots`, once the sweep has finished or
     with `report_only`) the PNGs. Called under the sweep lock; every file is replaced atomically.
     Returns the content of best.json."""
@@ -137,7 +137,7 @@ def write_report(p: space.Plan, study, workdir: str, plots: bool, report_only: b
     return best
 
 
-def write_plots(p: space.Plan, study, workdir: str, n_complete: int) -> list[str]:
+def write_plots(p: space.Sweep, study, workdir: str, n_complete: int) -> list[str]:
     """The PNGs of optuna.visualization.matplotlib; a plot that cannot be drawn is a logged line."""
     import matplotlib
 

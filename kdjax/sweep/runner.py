@@ -23,7 +23,7 @@ def check_storage(storage: str | None) -> None:
                          "postgresql://user@host/db (the default is a journal file in the sweep folder)")
 
 
-def check_workdir(p: space.Plan, workdir: str) -> None:
+def check_workdir(p: space.Sweep, workdir: str) -> None:
     """Refuses a sweep folder that holds another sweep (one line, before anything is written)."""
     saved = _files.read_json(os.path.join(workdir, "sweep.json"))
     if saved is None:
@@ -38,7 +38,7 @@ def check_workdir(p: space.Plan, workdir: str) -> None:
                          "the same sweep config to continue it (n_trials may change), or choose a new --workdir")
 
 
-def make_sampler(p: space.Plan, number: int):
+def make_sampler(p: space.Sweep, number: int):
     import optuna
 
     s = p.sampler
@@ -54,7 +54,7 @@ def make_sampler(p: space.Plan, number: int):
                                           multivariate=bool(s["multivariate"]), constant_liar=True)
 
 
-def make_pruner(p: space.Plan):
+def make_pruner(p: space.Sweep):
     import optuna
 
     q = p.pruner
@@ -85,7 +85,7 @@ def run(sweep_config, workdir: str | None = None, storage: str | None = None, re
     returns the content of best.json. Bad input: one-line ValueError, nothing written."""
     import optuna
 
-    p = space.plan(sweep_config)
+    p = space.parse(sweep_config)
     check_storage(storage)
     workdir = workdir or default_workdir(p.study)
     check_workdir(p, workdir)

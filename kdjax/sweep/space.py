@@ -1,8 +1,8 @@
 """The sweep config, its search space and the validated sweep (no Optuna, nothing written).
 
-`defaults()` is the sweep config's schema; `plan(sweep_config)` validates one into a `Plan` (the
+`defaults()` is the sweep config's schema; `parse(sweep_config)` validates one into a `Sweep` (the
 base experiment config with the fixed overrides, the searched `Param`s, sampler and pruner
-settings), and `Plan.configs` gives the experiment config of a trial and of its shared teacher.
+settings), and `Sweep.configs` gives the experiment config of a trial and of its shared teacher.
 `build_config` is what a generated best_config.py calls.
 """
 
@@ -139,7 +139,7 @@ def teacher_identity(config) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# The validated plan
+# The validated sweep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +229,7 @@ class Param:
 
 
 @dataclasses.dataclass
-class Plan:
+class Sweep:
     """A validated sweep: everything `run` needs, computed without writing anything."""
 
     study: str
@@ -291,7 +291,7 @@ def objective_epochs(config, stage: str) -> int:
     return int(config[block].epochs)
 
 
-def plan(sweep_config) -> Plan:
+def parse(sweep_config) -> Sweep:
     """Validates a sweep config; every mistake is a one-line ValueError and nothing is written."""
     c = sweep_config
     unknown = sorted(set(c) - set(defaults()))
@@ -383,7 +383,7 @@ def plan(sweep_config) -> Plan:
     for name in ("max_retries", "max_failures_in_a_row"):
         if int(get(name)) < 0:
             raise ValueError(f"config.{name} must be >= 0, got {get(name)}")
-    return Plan(study=study, base_ref=base_ref, base=base, overrides=overrides, params=params, objective=objective,
+    return Sweep(study=study, base_ref=base_ref, base=base, overrides=overrides, params=params, objective=objective,
                 stages=stages, n_trials=n_trials, sampler=sampler, pruner=pruner, teacher_sharing=sharing,
                 share_teacher=share, enqueue=enqueue, max_retries=int(get("max_retries")),
                 stale_after_s=60.0 * float(get("stale_after_minutes")),

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from absl import logging
 
 if TYPE_CHECKING:
-    from kdjax.sweep.space import Plan
+    from kdjax.sweep.space import Sweep
 
 WORKER = "kdjax_worker"  # user attr of a RUNNING trial: which process runs it
 
@@ -132,7 +132,7 @@ def root_number(trial) -> int:
     return int(trial.system_attrs.get("failed_trial", trial.number))
 
 
-def _stale(p: Plan, workdir: str, trial) -> str | None:
+def _stale(p: Sweep, workdir: str, trial) -> str | None:
     """Why the RUNNING `trial` is dead, or None if it may be alive. Called under the sweep lock."""
     worker = trial.user_attrs.get(WORKER)
     if worker is None:  # trials get their worker under the sweep lock: its creator died in between
@@ -149,7 +149,7 @@ def _stale(p: Plan, workdir: str, trial) -> str | None:
     return None
 
 
-def retry_interrupted(p: Plan, workdir: str, study) -> None:
+def retry_interrupted(p: Sweep, workdir: str, study) -> None:
     """Marks dead RUNNING trials FAIL and queues a retry (same parameters, same run folder) of
     every interrupted trial not yet retried. Called under the sweep lock."""
     import optuna
@@ -184,7 +184,7 @@ def _counted(trials) -> list:
     return [t for t in trials if t.number not in retried]
 
 
-def progress(p: Plan, study) -> dict:
+def progress(p: Sweep, study) -> dict:
     """Trial counts by state (retried ones left out) and whether the sweep has finished."""
     import optuna
 
