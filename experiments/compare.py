@@ -125,7 +125,7 @@ def _student_stages(config) -> str:
 
 def plan(config_argument: str, methods: list[str], seeds: list[int], root: str, overrides: dict) -> tuple[str, list[Planned]]:
     """(the comparison folder, every run in the order they train). ValueError: one line."""
-    from kdjax import train
+    from kdjax import runs as kruns
 
     path, _, arg = config_argument.partition(":")
     items = _arg_items(arg)
@@ -161,7 +161,7 @@ def plan(config_argument: str, methods: list[str], seeds: list[int], root: str, 
             scratch.augment.views = default.augment.views  # (the labels-only baseline reads no strong view)
             scratch.student_init = copy.deepcopy(default.student_init)
             scratch.stages = "student_scratch"
-            ident = json.dumps(train.run_identity(scratch), sort_keys=True, default=str)
+            ident = json.dumps(kruns.run_identity(scratch), sort_keys=True, default=str)
             if ident not in scratch_seen:
                 scratch_seen.add(ident)
                 label = _baseline_label(scratch, base_scratch)
@@ -178,33 +178,33 @@ def _baseline_label(scratch, base_scratch) -> str:
     the other methods of a command): 'scratch' for the config's own student, 'scratch-<model>' for
     another model with the config's settings, 'scratch-<model>-<hash of its config>' otherwise
     (e.g. digits' fsp/kdsvd student: cnn_tiny at the teacher's widths)."""
-    from kdjax import train
+    from kdjax import runs as kruns
 
-    ident = train.run_identity(scratch)
-    if ident == train.run_identity(base_scratch):
+    ident = kruns.run_identity(scratch)
+    if ident == kruns.run_identity(base_scratch):
         return "scratch"
     label = f"scratch-{scratch.student.model}"
     plain = copy.deepcopy(base_scratch)
     plain.student.model = scratch.student.model
-    if ident == train.run_identity(plain):
+    if ident == kruns.run_identity(plain):
         return label
     unseeded = copy.deepcopy(scratch)
     unseeded.seed = 0
-    key = json.dumps(train.run_identity(unseeded), sort_keys=True, default=str)
+    key = json.dumps(kruns.run_identity(unseeded), sort_keys=True, default=str)
     return label + "-" + hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
 def _finished(run: Planned) -> bool | None:
     """True: finished with this config; False: not (yet) run or unfinished; ValueError: the folder
     holds a run of another config."""
-    from kdjax import train
+    from kdjax import runs as kruns
 
     path = os.path.join(run.workdir, "config.json")
     if not os.path.exists(path):
         return False
     with open(path) as f:
         saved = json.load(f)
-    old, new = train.run_identity(saved), train.run_identity(run.config)
+    old, new = kruns.run_identity(saved), kruns.run_identity(run.config)
     changed = sorted(k for k in set(old) & set(new) if old[k] != new[k])
     # A model's constructor arguments exist on one side only when they differ (an empty kwargs
     # dict flattens to nothing), unlike a config field added to kdjax since the run.
@@ -234,7 +234,7 @@ def preflight(runs: list[Planned]) -> None:
             continue
         seen.add(run.label)
         train.validate(run.config)
-        for role in train._stages(run.config):  # noqa: SLF001 - the same stage list the run will use
+        for role in train.planned_stages(run.config):  # the same stage list the run will use
             planned = [teacher_model] if role != "teacher" else []
             train.Stage(role, run.config, dataset, par, run.workdir).preflight(planned)
 

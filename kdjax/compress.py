@@ -42,7 +42,7 @@ from kdjax import data as kdata
 from kdjax import export as kexport
 from kdjax import models
 from kdjax import quantize
-from kdjax import train
+from kdjax import inference, runs, train
 
 VARIANT_STAGES = ("prune", "qat")
 PTQ = {"weights": "int8", "static": "int8-static", "bf16": "bf16"}  # compress.ptq entry -> variant name
@@ -90,7 +90,7 @@ def variant_config(config: ml_collections.ConfigDict, name: str, workdir: str) -
 def plan(config) -> list[tuple[str, str, str | None, str | None]]:
     """The rows, in order: (name, run folder relative to the workdir, stage, post-training kind)."""
     c = config.compress
-    rows = [(BASE_ROWS[r], ".", r, None) for r in BASE_ROWS if r in train._stages(experiment_config(config))]
+    rows = [(BASE_ROWS[r], ".", r, None) for r in BASE_ROWS if r in train.planned_stages(experiment_config(config))]
     if "student" not in [r[2] for r in rows]:
         raise ValueError("experiments.compress compresses the distilled student: keep 'student' in config.stages")
     for kind in filter(None, (k.strip() for k in str(c.ptq).split(","))):
@@ -109,7 +109,7 @@ def load_row(workdir: str, folder: str, stage: str, kind: str | None, dataset: k
     checkpoint, converted to int8 for a 'qat' stage (with that run's quant.mode) and for the
     post-training kinds 'weights'/'static' (int8), or cast for 'bf16'."""
     run_dir = os.path.join(workdir, folder)
-    model, variables, result = train.load_trained_model(run_dir, stage, dataset, jnp.float32)
+    model, variables, result = runs.load_trained_model(run_dir, stage, dataset, jnp.float32)
     with open(os.path.join(run_dir, "config.json")) as f:
         saved = json.load(f)
     quant = saved.get("quant", {})
@@ -131,7 +131,7 @@ def load_row(workdir: str, folder: str, stage: str, kind: str | None, dataset: k
 
 def accuracy(model, variables, dataset: kdata.Dataset, batch: int = 512) -> float:
     """Test accuracy of an eval-mode forward pass (float, bf16 or Qwix-quantised variables)."""
-    logits = train.predict_logits(model, variables, dataset.test.images, dataset.mean, dataset.std, batch)
+    logits = inference.predict_logits(model, variables, dataset.test.images, dataset.mean, dataset.std, batch)
     return float(np.mean(logits.argmax(-1) == dataset.test.labels))
 
 

@@ -23,7 +23,7 @@ Where the figures come from:
   A stage written before predictions.npz existed gets its logits recomputed from the checkpoint
   (the report says so in ``logits_source``).
 - Parameters, FLOPs per image and latency come from the selected checkpoint, loaded with
-  ``kdjax.train.load_trained_model(run, stage, dataset, float32)``: FLOPs are XLA's cost analysis
+  ``kdjax.runs.load_trained_model(run, stage, dataset, float32)``: FLOPs are XLA's cost analysis
   of the jitted eval-mode forward (uint8 images -> normalisation -> logits) compiled for batch 1;
   latency is the median of `latency_calls` calls of that compiled forward at batch 1 and at the
   run's ``eval_batch_size`` on the first local device (kdjax.compress.device_name()). A 'qat'
@@ -284,10 +284,10 @@ def performance(model, variables, images: np.ndarray, mean, std, eval_batch: int
     to fill the batch)."""
     import jax
 
-    from kdjax import models, train
+    from kdjax import inference, models
     from kdjax.compress import median_seconds
 
-    fwd = train.eval_forward(model, mean, std)
+    fwd = inference.eval_forward(model, mean, std)
     variables = jax.device_put(variables)
     one = jax.device_put(np.asarray(images[:1]))
     big = jax.device_put(np.resize(images, (eval_batch,) + images.shape[1:]))
@@ -328,7 +328,7 @@ def report(workdir: str, *, latency_calls: int = LATENCY_CALLS, plots: bool = Tr
     import jax
 
     from kdjax import compress
-    from kdjax import train
+    from kdjax import inference, runs, train
 
     if jax.process_index() != 0:
         return None
@@ -363,14 +363,14 @@ def report(workdir: str, *, latency_calls: int = LATENCY_CALLS, plots: bool = Tr
                 try:
                     import jax.numpy as jnp
 
-                    model, variables, _ = train.load_trained_model(run_dir, stage, dataset, jnp.float32)
+                    model, variables, _ = runs.load_trained_model(run_dir, stage, dataset, jnp.float32)
                 except Exception as err:  # noqa: BLE001 - e.g. checkpoints deleted: accuracy still reported
                     perf_error = f"checkpoint not loadable ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
             if os.path.exists(pred_path):
                 logits, labels = load_predictions(pred_path)
                 source = os.path.relpath(pred_path, workdir)
             elif model is not None:
-                logits = train.predict_logits(model, variables, dataset.test.images, dataset.mean, dataset.std,
+                logits = inference.predict_logits(model, variables, dataset.test.images, dataset.mean, dataset.std,
                                               eval_batch)
                 labels = np.asarray(dataset.test.labels)
                 source = (f"recomputed from the {stage} checkpoint by the eval forward (no {stage}/predictions.npz: "
@@ -427,7 +427,7 @@ def report(workdir: str, *, latency_calls: int = LATENCY_CALLS, plots: bool = Tr
         "source": ("Every accuracy-type figure (top-1, top-5, per-class precision/recall/F1, confusion matrix, "
                    "ROC-AUC, NLL, ECE, agreement, KL) is computed from each model's <stage>/predictions.npz "
                    "(test logits of the selected checkpoint, and labels), so anyone can recompute it; params, "
-                   "FLOPs and latency from the checkpoint (kdjax.train.load_trained_model)."),
+                   "FLOPs and latency from the checkpoint (kdjax.runs.load_trained_model)."),
         "jax_version": jax.__version__,
         "models": rows,
         "skipped": skipped,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import re
 import signal
@@ -39,11 +38,13 @@ from kdjax import checkpoint as kckpt
 from kdjax import data as kdata
 from kdjax import distill
 from kdjax import feed
+from kdjax import inference
 from kdjax import logs
 from kdjax import models
 from kdjax import optim
 from kdjax import prune
 from kdjax import quantize
+from kdjax import runs
 from kdjax import runtime
 from kdjax import step as kstep
 
@@ -114,43 +115,6 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Small helpers
 
 
-def _is_main() -> bool:
-    return jax.process_index() == 0
-
-
-def _write_json(path: str, obj: Any) -> None:
-    if not _is_main():
-        return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
-
-
-def _read_json(path: str, default=None):
-    if not os.path.exists(path):
-        return default
-    with open(path) as f:
-        return json.load(f)
-
-
-def _agree(what: str, value: int, where: str) -> None:
-    """Checks that every process sees the same `value` (a bool, or e.g. the latest checkpoint step
-    with -1 for none) in `where`; raises a one-line ValueError otherwise. Processes that do not share the
-    workdir would otherwise restore different states and diverge, or wait for each other forever.
-    Call it right after reading, before anything is written (it is a collective)."""
-    if jax.process_count() == 1:
-        return
-    from jax.experimental import multihost_utils
-
-    values = [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int64(value))).reshape(-1)]
-    if len(set(values)) > 1:
-        show = (lambda v: "yes" if v else "no") if isinstance(value, bool) else (lambda v: "none" if v < 0 else v)
-        seen = ", ".join(f"process {i}: {show(v)}" for i, v in enumerate(values))
-        raise ValueError(f"the processes see different {what} in {where} ({seen}); every process must read and "
-                         "write the same workdir (a shared filesystem): rerun with a --workdir they all share")
-
-
 def _cache_obstacle(config) -> str | None:
     """Why config's teacher sees a different input for an example each epoch (see feed.cache_obstacle)."""
     a = config.augment
@@ -159,7 +123,8 @@ def _cache_obstacle(config) -> str | None:
                                views=a.get("views", ""))
 
 
-def _stages(config) -> list[str]:
+def planned_stages(config) -> list[str]:
+    """The stages `config.stages` lists, in order, checked against each other (one-line ValueErrors)."""
     stages = [s.strip() for s in str(config.stages).split(",") if s.strip()]
     for s in stages:
         if s not in ROLES:
@@ -214,7 +179,7 @@ def validate(config) -> None:
             raise ValueError(f"config.{role}.epochs must be > 0, got {config[role].epochs}")
     parse_classes(config.dataset.get("classes", ""))
     p = config.get("prune")
-    if p is not None and "prune" in _stages(config):
+    if p is not None and "prune" in planned_stages(config):
         prune.check({}, {}, p.method, p.sparsity, p.scope, p.n, p.m, p.criterion)  # kernels: in the pre-flight
         if p.epochs <= 0:
             raise ValueError(f"config.prune.epochs must be > 0, got {p.epochs}")
@@ -224,7 +189,7 @@ def validate(config) -> None:
     q = config.get("quant")
     if q is not None:
         quantize.check_settings(q.mode, q.exclude)
-        if "qat" in _stages(config) and q.epochs <= 0:
+        if "qat" in planned_stages(config) and q.epochs <= 0:
             raise ValueError(f"config.quant.epochs must be > 0, got {q.epochs}")
         if q.calibration_batches < 0:
             raise ValueError(f"config.quant.calibration_batches must be >= 0, got {q.calibration_batches}")
@@ -275,27 +240,11 @@ def validate(config) -> None:
     # The views serve the distillation terms: checked against them when a stage distils ('student'),
     # only their spelling otherwise (a compare baseline of an mlkd config trains on the weak view).
     distill.check_views(distill.build_terms(config.distill.to_dict()), config.augment.get("views", ""))
-    _stages(config)
+    planned_stages(config)
 
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation
-
-
-def evaluate(eval_fn, par: kstep.DataParallel, variables, split: kdata.Split, batch_size: int) -> dict:
-    """Accuracy and mean cross-entropy of `variables` on a whole split (all processes).
-
-    `batch_size` is rounded up to a multiple of the device count; the padding (and the padded
-    last batch) is masked out of the metrics, so any eval batch size works on any device count."""
-    batch_size = -(-batch_size // par.num_devices) * par.num_devices
-    totals = {"correct": 0.0, "count": 0.0, "loss_sum": 0.0}
-    for images, labels, mask in kdata.eval_batches(
-        split, batch_size, process_index=jax.process_index(), process_count=jax.process_count()
-    ):
-        out = par.unreplicate(eval_fn(variables, par.shard({"image": images, "label": labels, "mask": mask})))
-        for k in totals:
-            totals[k] += float(out[k])
-    return {"accuracy": totals["correct"] / totals["count"], "loss": totals["loss_sum"] / totals["count"]}
 
 
 def _patience_exhausted(meta: dict, patience: int) -> bool:
@@ -306,36 +255,6 @@ def _patience_exhausted(meta: dict, patience: int) -> bool:
         return False
     scores = [h["score"] for h in history]
     return len(scores) - 1 - scores.index(max(scores)) >= patience
-
-
-def eval_forward(model, mean, std):
-    """The jitted eval-mode forward pass fn(variables, uint8 images) -> float32 logits, with the
-    normalisation inside (what the trainer evaluates and kdjax.export ships)."""
-    return jax.jit(lambda v, x: models.apply_model(model, v, kdata.normalize(x, mean, std), train=False)[0])
-
-
-def predict_logits(model, variables, images, mean, std, batch: int = 512) -> np.ndarray:
-    """Eval-mode float32 logits of uint8 `images` on one device, in batches."""
-    fwd = eval_forward(model, mean, std)
-    return np.concatenate([np.asarray(fwd(variables, images[i:i + batch]), np.float32)
-                           for i in range(0, len(images), batch)])
-
-
-def inference_throughput(model, variables, image_shape, mean, std, batch: int = 256, seconds: float = 1.0) -> float:
-    """Images per second of the jitted eval-mode forward pass on one device.
-
-    After one warm-up call, repeats the forward pass for at least `seconds` (and 3 calls) and
-    divides the images processed by the time taken.
-    """
-    fwd = eval_forward(model, mean, std)
-    x = jax.device_put(jnp.zeros((batch,) + tuple(image_shape), jnp.uint8))
-    variables = jax.device_put(variables)
-    fwd(variables, x).block_until_ready()
-    calls, start = 0, time.perf_counter()
-    while calls < 3 or time.perf_counter() - start < seconds:
-        fwd(variables, x).block_until_ready()
-        calls += 1
-    return batch * calls / (time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,7 +274,7 @@ def _stage_terms(role: str, config, train: kdata.Split) -> tuple[distill.Term, .
     terms = distill.build_terms(config.distill.to_dict(), label_smoothing=smoothing,
                                 num_data=len(train.labels), dataset_labels=train.labels)
     wanted = [n.strip() for n in config.student_init.terms.split(",") if n.strip()]
-    if "student_init" not in _stages(config):
+    if "student_init" not in planned_stages(config):
         wanted = []
     for t in terms:
         if (t.init_only or t.init_fn is not None) and t.name not in wanted:
@@ -499,7 +418,7 @@ class Stage:
         if self.init_from is not None:
             source = jax.device_get(self.variables_of(self.init_from))
         elif self.transfer:
-            source = _read_stage_variables(self.transfer[0], self.transfer[1])[0]
+            source = runs.read_stage_variables(self.transfer[0], self.transfer[1])[0]
         else:
             return None
         p = self.config.prune
@@ -544,9 +463,9 @@ class Stage:
         if not (transfer and self.transfer):
             return state
         run_dir, role, reinit = self.transfer
-        source, *_ = _read_stage_variables(run_dir, role)
+        source, *_ = runs.read_stage_variables(run_dir, role)
         fresh = jax.device_get(self.variables_of(state))
-        variables = transfer_variables(fresh, source, reinit, where=f"the {role} of {run_dir}")
+        variables = runs.transfer_variables(fresh, source, reinit, where=f"the {role} of {run_dir}")
         logging.info("[%s] initialised from the %s of %s (re-initialised: %s)", self.role, role, run_dir,
                      reinit or "nothing")
         params = dict(state.params, student=variables.pop("params"))
@@ -580,7 +499,7 @@ class Stage:
             quantize.check(self.float_model, self.ds.image_shape, self.config.quant.mode, self.config.quant.exclude)
         if self.transfer and not self.surgery:  # the earlier run exists and its model fits this one
             run_dir, role, reinit = self.transfer
-            transfer_variables(s_vars, _read_stage_variables(run_dir, role)[0], reinit,
+            runs.transfer_variables(s_vars, runs.read_stage_variables(run_dir, role)[0], reinit,
                                where=f"the {role} of {run_dir}")
 
     @staticmethod
@@ -602,9 +521,9 @@ class Stage:
 
         Whatever happens, checkpoints being written are finished before this returns or raises.
         """
-        if self.surgery and _is_main():  # the architecture load_trained_model rebuilds
+        if self.surgery and runs.is_main():  # the architecture load_trained_model rebuilds
             os.makedirs(self.dir, exist_ok=True)
-            _write_json(os.path.join(self.dir, "model.json"), {"model": self.model_name, "kwargs": self.model_kwargs})
+            runs.write_json(os.path.join(self.dir, "model.json"), {"model": self.model_name, "kwargs": self.model_kwargs})
         ckpts = kckpt.StageCheckpoints(os.path.join(self.dir, "checkpoints"), keep=self.config.checkpoint.keep)
         self.logger = None
         try:
@@ -619,7 +538,7 @@ class Stage:
         meta = {"history": [], "best_step": None, "best_score": None}
         latest = ckpts.latest_step()
         state = self._init(transfer=latest is None)
-        _agree("latest checkpoints", -1 if latest is None else latest, ckpts.directory)
+        runs.agree("latest checkpoints", -1 if latest is None else latest, ckpts.directory)
         if latest is not None:
             state, meta = ckpts.restore(latest, jax.device_get(state))
             ckpts.check_selected(meta, self.role)  # before training on: the end would fail the same way
@@ -633,7 +552,7 @@ class Stage:
         self.logger = logs.StageLog(
             self.workdir, self.role, total_steps=self.total_steps, steps_per_epoch=self.spe, batch_size=self.batch_size,
             start_step=latest or 0, progress=lc.get("progress", True), progress_seconds=lc.get("progress_seconds", 30.0),
-            tensorboard=lc.get("tensorboard", True), wandb=lc.get("wandb", False), config=run_identity(c))
+            tensorboard=lc.get("tensorboard", True), wandb=lc.get("wandb", False), config=runs.run_identity(c))
 
         cache_start = time.time()
         cache = self._teacher_cache()  # frozen teacher outputs computed once, or None
@@ -702,7 +621,7 @@ class Stage:
             "steps": self.total_steps,
             "train_seconds_this_session": round(train_seconds, 2),
             "teacher_cache_seconds_this_session": round(cache_seconds, 2) if cache is not None else None,
-            "images_per_sec": inference_throughput(self.model, best_vars, self.ds.image_shape,
+            "images_per_sec": inference.inference_throughput(self.model, best_vars, self.ds.image_shape,
                                                    self.ds.mean, self.ds.std, batch=c.throughput_batch),
             "terms": {t.name: t.weight for t in self.terms},
         }
@@ -732,9 +651,9 @@ class Stage:
     def _write_predictions(self, variables) -> None:
         """``<stage>/predictions.npz``: the selected model's test-set logits and the labels, from
         which every figure of the evaluation report can be recomputed."""
-        logits = predict_logits(self.model, variables, self.ds.test.images, self.ds.mean, self.ds.std,
+        logits = inference.predict_logits(self.model, variables, self.ds.test.images, self.ds.mean, self.ds.std,
                                 self.config.eval_batch_size)
-        if _is_main():
+        if runs.is_main():
             tmp = os.path.join(self.dir, "predictions.tmp.npz")
             np.savez(tmp, logits=logits, labels=np.asarray(self.ds.test.labels))
             os.replace(tmp, os.path.join(self.dir, "predictions.npz"))
@@ -746,7 +665,7 @@ class Stage:
         return feed.teacher_cache(
             c.distill.cache_teacher, self.teachers, self.teacher_vars, self.terms, self.ds.train.images,
             mean=self.step_cfg.mean, std=self.step_cfg.std, dtype=self.step_cfg.dtype, obstacle=_cache_obstacle(c),
-            path=os.path.join(self.dir, "teacher_cache.npz"), chunk=c.eval_batch_size, write=_is_main(),
+            path=os.path.join(self.dir, "teacher_cache.npz"), chunk=c.eval_batch_size, write=runs.is_main(),
             label=f"[{self.role}]")
 
     def _check_finite(self, pending, ckpts) -> int:
@@ -777,10 +696,10 @@ class Stage:
     def _end_of_epoch(self, step, state, eval_step, meta) -> dict:
         variables = {"params": state.params["student"], **state.model_state["student"]}
         epoch = step // self.spe
-        test = evaluate(eval_step, self.par, variables, self.ds.test, self.config.eval_batch_size)
+        test = inference.evaluate_split(eval_step, self.par, variables, self.ds.test, self.config.eval_batch_size)
         row = {"epoch": epoch, "step": step, "test_accuracy": test["accuracy"], "test_loss": test["loss"]}
         if self.ds.val is not None:
-            val = evaluate(eval_step, self.par, variables, self.ds.val, self.config.eval_batch_size)
+            val = inference.evaluate_split(eval_step, self.par, variables, self.ds.val, self.config.eval_batch_size)
             row.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
         # Checkpoint selection never looks at the test set: the best validation accuracy when a
         # validation split exists, otherwise simply the latest epoch.
@@ -801,160 +720,6 @@ class Stage:
 
 # ----------------------------------------------------------------------------------------------
 # The whole run
-
-
-# Fields that do not change what a run computes: where it runs and with how many devices, how
-# often it logs and saves, where the data and caches live. They are left out of a run's identity,
-# so changing them neither moves the default workdir nor blocks a resume (e.g. on another machine).
-RUNTIME_FIELDS = ("compile_cache_dir", "log", "log_every_steps", "throughput_batch", "eval_batch_size", "parallel",
-                  "num_devices", "checkpoint", "dataset.data_dir", "dataset.manual_dir", "dataset.download",
-                  "distill.cache_teacher")
-
-
-def flatten_dict(tree: dict, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1} (empty sub-dicts stay as values)."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out.update(flatten_dict(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def run_identity(config) -> dict:
-    """What determines a run's results: the flattened config ('a.b' -> value) without
-    `RUNTIME_FIELDS` and without the sub-dicts of distillation methods the run does not use (so
-    adding a method to kdjax changes no existing run's identity). `config`: a ConfigDict or the
-    plain dict of a saved config.json."""
-    if not isinstance(config, dict):
-        config = json.loads(config.to_json_best_effort(sort_keys=True))
-    used = set(distill.method_names(config["distill"]["method"]))
-
-    def kept(key: str) -> bool:
-        if any(key == f or key.startswith(f + ".") for f in RUNTIME_FIELDS):
-            return False
-        parts = key.split(".")
-        return not (parts[0] == "distill" and len(parts) > 2 and parts[1] in distill.METHODS and parts[1] not in used)
-
-    return {k: v for k, v in flatten_dict(config).items() if kept(k)}
-
-
-def _prepare_workdir(config, workdir: str, overwrite: bool) -> None:
-    """Creates `workdir` or checks that it holds a run of this very config (then it resumes).
-
-    Configs are compared by `run_identity`. A field that exists on one side only (added to or
-    removed from kdjax since the run started) does not block a resume; it is logged. A workdir
-    holding another config is refused; with `overwrite` it is renamed aside to
-    `<workdir>.replaced-<time>` (never deleted) and a fresh run starts.
-    """
-    path = os.path.join(workdir, "config.json")
-    resolved = json.loads(config.to_json_best_effort(sort_keys=True))
-    saved = _read_json(path)
-    _agree("answers to 'is there a run (config.json)?'", saved is not None, workdir)
-    if saved is not None:
-        old, new = run_identity(saved), run_identity(resolved)
-        changed = sorted(k for k in set(old) & set(new) if old[k] != new[k])
-        if changed and not overwrite:
-            raise ValueError(
-                f"workdir {workdir} holds a run with a different config (differs in: {', '.join(changed)}); "
-                "rerun with the same config to resume, choose a new --workdir, or pass --overwrite "
-                "(which moves the old run aside)"
-            )
-        if changed and _is_main():
-            aside = f"{workdir.rstrip('/')}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-            os.rename(workdir, aside)
-            logging.warning("moved the previous run in %s (config differed in %s) to %s", workdir, ", ".join(changed), aside)
-        elif set(old) ^ set(new):
-            logging.warning("resuming %s: fields new or gone since it started (not compared): %s", workdir,
-                            ", ".join(sorted(set(old) ^ set(new))))
-    if _is_main():
-        os.makedirs(workdir, exist_ok=True)
-    _write_json(path, resolved)
-    if jax.process_count() > 1:  # the others read the workdir only once process 0 has prepared it
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("kdjax_prepare_workdir")
-
-
-def _read_stage_variables(run_dir: str, role: str) -> tuple[dict, dict, str, int]:
-    """(variables, saved config, checkpoint dir, step) of the selected checkpoint of stage `role` of
-    an earlier run, as saved (host arrays). One-line ValueErrors for a missing or corrupt run."""
-    src = os.path.abspath(run_dir)
-    saved = _read_json(os.path.join(src, "config.json"))
-    if saved is None:
-        raise ValueError(f"{src} is not a kdjax run directory (no config.json)")
-    ckpt_dir = os.path.join(src, role, "checkpoints")
-    if not os.path.isdir(ckpt_dir):  # checked first: orbax would create the folder in that run
-        raise ValueError(f"no {role} checkpoint in {ckpt_dir}")
-    ckpts = kckpt.StageCheckpoints(ckpt_dir)
-    latest = ckpts.latest_step()
-    if latest is None:
-        ckpts.close()
-        raise ValueError(f"no {role} checkpoint in {ckpt_dir}")
-    meta = ckpts.restore_meta(latest)
-    try:
-        ckpts.check_selected(meta, role)
-    except ValueError:
-        ckpts.close()
-        raise
-    step = meta.get("best_step") or latest
-    try:
-        state, _ = ckpts.restore(step)  # as saved; the callers check it against an architecture
-    except Exception as e:  # orbax raises many types for truncated or corrupt files
-        raise ValueError(f"cannot read the {role} checkpoint {ckpt_dir}/{step}: it is corrupt or incomplete "
-                         f"({type(e).__name__}); retrain it or point at another run") from e
-    finally:
-        ckpts.close()
-    return {"params": state["params"]["student"], **state["model_state"]["student"]}, saved, ckpt_dir, step
-
-
-def load_trained_model(run_dir: str, role: str, dataset: kdata.Dataset, dtype) -> tuple[Any, dict, dict]:
-    """A model trained by an earlier run: (Linen model, variables, result dict).
-
-    The architecture comes from that run's config.json, or from ``<role>/model.json`` where the
-    stage changed it (channel pruning); the variables from the selected checkpoint of its `role`
-    stage (e.g. 'teacher', or 'student' for born-again self-distillation). A 'qat' stage gives the
-    float model with its quantisation-aware weights (kdjax.quantize.ptq converts them to int8).
-    """
-    variables, saved, ckpt_dir, step = _read_stage_variables(run_dir, role)
-    src = os.path.abspath(run_dir)
-    model_cfg = _read_json(os.path.join(src, role, "model.json")) or saved["teacher" if role == "teacher" else "student"]
-    model = models.get_model(model_cfg["model"], num_classes=dataset.num_classes, dtype=dtype,
-                             bn_axis_name=kstep.AXIS,
-                             **{k: tuple(v) if isinstance(v, list) else v for k, v in (model_cfg.get("kwargs") or {}).items()})
-    expected = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
-                              jnp.zeros((1,) + dataset.image_shape))
-    shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), dict(tree))  # noqa: E731
-    if shapes(variables) != shapes(expected):
-        raise ValueError(f"the {role} checkpoint in {ckpt_dir} does not fit a {model_cfg['model']} for "
-                         f"{dataset.name} ({dataset.num_classes} classes, {dataset.image_shape} images)")
-    logging.info("%s: reusing %s (%s, step %d), not retraining", role, src, model_cfg["model"], step)
-    result = _read_json(os.path.join(src, role, "result.json")) or {
-        "model": model_cfg["model"], "num_params": models.num_params(variables["params"])}
-    return model, variables, dict(result, reused_from=src, reused_role=role)
-
-
-def transfer_variables(fresh: dict, source: dict, reinit: str = "", where: str = "the source run") -> dict:
-    """`fresh` variables with every entry taken from `source` by path ('conv1_0/kernel',
-    'bn1_0/mean', ...), except those whose path matches the regex `reinit` (kept fresh, e.g. a new
-    classification head: 'head'). Anything else that does not match in path and shape is a
-    one-line ValueError listing the paths."""
-    pattern = re.compile(reinit) if reinit else None
-    flat_fresh = optim.flat_paths(fresh)
-    flat_src = optim.flat_paths(source)
-    reinit_paths = {k for k in flat_fresh if pattern and pattern.search(k.split("/", 1)[1])}
-    shape = lambda a: tuple(a.shape)  # noqa: E731  (arrays or jax.ShapeDtypeStructs)
-    problems = [f"{k} {shape(flat_fresh[k])} vs {shape(flat_src[k]) if k in flat_src else 'missing'}"
-                for k in sorted(flat_fresh) if k not in reinit_paths
-                and (k not in flat_src or shape(flat_src[k]) != shape(flat_fresh[k]))]
-    unused = sorted(k for k in flat_src if k not in flat_fresh)
-    if problems or unused:
-        listed = "; ".join(problems[:6] + [f"{k} (not in this model)" for k in unused[:6]])
-        raise ValueError(f"cannot initialise from {where}: {len(problems) + len(unused)} variable(s) do not match "
-                         f"({listed}); re-initialise them with --config.init.reinit=<regex>, e.g. 'head'")
-    return jax.tree.unflatten(jax.tree.structure(fresh),
-                              [flat_fresh[k] if k in reinit_paths else flat_src[k] for k in flat_fresh])
 
 
 def parse_classes(value) -> tuple[int, ...] | None:
@@ -1043,7 +808,7 @@ def _run_folds(config, workdir: str, overwrite: bool, on_epoch) -> dict:
                 entry[f"{field}_std"] = float(np.std(values, ddof=1))
                 entry[f"{field}_per_fold"] = values
         out[role] = entry
-    _write_json(os.path.join(workdir, "cv.json"), out)
+    runs.write_json(os.path.join(workdir, "cv.json"), out)
     return out
 
 
@@ -1061,45 +826,45 @@ def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, on_ep
     reused = {}  # summary entries of the models loaded from earlier runs
     teachers, teacher_vars = [], []
     for run_dir in filter(None, (p.strip() for p in config.teacher.ensemble.split(","))):
-        model, variables, result = load_trained_model(run_dir, "teacher", dataset, dtype)
+        model, variables, result = runs.load_trained_model(run_dir, "teacher", dataset, dtype)
         teachers.append(model)
         teacher_vars.append(variables)
         reused.setdefault("ensemble", {})[os.path.abspath(run_dir)] = result
     if config.teacher.checkpoint:  # reuse an earlier run's model as the teacher: no teacher stage
-        model, variables, reused["teacher"] = load_trained_model(
+        model, variables, reused["teacher"] = runs.load_trained_model(
             config.teacher.checkpoint, config.teacher.checkpoint_role, dataset, dtype)
         teachers.insert(0, model)
         teacher_vars.insert(0, variables)
     # Pre-flight: trace every stage's models and terms (no compute) so that a missing feature or
     # shapes a method cannot reconcile fail now, not after hours of teacher training.
     planned = list(teachers)
-    if "teacher" in _stages(config) and not config.teacher.checkpoint:
+    if "teacher" in planned_stages(config) and not config.teacher.checkpoint:
         planned.insert(0, Stage("teacher", config, dataset, par, workdir).model)
-    for role in _stages(config):
+    for role in planned_stages(config):
         Stage(role, config, dataset, par, workdir).preflight(planned)
     # Only now is the workdir touched: a config that cannot run leaves nothing behind.
-    _prepare_workdir(config, workdir, overwrite)
+    runs.prepare_workdir(config, workdir, overwrite)
     summary_path = os.path.join(workdir, "summary.json")
-    summary = {**_read_json(summary_path, {}), **reused}
+    summary = {**runs.read_json(summary_path, {}), **reused}
 
     init_state = student_state = None
-    for role in _stages(config):
+    for role in planned_stages(config):
         if role == "teacher" and config.teacher.checkpoint:
             continue  # loaded above
         stage = Stage(role, config, dataset, par, workdir, teachers=teachers, teacher_vars=teacher_vars,
                       init_from=init_state if role == "student" else student_state if role in FINE_TUNES else None,
                       on_epoch=on_epoch)
         result_path = os.path.join(stage.dir, "result.json")
-        result = _read_json(result_path)
-        _agree("answers to 'is this stage finished (result.json)?'", result is not None, stage.dir)
+        result = runs.read_json(result_path)
+        runs.agree("answers to 'is this stage finished (result.json)?'", result is not None, stage.dir)
         if result is not None:
             logging.info("stage %r already finished (%s); skipping", role, result_path)
             needed = role in ("teacher", "student_init") or (
-                role == "student" and set(FINE_TUNES) & set(_stages(config)))
+                role == "student" and set(FINE_TUNES) & set(planned_stages(config)))
             selected = stage.restore_selected() if needed else None
         else:
             result, selected = stage.run()
-            _write_json(result_path, result)
+            runs.write_json(result_path, result)
         if role == "teacher":
             teachers.insert(0, stage.model)
             teacher_vars.insert(0, stage.variables_of(selected))
@@ -1108,7 +873,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, on_ep
         elif role == "student":
             student_state = selected
         summary[role] = result
-        _write_json(summary_path, summary)
+        runs.write_json(summary_path, summary)
     logging.info("summary written to %s", summary_path)
     return summary
 
@@ -1130,3 +895,7 @@ def format_table(summary: dict) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# TEMPORARY (removed before this refactor lands): names kdjax.sweep used while it was being split.
+run_identity, flatten_dict, RUNTIME_FIELDS, _stages = runs.run_identity, runs.flatten_dict, runs.RUNTIME_FIELDS, planned_stages

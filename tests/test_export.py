@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kdjax import data as kdata
-from kdjax import models, train
+from kdjax import models, runs, train
 from tests.test_train import REPO, tiny_digits_config
 
 # Runs in a fresh interpreter: kdjax and flax are made unimportable before anything else.
@@ -69,7 +69,7 @@ def test_export_round_trip_without_kdjax(run_dir, tmp_path, role):
                             cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     assert loaded.stdout.split() == ["False", "False"]  # neither flax nor kdjax was imported
-    model, variables, _ = train.load_trained_model(run_dir, role, dataset, jnp.float32)
+    model, variables, _ = runs.load_trained_model(run_dir, role, dataset, jnp.float32)
     want = models.apply_model(model, variables, kdata.normalize(images, dataset.mean, dataset.std), train=False)[0]
     got = np.load(tmp_path / "logits.npy")
     assert got.dtype == np.float32 and got.shape == (37, 10)

@@ -15,7 +15,7 @@ import os
 import pytest
 
 from experiments import launch
-from kdjax import distill, train
+from kdjax import distill, runs
 
 # config -> (default workdir name, sha256[:12] of its run identity)
 PINNED = {
@@ -64,7 +64,7 @@ def test_run_folder_and_identity_unchanged(name):
     config = importlib.import_module(f"experiments.configs.{name}").get_config()
     folder, digest = PINNED[name]
     assert os.path.basename(launch.default_workdir(config, _path(name))) == folder
-    ident = json.dumps(train.run_identity(config), sort_keys=True, default=str)
+    ident = json.dumps(runs.run_identity(config), sort_keys=True, default=str)
     assert hashlib.sha256(ident.encode()).hexdigest()[:12] == digest
 
 

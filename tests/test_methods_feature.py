@@ -14,7 +14,7 @@ import pytest
 
 from kdjax import checkpoint as kckpt
 from kdjax import data as kdata
-from kdjax import distill, losses, train
+from kdjax import distill, losses, runs, train
 from kdjax import step as kstep
 
 NEW = ("kdsvd", "fsp", "ab", "ft")
@@ -313,7 +313,7 @@ def test_ft_run_keeps_the_student_then_the_paraphraser_fixed(tmp_path):
     summary = train.run(config, workdir)
     assert summary["student_init"]["terms"] == {"ft": 1.0} and summary["student"]["terms"] == {"ce": 1.0, "ft": 200.0}
     dataset = train.load_dataset(config.dataset, config.seed)
-    teacher, teacher_vars, _ = train.load_trained_model(workdir, "teacher", dataset, jnp.float32)
+    teacher, teacher_vars, _ = runs.load_trained_model(workdir, "teacher", dataset, jnp.float32)
     fresh = jax.device_get(train.Stage("student_init", config, dataset, kstep.DataParallel("jit"), workdir,
                                        teachers=(teacher,), teacher_vars=(teacher_vars,))._init())
     init, main = _restore(workdir, "student_init"), _restore(workdir, "student")

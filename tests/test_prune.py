@@ -95,7 +95,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 from kdjax import checkpoint as kckpt  # noqa: E402
-from kdjax import train  # noqa: E402
+from kdjax import runs, train  # noqa: E402
 from tests.test_reliability import wait_for  # noqa: E402
 from tests.test_train import REPO, tiny_digits_config  # noqa: E402
 
@@ -164,7 +164,7 @@ def test_channel_pruning_and_qat_stages_in_one_run(tmp_path):
     pruned = summary["prune"]
     assert pruned["channel_widths"] == {"widths": [8, 8, 16]}  # cnn_tiny's (16, 16, 32) halved
     assert pruned["num_params"] < 0.4 * pruned["unpruned_num_params"]
-    model, variables, _ = train.load_trained_model(workdir, "prune", kdata.load("digits"), jnp.float32)
+    model, variables, _ = runs.load_trained_model(workdir, "prune", kdata.load("digits"), jnp.float32)
     assert model.widths == (8, 8, 16) and variables["params"]["conv1_0"]["kernel"].shape == (3, 3, 1, 8)
     assert summary["qat"]["num_params"] == summary["student"]["num_params"]  # QAT fine-tunes the full student
     assert 0.0 <= summary["qat"]["test_accuracy"] <= 1.0

@@ -16,7 +16,7 @@ import pytest
 from experiments.configs import cifar10_resnet18_mobilenetv2 as cifar_cfg
 from experiments.configs import digits as digits_cfg
 from kdjax import checkpoint as kckpt
-from kdjax import train
+from kdjax import runs, train
 from tests.test_distill import _np_kd, _np_softmax
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -237,9 +237,9 @@ def other_teacher(tmp_path_factory):
     return other
 
 
-def _teacher_outputs(runs, config, feature="logits"):
+def _teacher_outputs(sources, config, feature="logits"):
     dataset = train.load_dataset(config.dataset, config.seed)
-    loaded = [train.load_trained_model(run, role, dataset, np.float32) for run, role in runs]
+    loaded = [runs.load_trained_model(run, role, dataset, np.float32) for run, role in sources]
     return [_outputs(m, v, dataset.train.images, dataset, feature) for m, v, _ in loaded]
 
 
@@ -442,12 +442,12 @@ def test_run_identity_ignores_unused_methods_new_fields_and_runtime_settings(tmp
 
     # A run started before kdjax grew resumes under the grown config; a real change is refused.
     workdir = str(tmp_path / "run")
-    train._prepare_workdir(config, workdir, overwrite=False)
-    train._prepare_workdir(grown, workdir, overwrite=False)
+    runs.prepare_workdir(config, workdir, overwrite=False)
+    runs.prepare_workdir(grown, workdir, overwrite=False)
     changed = digits_cfg.get_config()
     changed.distill.kd.weight = 0.5
     with pytest.raises(ValueError, match=r"differs in: distill\.kd\.weight"):
-        train._prepare_workdir(changed, workdir, overwrite=False)
+        runs.prepare_workdir(changed, workdir, overwrite=False)
 
 
 def test_dropout_is_seeded_per_step_and_changes_training(tmp_path):

@@ -10,7 +10,8 @@ import pytest
 
 from kdjax import data as kdata
 from kdjax import optim
-from kdjax import train
+from kdjax import checkpoint as kckpt
+from kdjax import runs, train
 from tests.test_train import final_params, tiny_digits_config
 
 LOWER = "0,1,2,3,4"
@@ -54,7 +55,7 @@ def test_init_from_run_with_a_new_head_and_frozen_body(pretrained, tmp_path):
     workdir = str(tmp_path / "probe")
     train.run(transfer_config(**{"init.from_run": pretrained, "init.reinit": "head",
                                  "optimizer.freeze": "^(?!head/)"}), workdir)
-    source, *_ = train._read_stage_variables(pretrained, "teacher")
+    source, *_ = runs.read_stage_variables(pretrained, "teacher")
     ckpt_step, params = final_params(workdir, "teacher")
     assert ckpt_step == 5  # 50 few-shot examples / batch 10, one epoch
     flat_src, flat_new = optim.flat_paths(source), optim.flat_paths({"params": params["student"]})
@@ -63,7 +64,7 @@ def test_init_from_run_with_a_new_head_and_frozen_body(pretrained, tmp_path):
             assert not np.array_equal(value, flat_src[path])  # re-initialised, then trained
         else:  # frozen body: bit-identical to the pretrained run's parameters
             np.testing.assert_array_equal(value, flat_src[path], err_msg=path)
-    ckpts = train.kckpt.StageCheckpoints(os.path.join(workdir, "teacher", "checkpoints"))
+    ckpts = kckpt.StageCheckpoints(os.path.join(workdir, "teacher", "checkpoints"))
     state, _ = ckpts.restore(ckpt_step)
     ckpts.close()
     jax.tree.map(np.testing.assert_array_equal, state["model_state"]["student"]["batch_stats"],
@@ -73,7 +74,7 @@ def test_init_from_run_with_a_new_head_and_frozen_body(pretrained, tmp_path):
 def test_init_from_run_fine_tunes_everything_by_default(pretrained, tmp_path):
     workdir = str(tmp_path / "finetune")
     train.run(transfer_config(**{"init.from_run": pretrained, "init.reinit": "head"}), workdir)
-    source, *_ = train._read_stage_variables(pretrained, "teacher")
+    source, *_ = runs.read_stage_variables(pretrained, "teacher")
     _, params = final_params(workdir, "teacher")
     flat_src, flat_new = optim.flat_paths(source), optim.flat_paths({"params": params["student"]})
     changed = [p for p in flat_new if not np.array_equal(flat_new[p], flat_src[p])]
