@@ -1,4 +1,13 @@
-"""Experiment config files: loading one ('path[:arg]') with one-line errors."""
+"""The experiment config: its schema (`base`, one comment a field) and loading a config file.
+
+Every experiment config (experiments/configs/*.py) is a short overlay of `base(method)`: its
+`get_config(arg=None)` starts from it and changes what the experiment needs, and any field can be
+overridden on the command line (``--config.optimizer.name=adam``). A run's identity, and so the
+default run folder, covers the fields where a config differs from `base` (experiments/launch.py).
+
+The checks of a config's values live in `kdjax.train.validate` (with the stage list's in
+`kdjax.train._stages`): one-line errors before anything is loaded or written.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +15,216 @@ import importlib.util
 import os
 
 import ml_collections
+from ml_collections import config_dict
+
+from kdjax import optim
+
+# The base learning rate of each optimizer when optimizer.learning_rate is None and the config
+# has no tuned rate for it (kdjax.optim holds the table, kdjax.optim.resolve_learning_rate applies
+# it; tests/test_configs.py checks this copy):
+#
+#   optimizer  default lr  reference
+#   sgd        0.05        RepDistiller / mdistiller CIFAR recipe (momentum 0.9, batch 64); SGD
+#                          has no tuned default (torch's lr was required until torch 2.2's 1e-3)
+#   adam       0.001       torch.optim.Adam; Kingma & Ba (2015)
+#   adamw      0.001       torch.optim.AdamW; Loshchilov & Hutter (2019)
+#   rmsprop    0.01        torch.optim.RMSprop
+#   adagrad    0.01        torch.optim.Adagrad
+#   adadelta   1.0         torch.optim.Adadelta; Zeiler (2012) (the update is already unit-scaled)
+#   dot        0.05        SGD's: DOT is SGD with one momentum per loss (mdistiller's CIFAR recipe)
+DEFAULT_LEARNING_RATES = optim.DEFAULT_LEARNING_RATES
+
+
+def base(method: str = "kd") -> ml_collections.ConfigDict:
+    """Every field of an experiment config, with its default; `method` is config.distill.method
+    (it also decides augment.views' default)."""
+    from kdjax import distill, models  # here, not above: any kdjax module may import kdjax.config
+
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # the run's random seed (initialisation, batch order, augmentation)
+    c.stages = "teacher,student,student_scratch"  # stages to run, in order (+ 'student_init', below)
+    c.batch_size = 64  # global batch (split over all devices and processes)
+    c.eval_batch_size = 500  # batch of the evaluation passes (validation, test)
+    c.throughput_batch = 256  # batch for the inference images/s figure in summary.json
+    c.parallel = "jit"  # 'jit' (jax.jit over a ('data',) mesh, shard_map body) or 'pmap'
+    c.num_devices = config_dict.placeholder(int)  # None: all devices; n: the first n (one process)
+    c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
+    c.log_every_steps = 50  # training metrics are logged every this many steps (and at the last)
+    c.nan_policy = "stop"  # a NaN/Inf loss or gradient: 'stop' the run (one line, exit 1) or 'skip' the step
+    # JAX's persistent compilation cache: a second launch of the same run skips recompiling ('' = off)
+    c.compile_cache_dir = "~/.cache/kdjax/jax"
+
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = "digits"  # a kdjax.data.DATASETS name: digits (offline), mnist, fashion_mnist, cifar10, cifar100
+    c.dataset.data_dir = config_dict.placeholder(str)  # a prepared tfds data_dir
+    c.dataset.manual_dir = config_dict.placeholder(str)  # a folder of the original archives
+    c.dataset.val_size = 0.0  # fraction (or count) of train held out for checkpoint selection
+    # k-fold cross-validation: folds >= 2 runs the whole experiment once per fold (fold k of a
+    # stratified partition of train is the validation split; <workdir>/fold<k>/) and reports mean
+    # +- std over folds in <workdir>/cv.json. `fold` is set per run by the trainer.
+    c.dataset.folds = 0
+    c.dataset.fold = 0
+    c.dataset.download = True  # let tfds try to download when the data is not prepared
+    c.dataset.mock_examples = 0  # > 0: use tfds.testing.mock_data with this many examples
+    c.dataset.classes = ""  # e.g. '5,6,7,8,9': only these classes, relabelled 0..k-1 ('' = all)
+    c.dataset.train_per_class = config_dict.placeholder(int)  # few-shot: this many training examples per class
+
+    c.augment = ml_collections.ConfigDict()
+    c.augment.crop_padding = 0  # random crop after zero padding by this many pixels
+    c.augment.flip = False  # random horizontal flip
+    c.augment.mixup_alpha = 0.0  # > 0: batch-level mixup, lam ~ Beta(alpha, alpha) (kdjax.data.mixup)
+    c.augment.cutmix_alpha = 0.0  # > 0: batch-level CutMix (kdjax.data.cutmix); not with mixup
+    # 'weak,strong': two augmented views per image (the weak one: crop/flip above; the strong one:
+    # its own crop/flip + RandAugment + Cutout, kdjax.data.strong_augment) for methods that read
+    # both, e.g. mlkd; features of the strong view reach the terms as 'strong/<name>'. '' = one view.
+    # On by default for a method that needs it (`:method=mlkd`), off otherwise.
+    needs = [distill.METHODS[m].views for m in method.split("+") if m.strip() in distill.METHODS]
+    c.augment.views = "weak,strong" if any(needs) else ""
+
+    for role in ("teacher", "student"):
+        m = ml_collections.ConfigDict()
+        m.model = ""  # a kdjax.models.MODELS name, e.g. cnn_small, resnet18, mobilenetv2
+        m.kwargs = ml_collections.ConfigDict()  # extra constructor arguments of the model
+        m.dropout = 0.0  # dropout rate, for the models that have it (mlp, cnn_small, cnn_tiny, wrn_*)
+        m.epochs = 1  # this stage's training epochs (student: also student_scratch's)
+        # This stage's (peak) learning rate = optimizer.learning_rate x this scale, so a changed
+        # optimizer or optimizer.learning_rate reaches every stage and keeps their ratio.
+        m.learning_rate_scale = 1.0
+        c[role] = m
+    # Where the student's teacher comes from:
+    #   'trained': the 'teacher' stage, or the model of an earlier run (teacher.checkpoint = that
+    #              run's workdir; checkpoint_role='student' makes an earlier student the teacher,
+    #              i.e. born-again self-distillation);
+    #   'ema':     Mean Teacher: an exponential moving average of the student, updated every step.
+    c.teacher.source = "trained"
+    c.teacher.checkpoint = config_dict.placeholder(str)  # an earlier run's workdir: its model is the teacher
+    c.teacher.checkpoint_role = "teacher"  # which model of that run: 'teacher' or 'student'
+    c.teacher.ema_decay = 0.999  # source 'ema': the moving average's decay per step
+    # More teachers (comma-separated workdirs of earlier runs): the student learns from the
+    # ensemble. Each logit term's target is the weighted average of the teachers' class
+    # probabilities at that term's temperature (multi-teacher KD; kdjax.distill.ensemble_logits).
+    c.teacher.ensemble = ""
+    # One weight per teacher, comma-separated, in the order: the trained or checkpoint teacher (if
+    # any), then teacher.ensemble's runs ('' = equal weights; normalised to sum 1).
+    c.teacher.ensemble_weights = ""
+    # Feature methods (at, fitnet, crd, ...) with several teachers read the features of the
+    # teacher with this index (same order as ensemble_weights); unset, they are refused.
+    c.teacher.feature_source = config_dict.placeholder(int)
+    # Two-stage methods: stage 'student_init' (list it before 'student' in `stages`) first trains
+    # the student with only these distillation terms (e.g. FitNet's hint: terms='fitnet').
+    c.student_init = ml_collections.ConfigDict()
+    c.student_init.epochs = 0  # the stage's epochs (> 0 when it is listed in `stages`)
+    c.student_init.terms = ""  # comma-separated distillation terms it trains with, e.g. 'fitnet'
+    # Stage 'prune' (list it after 'student', or start it from an earlier run's student with
+    # init.from_run=<run>, init.role='student', init.stages='prune'): the distilled student pruned
+    # and fine-tuned for prune.epochs at prune.learning_rate_scale times the student's rate, with
+    # the student's distillation objective (recovery by distillation). See kdjax.prune.
+    c.prune = ml_collections.ConfigDict()
+    # 'magnitude' (sparsity, scope) or 'nm' (n of every m along each kernel's input dimension):
+    # masks on the conv and dense kernels matching `include` and not `exclude` (regexes over paths
+    # such as 'conv1_1/kernel'), never the first convolution (the one reading the image) nor the
+    # classifier. 'channel': structured; removes the fraction `sparsity` of the output channels
+    # (units) of every hidden layer matching include/exclude (layer names such as 'conv1_1', 'fc1'),
+    # ranked by `criterion`, and fine-tunes the genuinely smaller network (MLP and plain-CNN
+    # students; see kdjax.prune).
+    c.prune.method = "magnitude"
+    c.prune.sparsity = 0.7  # the fraction pruned: of the weights (magnitude) or of the channels (channel)
+    c.prune.scope = "layer"  # magnitude: that fraction of each 'layer', or of all pruned kernels ('global')
+    c.prune.n = 2  # nm: the n largest weights kept ...
+    c.prune.m = 4  # ... in every group of m
+    c.prune.epochs = 5  # the stage's fine-tuning epochs
+    # Gradual pruning (Zhu & Gupta) from begin_epoch to end_epoch, masks updated every update_every
+    # steps (end_epoch <= begin_epoch: one-shot).
+    c.prune.begin_epoch = 0.0
+    c.prune.end_epoch = 0.0
+    c.prune.update_every = 10
+    c.prune.include = ""  # regex of what is pruned ('' = everything prunable)
+    c.prune.exclude = ""  # regex of what is not ('' = nothing)
+    c.prune.criterion = "l1"  # channel: rank by 'l1' (the filter's L1 norm) or 'bn' (|BatchNorm gamma|, network slimming)
+    c.prune.learning_rate_scale = 1.0  # the stage's rate: this x the student's
+    # int8 quantisation with Qwix (kdjax.quantize): per-channel symmetric int8 weights. Stage 'qat'
+    # (placed like 'prune'): quantisation-aware training with a straight-through estimator for
+    # quant.epochs, with the student's distillation objective; experiments.compress and
+    # experiments.export convert its weights to int8 with the same mode.
+    c.quant = ml_collections.ConfigDict()
+    c.quant.mode = "static"  # 'weights' (weights only) or 'static' (int8 activations too, calibrated)
+    c.quant.exclude = ""  # layers whose path matches this regex stay float
+    c.quant.calibration_batches = 4  # static: training batches that calibrate the activation scales
+    c.quant.epochs = 5  # stage 'qat': its epochs
+    c.quant.learning_rate_scale = 1.0  # stage 'qat': its rate is this x the student's
+    # Transfer learning: the listed stages start from the model of stage init.role of the earlier
+    # run init.from_run, matched by variable path; paths matching the regex init.reinit (e.g.
+    # 'head' for a new classification head) stay freshly initialised.
+    c.init = ml_collections.ConfigDict()
+    c.init.from_run = config_dict.placeholder(str)  # the earlier run's workdir (None: no transfer)
+    c.init.role = "teacher"  # which of its models
+    c.init.stages = "teacher"  # comma-separated stages of this run that start from it
+    c.init.reinit = ""  # regex of variable paths left freshly initialised
+
+    c.train = ml_collections.ConfigDict()
+    # Early stopping: end a stage once the validation accuracy has not improved for this many
+    # epochs (0: off; needs dataset.val_size > 0). The best-validation checkpoint is the one used.
+    c.train.early_stop_patience = 0
+    # Where the numbers go (kdjax/logs.py). Per-step and per-evaluation lines: --verbosity=1;
+    # always metrics.jsonl.
+    c.log = ml_collections.ConfigDict()
+    c.log.progress = True  # a progress bar on a terminal (else a line every progress_seconds)
+    c.log.progress_seconds = 30.0  # off a terminal: a progress line every this many seconds
+    c.log.tensorboard = True  # TensorBoard event files in <workdir>/tensorboard/<stage>
+    c.log.wandb = False  # Weights & Biases, when wandb is installed
+    # The evaluation report (python -m experiments.evaluate) at the end of every run.
+    c.log.report = True
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "sgd"  # sgd, adam, adamw, rmsprop, adagrad, adadelta
+    # The base learning rate; each stage multiplies it by its <stage>.learning_rate_scale.
+    # None: this config's tuned rate for the chosen optimizer (tuned_learning_rates), else the
+    # optimizer's own default (DEFAULT_LEARNING_RATES, above), so changing only optimizer.name
+    # gives that optimizer a sensible rate.
+    c.optimizer.learning_rate = config_dict.placeholder(float)
+    # {optimizer name: base rate} that a config was tuned at (digits: {'adam': 3e-3}); applies
+    # only while that optimizer is chosen and optimizer.learning_rate is None.
+    c.optimizer.tuned_learning_rates = ml_collections.ConfigDict()
+    c.optimizer.momentum = 0.9  # sgd only
+    c.optimizer.nesterov = False  # sgd: Nesterov momentum; adam/adamw: NAdam
+    c.optimizer.weight_decay = 5e-4  # coupled L2 (torch semantics); decoupled for adamw
+    c.optimizer.decay_all = False  # False: decay kernels only; True: every parameter (biases, norms), like torch's model.parameters()
+    c.optimizer.grad_clip_norm = config_dict.placeholder(float)  # clip gradients by this global norm (None: off)
+    c.optimizer.b1 = 0.9  # adam/adamw: first-moment decay (torch's default beta1)
+    c.optimizer.b2 = 0.999  # adam/adamw: second-moment decay (torch's default beta2)
+    c.optimizer.eps = config_dict.placeholder(float)  # None: torch's (adam/adamw/rmsprop 1e-8, adagrad 1e-10, adadelta 1e-6)
+    c.optimizer.rmsprop_decay = 0.9  # rmsprop: squared-gradient average decay (torch's alpha)
+    c.optimizer.adadelta_rho = 0.9  # adadelta: decay of both running averages (torch's rho)
+    # DOT (Zhao et al. ICCV 2023, kdjax.optim.dot): SGD with momentum - dot_delta on the task loss's
+    # gradient and momentum + dot_delta on the distillation loss's (mdistiller SOLVER.DOT.DELTA).
+    # optimizer.name=dot is refused for now: the train step passes one gradient, of the summed loss.
+    c.optimizer.dot_delta = 0.075
+    # Transfer learning: parameters frozen (regex over the model's parameter paths such as
+    # 'conv1_0/kernel'; '^(?!head/)' freezes everything but the head: a linear probe), and the head's
+    # own learning rate (head_learning_rate_scale x the stage's rate; discriminative fine-tuning).
+    c.optimizer.freeze = ""
+    c.optimizer.head = models.CLASSIFIER  # the classifier layer of every kdjax model
+    c.optimizer.head_learning_rate_scale = 1.0  # the head's rate: this x the stage's
+    c.optimizer.schedule = "constant"  # constant, cosine, step, multistep, linear
+    c.optimizer.warmup_epochs = 0.0  # linear warm-up from 0 to the stage's rate over this many epochs
+    c.optimizer.decay_epochs = (150, 180, 210)  # multistep boundaries
+    c.optimizer.decay_factor = 0.1  # step, multistep: the rate's factor at each boundary
+    c.optimizer.step_epochs = 30.0  # 'step' schedule period
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.label_smoothing = 0.0  # on the hard-label cross-entropy term
+    c.loss.l1 = 0.0  # weight of sum|w| over the student's kernels
+    c.loss.l2 = 0.0  # weight of 0.5*sum w^2 over the student's kernels (besides weight decay)
+
+    # The distillation method(s) ('kd+at' sums both methods' terms), the temperature, and every
+    # method's weights (kdjax.distill.get_config; the methods and their papers: kdjax.distill.METHODS).
+    c.distill = distill.get_config(method)
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.keep = 2  # latest checkpoints kept (the best one is always kept too)
+    c.checkpoint.every_steps = 0  # 0: at the end of every epoch only
+    c.checkpoint.every_minutes = 0.0  # > 0: also save every this many minutes
+    return c
 
 
 def load_config_file(ref: str, what: str = "config file", root: str | None = None) -> ml_collections.ConfigDict:

@@ -63,7 +63,7 @@ SCHEDULES = ('constant', 'cosine', 'step', 'multistep', 'linear')
 # anywhere (``torch.optim.SGD``'s lr was a required argument until torch 2.2 made it 1e-3 "for a
 # consistent signature"); 0.05 is the RepDistiller / mdistiller CIFAR recipe (momentum 0.9,
 # batch 64), which this library's CIFAR configs reproduce at this library's default batch of 64
-# (0.1 is the usual figure at batch 128-256).  Documented in experiments/configs/common.py and
+# (0.1 is the usual figure at batch 128-256).  Documented in kdjax/config.py (the schema) and
 # the README.
 DEFAULT_LEARNING_RATES = {
     'sgd': 0.05,

@@ -69,20 +69,40 @@ def test_cifar_learning_rates_follow_the_optimizer():
 
 
 def test_learning_rate_table_is_documented():
-    """The default-rate table in experiments/configs/common.py's comment and in docs/configs.md
-    are the one in kdjax.optim."""
+    """The default-rate table in kdjax/config.py's comment (the schema, beside
+    optimizer.learning_rate) and in docs/configs.md are the one in kdjax.optim."""
     from experiments.configs import common
-    from kdjax import optim
+    from kdjax import config, optim
 
-    assert common.DEFAULT_LEARNING_RATES is optim.DEFAULT_LEARNING_RATES
+    assert common.DEFAULT_LEARNING_RATES is config.DEFAULT_LEARNING_RATES is optim.DEFAULT_LEARNING_RATES
     repo = os.path.join(os.path.dirname(__file__), "..")
-    with open(os.path.join(repo, "experiments", "configs", "common.py")) as f:
-        common_src = f.read()
+    with open(os.path.join(repo, "kdjax", "config.py")) as f:
+        schema_src = f.read()
     with open(os.path.join(repo, "docs", "configs.md")) as f:
         doc = f.read()
     for name, lr in optim.DEFAULT_LEARNING_RATES.items():
-        assert re.search(rf"#   {name} +{lr!r} ", common_src), name
+        assert re.search(rf"#   {name} +{lr!r} ", schema_src), name
         assert f"| `{name}` | {lr!r} |" in doc, name
+
+
+def test_every_schema_field_has_a_comment():
+    """kdjax/config.py's base() is the schema: every field it sets is commented, on its line or by
+    the comment lines just above it (which cover the fields that follow, up to a blank line or a
+    field with its own comment)."""
+    import inspect
+
+    from kdjax import config
+
+    covered = False
+    for line in inspect.getsource(config.base).splitlines():
+        text = line.strip()
+        if not text or text.startswith("#"):
+            covered = bool(text)
+            continue
+        if not re.match(r"(c|m)(\.\w+)+ = ", text) or text.endswith("ConfigDict()"):
+            continue  # code, or a group of fields
+        assert covered or "  # " in text, f"schema field without a comment: {text}"
+        covered = covered and "  # " not in text  # a field's own comment ends the run above it
 
 
 @pytest.mark.parametrize("name", [n for n in CONFIGS if n.startswith("compress")])
