@@ -6,7 +6,7 @@ overridden on the command line (``--config.optimizer.name=adam``). A run's ident
 default run folder, covers the fields where a config differs from `base` (experiments/launch.py).
 
 The checks of a config's values live in `kdjax.train.validate` (with the stage list's in
-`kdjax.train._stages`): one-line errors before anything is loaded or written.
+`kdjax.train.planned_stages`): one-line errors before anything is loaded or written.
 """
 
 from __future__ import annotations
