@@ -46,13 +46,10 @@ from kdjax import prune
 from kdjax import quantize
 from kdjax import runs
 from kdjax import runtime
+from kdjax import stages
 from kdjax import step as kstep
 
-ROLES = ("teacher", "student_init", "student", "student_scratch", "prune", "qat")
-FINE_TUNES = {"prune": "prune", "qat": "quant"}  # stages that fine-tune the distilled student -> their config
-# Paired baselines: the scratch student starts from the distilled student's initialisation (and,
-# like every stage, sees the same data order), so student - scratch is a paired difference.
-INIT_SEED_OFFSET = {"student_scratch": ROLES.index("student")}
+ROLES, FINE_TUNES = stages.ROLES, stages.FINE_TUNES  # the kinds of stage: kdjax.stages.KINDS
 
 
 class NonFiniteError(RuntimeError):
@@ -125,33 +122,33 @@ def _cache_obstacle(config) -> str | None:
 
 def planned_stages(config) -> list[str]:
     """The stages `config.stages` lists, in order, checked against each other (one-line ValueErrors)."""
-    stages = [s.strip() for s in str(config.stages).split(",") if s.strip()]
-    for s in stages:
+    listed = [s.strip() for s in str(config.stages).split(",") if s.strip()]
+    for s in listed:
         if s not in ROLES:
             raise ValueError(f"unknown stage {s!r} in config.stages; choose from: {', '.join(ROLES)}")
     source = config.teacher.source
     if source not in ("trained", "ema"):
         raise ValueError(f"unknown config.teacher.source {source!r}; choose one of: trained, ema")
-    if source == "ema" and "teacher" in stages:
+    if source == "ema" and "teacher" in listed:
         raise ValueError("config.teacher.source='ema' (Mean Teacher) trains no teacher: remove 'teacher' from config.stages")
-    has_teacher = "teacher" in stages or config.teacher.checkpoint or config.teacher.ensemble or source == "ema"
-    if "student" in stages and not has_teacher:
+    has_teacher = "teacher" in listed or config.teacher.checkpoint or config.teacher.ensemble or source == "ema"
+    if "student" in listed and not has_teacher:
         raise ValueError("stage 'student' needs a teacher: add 'teacher' to config.stages, or set "
                          "config.teacher.checkpoint, config.teacher.ensemble or config.teacher.source='ema'")
     init = config.get("init")
     from_run = [r.strip() for r in str(init.stages).split(",")] if init is not None and init.from_run else []
     for role in FINE_TUNES:
-        if role in stages and role not in from_run and (
-                "student" not in stages or stages.index(role) < stages.index("student")):
+        if role in listed and role not in from_run and (
+                "student" not in listed or listed.index(role) < listed.index("student")):
             raise ValueError(f"stage {role!r} fine-tunes the distilled student: list it after 'student', or start it "
                              f"from an earlier run's student (init.from_run=<run>, init.role=student, "
                              f"init.stages={role})")
-    if "student_init" in stages:
-        if "student" not in stages or stages.index("student_init") > stages.index("student"):
+    if "student_init" in listed:
+        if "student" not in listed or listed.index("student_init") > listed.index("student"):
             raise ValueError("stage 'student_init' initialises the student: list it before 'student'")
         if config.student_init.epochs <= 0:
             raise ValueError("stage 'student_init' needs config.student_init.epochs > 0")
-    return stages
+    return listed
 
 
 def validate(config) -> None:
@@ -261,53 +258,6 @@ def _patience_exhausted(meta: dict, patience: int) -> bool:
 # One stage
 
 
-def _stage_terms(role: str, config, train: kdata.Split) -> tuple[distill.Term, ...]:
-    """The objective of each stage: labels only, the distillation terms, or (student_init) the
-    subset of distillation terms named in config.student_init.terms, without the CE term.
-
-    Two-stage terms (`distill.Term`): in student_init a term's `init_fn`, `init_weight` and
-    `init_frozen` replace its `fn`, `weight` and `frozen`; later stages drop `init_only` terms. A term with either must be named in
-    student_init.terms of a run with that stage (one line otherwise)."""
-    smoothing = config.loss.label_smoothing
-    if role in ("teacher", "student_scratch"):
-        return distill.build_terms({"method": "ce", "ce_weight": 1.0}, label_smoothing=smoothing)
-    terms = distill.build_terms(config.distill.to_dict(), label_smoothing=smoothing,
-                                num_data=len(train.labels), dataset_labels=train.labels)
-    wanted = [n.strip() for n in config.student_init.terms.split(",") if n.strip()]
-    if "student_init" not in planned_stages(config):
-        wanted = []
-    for t in terms:
-        if (t.init_only or t.init_fn is not None) and t.name not in wanted:
-            what = ("is trained only in stage 'student_init' (the student stage then has the other terms, "
-                    "e.g. CE alone, as the reference)" if t.init_only else
-                    "needs its adapters pre-trained in stage 'student_init'")
-            raise ValueError(
-                f"distillation term {t.name!r} {what}: add student_init to config.stages (before student) with "
-                f"config.student_init.terms={t.name} and student_init.epochs > 0 (experiments configs: "
-                f":init_epochs=30)")
-    if role == "student" or role in FINE_TUNES:  # pruning and QAT recover with the student's distillation objective
-        return tuple(t for t in terms if not t.init_only)
-    names = [t.name for t in terms]
-    missing = [n for n in wanted if n not in names]
-    if missing or not wanted:
-        raise ValueError(
-            f"config.student_init.terms={config.student_init.terms!r}: name terms of the student's "
-            f"objective; it has: {', '.join(names)}"
-        )
-    return tuple(dataclasses.replace(t, fn=t.init_fn or t.fn, frozen=t.init_frozen, init_fn=None,
-                                     weight=t.weight if t.init_weight is None else t.init_weight)
-                 for t in terms if t.name in wanted)
-
-
-def frozen_parts(terms) -> tuple[bool, tuple[str, ...]]:
-    """(whether the student is fixed, the adapter modules fixed) in a stage with these terms: the
-    student when every term freezes it ('student' in `Term.frozen`), an adapter when any does."""
-    terms = tuple(terms)
-    student = bool(terms) and all("student" in t.frozen for t in terms)
-    adapters = tuple(sorted({n for t in terms for n in t.frozen if n != "student"}))
-    return student, adapters
-
-
 class Stage:
     """Trains one model (teacher, student or baseline) to completion, resuming if it can.
 
@@ -324,39 +274,25 @@ class Stage:
     def __init__(self, role, config, dataset: kdata.Dataset, par: kstep.DataParallel, workdir: str,
                  teachers=(), teacher_vars=(), init_from=None, on_epoch=None):
         self.role, self.config, self.ds, self.par = role, config, dataset, par
-        self.on_epoch = on_epoch
-        self.dir = os.path.join(workdir, role)
-        self.workdir = workdir
-        model_cfg = config.teacher if role == "teacher" else config.student
-        self.model_name = model_cfg.model
+        self.on_epoch, self.init_from = on_epoch, init_from
+        self.dir, self.workdir = os.path.join(workdir, role), workdir
+        self.kind = kind = stages.KINDS[role]
+        model_cfg = config[kind.model]
         dtype = _DTYPES[config.dtype]
+        self.model_name = model_cfg.model
         self.model_kwargs = dict(model_cfg.get("kwargs") or {})
         if model_cfg.get("dropout"):  # a rate for the models that have dropout (MLP, SmallCNN, WRN)
             self.model_kwargs["dropout"] = float(model_cfg.dropout)
-        self.model = models.get_model(
-            model_cfg.model, num_classes=dataset.num_classes, dtype=dtype, bn_axis_name=kstep.AXIS,
-            **self.model_kwargs,
-        )
-        fine_tune = config[FINE_TUNES[role]] if role in FINE_TUNES else None
-        self.epochs = int(fine_tune.epochs if fine_tune is not None else
-                          config.student_init.epochs if role == "student_init" else model_cfg.epochs)
+        self.model = models.get_model(model_cfg.model, num_classes=dataset.num_classes, dtype=dtype,
+                                      bn_axis_name=kstep.AXIS, **self.model_kwargs)
+        self.epochs = int(config[kind.epochs].epochs)
         self.lr = optim.resolve_learning_rate(
             config.optimizer.name, config.optimizer.learning_rate,
-            model_cfg.learning_rate_scale * (fine_tune.learning_rate_scale if fine_tune is not None else 1.0),
+            model_cfg.learning_rate_scale * (config[kind.epochs].learning_rate_scale if kind.fine_tunes else 1.0),
             config.optimizer.tuned_learning_rates)
-        self.terms = _stage_terms(role, config, dataset.train)
-        ema = role == "student" and config.teacher.source == "ema"
-        self.teachers, self.teacher_vars = (tuple(teachers), tuple(teacher_vars))
-        if ema or not distill.needs_teacher(self.terms):
-            self.teachers, self.teacher_vars = (), ()
-        # An ensemble: teacher.feature_source's teacher first (its features are the ones read),
-        # the weights in the same order (kdjax.distill.ensemble_order).
-        order, teacher_weights = distill.ensemble_order(
-            len(self.teachers), self.terms, config.teacher.get("ensemble_weights", ""),
-            config.teacher.get("feature_source"))
-        self.teachers = tuple(self.teachers[i] for i in order)
-        self.teacher_vars = tuple(self.teacher_vars[i] for i in order)
-        self.init_from = init_from
+        self.terms = stages.objective(role, config, dataset.train, planned_stages(config))
+        ema = kind.mean_teacher and config.teacher.source == "ema"
+        teacher_weights = self._set_teachers(teachers, teacher_vars, ema)
         self.batch_size = config.batch_size
         self.spe = kdata.steps_per_epoch(len(dataset.train.labels), config.batch_size)
         if self.spe == 0:
@@ -371,8 +307,36 @@ class Stage:
             ema_decay=config.teacher.ema_decay if ema else 0.0, dot=config.optimizer.name == "dot",
         )
         self.distiller = distill.Distiller(self.terms, teacher_weights=teacher_weights)
-        o = config.optimizer
-        self.schedule = optim.make_schedule(
+        self.schedule, self.tx = self._optimizer()
+        init = config.get("init")
+        from_run = [r.strip() for r in str(init.stages).split(",")] if init is not None and init.from_run else []
+        self.transfer = (init.from_run, init.role, init.reinit) if role in from_run else None
+        self.surgery = None  # channel pruning: (smaller model fields, its variables, unpruned parameter count)
+        self.select_from_epoch = 0  # checkpoints of earlier epochs are never selected (gradual pruning)
+        self.float_model = self.model
+        kind.setup(self)  # what the kind changes in the model or the optimizer (kdjax.stages)
+
+    def _set_teachers(self, teachers, teacher_vars, ema: bool) -> tuple[float, ...] | None:
+        """The teachers this stage's terms read (none for a labels-only stage or a Mean Teacher),
+        in ensemble order: teacher.feature_source's teacher first (its features are the ones
+        read); returns the ensemble weights in the same order (kdjax.distill.ensemble_order)."""
+        self.teachers, self.teacher_vars = tuple(teachers), tuple(teacher_vars)
+        if ema or not distill.needs_teacher(self.terms):
+            self.teachers, self.teacher_vars = (), ()
+        c = self.config.teacher
+        order, weights = distill.ensemble_order(len(self.teachers), self.terms, c.get("ensemble_weights", ""),
+                                                c.get("feature_source"))
+        self.teachers = tuple(self.teachers[i] for i in order)
+        self.teacher_vars = tuple(self.teacher_vars[i] for i in order)
+        return weights
+
+    def _optimizer(self):
+        """(learning-rate schedule, optax transformation): config.optimizer with its frozen
+        parameters and head rate, and no update at all for the parts the stage's terms keep fixed
+        (FT: the student while its paraphraser is pre-trained, the paraphraser afterwards), so
+        weight decay and momentum cannot move them."""
+        o = self.config.optimizer
+        schedule = optim.make_schedule(
             o.schedule, base_lr=self.lr, total_steps=self.total_steps, steps_per_epoch=self.spe,
             warmup_epochs=o.warmup_epochs, decay_epochs=tuple(o.decay_epochs), decay_factor=o.decay_factor,
             step_epochs=o.step_epochs,
@@ -382,70 +346,19 @@ class Stage:
             grad_clip_norm=o.grad_clip_norm, decay_all=o.decay_all, b1=o.b1, b2=o.b2, eps=o.eps,
             rmsprop_decay=o.rmsprop_decay, adadelta_rho=o.adadelta_rho, dot_delta=o.get("dot_delta", 0.075),
         )
-        self.tx = make(self.schedule)
+        tx = make(schedule)
         self.freeze, head_scale = o.get("freeze", ""), float(o.get("head_learning_rate_scale", 1.0))
         if self.freeze or head_scale != 1.0:  # frozen parameters, a head with its own rate
-            head_tx = make(lambda count: head_scale * self.schedule(count))
-            self.tx = optim.partition({"body": self.tx, "head": head_tx, "frozen": optax.set_to_zero()},
-                                      [("frozen", self.freeze), ("head", o.head if head_scale != 1.0 else "")],
-                                      default="body")
-        # Parts the stage's terms keep fixed (FT: the student while its paraphraser is pre-trained,
-        # the paraphraser afterwards): no update at all, so weight decay and momentum cannot move them.
-        self.student_frozen, frozen_adapters = frozen_parts(self.terms)
+            head_tx = make(lambda count: head_scale * schedule(count))
+            tx = optim.partition({"body": tx, "head": head_tx, "frozen": optax.set_to_zero()},
+                                 [("frozen", self.freeze), ("head", o.head if head_scale != 1.0 else "")],
+                                 default="body")
+        self.student_frozen, frozen_adapters = stages.frozen_parts(self.terms)
         fixed = (["student/"] if self.student_frozen else []) + [f"distiller/{re.escape(n)}/" for n in frozen_adapters]
         if fixed:
-            self.tx = optim.partition({"train": self.tx, "fixed": optax.set_to_zero()},
-                                      [("fixed", "^(" + "|".join(fixed) + ")")], default="train", within="")
-        init = config.get("init")
-        stages = [r.strip() for r in str(init.stages).split(",")] if init is not None and init.from_run else []
-        self.transfer = (init.from_run, init.role, init.reinit) if role in stages else None
-        self.surgery = None  # channel pruning: (smaller model fields, its variables, unpruned parameter count)
-        if role == "prune" and config.prune.method == "channel":
-            self.surgery = self._channel_surgery()
-        elif role == "prune":
-            self.tx = self._pruning(self.tx)
-        # Gradual pruning: only checkpoints at the target sparsity may be selected.
-        self.select_from_epoch = (int(np.ceil(max(config.prune.begin_epoch, config.prune.end_epoch)))
-                                  if role == "prune" and config.prune.method == "magnitude" else 0)
-        self.float_model = self.model
-        if role == "qat":  # fake-quantised forward, straight-through gradients (kdjax.quantize)
-            self.model = quantize.qat_model(self.model, config.quant.mode, config.quant.exclude)
-
-    def _channel_surgery(self):
-        """(field overrides, variables, the source's parameter count) of the smaller model that
-        prune.channel_prune cuts from the model this stage starts from, and self.model becomes it;
-        None before that model exists (the pre-flight, when the student is trained in this run)."""
-        if self.init_from is not None:
-            source = jax.device_get(self.variables_of(self.init_from))
-        elif self.transfer:
-            source = runs.read_stage_variables(self.transfer[0], self.transfer[1])[0]
-        else:
-            return None
-        p = self.config.prune
-        overrides, variables = prune.channel_prune(self.model, source, sparsity=p.sparsity, criterion=p.criterion,
-                                                   include=p.include, exclude=p.exclude)
-        self.model = self.model.clone(**overrides)
-        self.model_kwargs.update({k: list(v) for k, v in overrides.items()})
-        return overrides, variables, models.num_params(source["params"])
-
-    def _pruning(self, tx):
-        """`tx` wrapped by kdjax.prune.masked as config.prune says (stage 'prune')."""
-        p = self.config.prune
-        abstract = models.param_shapes(self.model, (1,) + self.ds.image_shape)["params"]
-        channels = self.ds.image_shape[-1]
-        skip = [path for path, leaf in optim.flat_paths(abstract).items()
-                if re.match(models.CLASSIFIER, path) or (leaf.ndim == 4 and leaf.shape[-2] == channels)]
-        student = prune.select(abstract, p.include, p.exclude, skip=skip)
-        if not any(jax.tree.leaves(student)):
-            raise ValueError(f"prune.include={p.include!r} / exclude={p.exclude!r} select no kernel of "
-                             f"{self.model_name}; its kernels: {', '.join(sorted(optim.flat_paths(abstract)))[:300]}")
-        prune.check(abstract, student, p.method, p.sparsity, p.scope, p.n, p.m)
-        self.prunable = student
-        to_step = lambda epochs: int(round(epochs * self.spe))  # noqa: E731
-        which = lambda params: {"student": student, "distiller": jax.tree.map(lambda _: False, params["distiller"])}  # noqa: E731
-        return prune.masked(tx, which, method=p.method, sparsity=p.sparsity,
-                            scope=p.scope, n=p.n, m=p.m, begin_step=to_step(p.begin_epoch),
-                            end_step=to_step(max(p.end_epoch, p.begin_epoch)), update_every=p.update_every)
+            tx = optim.partition({"train": tx, "fixed": optax.set_to_zero()},
+                                 [("fixed", "^(" + "|".join(fixed) + ")")], default="train", within="")
+        return schedule, tx
 
     # -- init / restore -------------------------------------------------------------------------
     def _init(self, transfer: bool = False):
@@ -453,7 +366,7 @@ class Stage:
         `transfer`, the model's variables come from config.init.from_run (transfer learning)."""
         state = kstep.init_state(
             self.model, self.distiller, self.teachers, self.teacher_vars, self.tx, self.ds.image_shape,
-            self.config.seed + INIT_SEED_OFFSET.get(self.role, ROLES.index(self.role)) * 1000,
+            stages.init_seed(self.role, self.config.seed),
             ema=self.step_cfg.ema_decay > 0,
             init_from=None if self.surgery else self.init_from)
         if self.surgery:  # the channel-pruned student's surviving weights
@@ -495,8 +408,7 @@ class Stage:
         s_vars, _ = jax.eval_shape(lambda tv: kstep.init_variables(
             self.model, self.distiller, teachers, tv, self.ds.image_shape, jax.random.PRNGKey(0),
             ema=self.step_cfg.ema_decay > 0), t_vars)
-        if self.role == "qat":
-            quantize.check(self.float_model, self.ds.image_shape, self.config.quant.mode, self.config.quant.exclude)
+        self.kind.preflight(self)
         if self.transfer and not self.surgery:  # the earlier run exists and its model fits this one
             run_dir, role, reinit = self.transfer
             runs.transfer_variables(s_vars, runs.read_stage_variables(run_dir, role)[0], reinit,
@@ -533,8 +445,8 @@ class Stage:
             if self.logger is not None:
                 self.logger.close()
 
-    def _train(self, ckpts: kckpt.StageCheckpoints) -> tuple[dict, Any]:
-        c = self.config
+    def _resume(self, ckpts: kckpt.StageCheckpoints):
+        """(host TrainState, meta, latest step or None): the latest checkpoint, else a fresh state."""
         meta = {"history": [], "best_step": None, "best_score": None}
         latest = ckpts.latest_step()
         state = self._init(transfer=latest is None)
@@ -548,6 +460,11 @@ class Stage:
             logging.info("stage %r: training %s for %d epochs (%d steps of batch %d), terms: %s",
                          self.role, self.model_name, self.epochs, self.total_steps, self.batch_size,
                          ", ".join(f"{t.weight:g}*{t.name}" for t in self.terms))
+        return state, meta, latest
+
+    def _train(self, ckpts: kckpt.StageCheckpoints) -> tuple[dict, Any]:
+        c = self.config
+        state, meta, latest = self._resume(ckpts)
         lc = c.get("log", {})
         self.logger = logs.StageLog(
             self.workdir, self.role, total_steps=self.total_steps, steps_per_epoch=self.spe, batch_size=self.batch_size,
@@ -604,8 +521,14 @@ class Stage:
         if step < self.total_steps:
             logging.info("[%s] early stop after epoch %d: no better validation accuracy for %d epochs",
                          self.role, step // self.spe, patience)
+        timing = {"train_seconds_this_session": round(train_seconds, 2),
+                  "teacher_cache_seconds_this_session": round(cache_seconds, 2) if cache is not None else None}
+        return self._result(ckpts, self.par.unreplicate(state), meta, step, timing)
 
-        best_state, _ = ckpts.restore(meta["best_step"], self.par.unreplicate(state))
+    def _result(self, ckpts, state, meta: dict, step: int, timing: dict) -> tuple[dict, Any]:
+        """(result dict, selected host TrainState) once the loop has ended at `step`; writes
+        predictions.npz and closes the stage's log."""
+        best_state, _ = ckpts.restore(meta["best_step"], state)
         best_vars = self.variables_of(best_state)
         hist = meta["history"]
         best = next(h for h in hist if h["step"] == meta["best_step"])  # the restored one (ties: the later)
@@ -619,10 +542,9 @@ class Stage:
             "selected_by": "val_accuracy" if self.ds.val is not None else "last_epoch",
             "epochs": self.epochs,
             "steps": self.total_steps,
-            "train_seconds_this_session": round(train_seconds, 2),
-            "teacher_cache_seconds_this_session": round(cache_seconds, 2) if cache is not None else None,
+            **timing,
             "images_per_sec": inference.inference_throughput(self.model, best_vars, self.ds.image_shape,
-                                                   self.ds.mean, self.ds.std, batch=c.throughput_batch),
+                                                             self.ds.mean, self.ds.std, batch=self.config.throughput_batch),
             "terms": {t.name: t.weight for t in self.terms},
         }
         if self.ds.val is not None:
@@ -636,16 +558,9 @@ class Stage:
                      f", {result['stopped_early_at_epoch']} epochs (early stop)" if "stopped_early_at_epoch" in result else "")
         self.logger.close(result)
         self.logger = None
-        if self.surgery:  # the channels that survived, per layer
-            result["channel_widths"] = {k: list(v) for k, v in self.surgery[0].items()}
-            result["unpruned_num_params"] = self.surgery[2]
-        elif self.role == "prune":  # what the masks left: exact zeros per pruned kernel
-            kernels = {path: np.asarray(leaf) for (path, leaf), w in zip(
-                optim.flat_paths(best_vars["params"]).items(), jax.tree.leaves(self.prunable)) if w}
-            result["sparsity"] = {path: round(float(np.mean(k == 0)), 4) for path, k in kernels.items()}
-            result["nonzero_params"] = int(sum(np.count_nonzero(x) for x in jax.tree.leaves(best_vars["params"])))
-        if skipped:
-            result["skipped_nonfinite_steps"] = skipped
+        result.update(self.kind.report(self, best_vars))
+        if meta.get("skipped_steps"):
+            result["skipped_nonfinite_steps"] = meta["skipped_steps"]
         return result, best_state
 
     def _write_predictions(self, variables) -> None:
@@ -847,31 +762,28 @@ def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, on_ep
     summary_path = os.path.join(workdir, "summary.json")
     summary = {**runs.read_json(summary_path, {}), **reused}
 
-    init_state = student_state = None
-    for role in planned_stages(config):
+    planned = planned_stages(config)
+    selected = {}  # role -> selected host TrainState of a finished stage that a later one starts from
+    for role in planned:
         if role == "teacher" and config.teacher.checkpoint:
             continue  # loaded above
         stage = Stage(role, config, dataset, par, workdir, teachers=teachers, teacher_vars=teacher_vars,
-                      init_from=init_state if role == "student" else student_state if role in FINE_TUNES else None,
+                      init_from=selected.get(stages.KINDS[role].starts_from),
                       on_epoch=on_epoch)
         result_path = os.path.join(stage.dir, "result.json")
         result = runs.read_json(result_path)
         runs.agree("answers to 'is this stage finished (result.json)?'", result is not None, stage.dir)
         if result is not None:
             logging.info("stage %r already finished (%s); skipping", role, result_path)
-            needed = role in ("teacher", "student_init") or (
-                role == "student" and set(FINE_TUNES) & set(planned_stages(config)))
-            selected = stage.restore_selected() if needed else None
+            needed = role == "teacher" or any(stages.KINDS[r].starts_from == role for r in planned)
+            best = stage.restore_selected() if needed else None
         else:
-            result, selected = stage.run()
+            result, best = stage.run()
             runs.write_json(result_path, result)
         if role == "teacher":
             teachers.insert(0, stage.model)
-            teacher_vars.insert(0, stage.variables_of(selected))
-        elif role == "student_init":
-            init_state = selected
-        elif role == "student":
-            student_state = selected
+            teacher_vars.insert(0, stage.variables_of(best))
+        selected[role] = best
         summary[role] = result
         runs.write_json(summary_path, summary)
     logging.info("summary written to %s", summary_path)

@@ -14,7 +14,7 @@ import pytest
 
 from kdjax import checkpoint as kckpt
 from kdjax import data as kdata
-from kdjax import distill, losses, runs, train
+from kdjax import distill, losses, runs, stages, train
 from kdjax import step as kstep
 
 NEW = ("kdsvd", "fsp", "ab", "ft")
@@ -266,29 +266,29 @@ def test_stage_objectives_of_the_two_stage_methods():
         c = digits.get_config(f"method={method}")
         assert c.stages == "teacher,student_init,student,student_scratch" and c.student_init.terms == method
         assert c.student.model == "cnn_tiny"
-        init, main = train._stage_terms("student_init", c, split), train._stage_terms("student", c, split)
+        init, main = stages.objective("student_init", c, split, train.planned_stages(c)), stages.objective("student", c, split, train.planned_stages(c))
         assert [(t.name, t.weight) for t in init] == [(method, 1.0)]
         if method == "ft":
             assert [(t.name, t.weight) for t in main] == [("ce", 1.0), ("ft", 200.0)]
-            assert train.frozen_parts(init) == (True, ()) and train.frozen_parts(main) == (False, ("ft_paraphraser",))
+            assert stages.frozen_parts(init) == (True, ()) and stages.frozen_parts(main) == (False, ("ft_paraphraser",))
             assert init[0].fn.func is distill._ft_init_fn and main[1].fn.func is distill._ft_fn
         else:
-            assert [t.name for t in main] == ["ce"] and train.frozen_parts(init) == (False, ())
+            assert [t.name for t in main] == ["ce"] and stages.frozen_parts(init) == (False, ())
     assert dict(digits.get_config("method=fsp").student.kwargs) == {"channels": (32, 64)}
     assert "channels" not in digits.get_config("method=ab").student.kwargs
     c = digits.get_config("method=ft")
     c.student_init.terms = "ft"
     c.stages = "teacher,student"
     with pytest.raises(ValueError, match="'ft' needs its adapters pre-trained in stage 'student_init'"):
-        train._stage_terms("student", c, split)
+        stages.objective("student", c, split, train.planned_stages(c))
     c = digits.get_config("method=fsp")
     c.student_init.terms = "nope"
     with pytest.raises(ValueError, match="'fsp' is trained only in stage 'student_init'"):
-        train._stage_terms("student", c, split)
+        stages.objective("student", c, split, train.planned_stages(c))
     # A student_init stage with a student-training term too: the student is not fixed.
     mixed = [t for t in distill.build_terms(distill.get_config("ft+at").to_dict()) if t.name != "ce"]
     mixed = [dataclasses.replace(t, frozen=t.init_frozen) for t in mixed]
-    assert train.frozen_parts(mixed) == (False, ())
+    assert stages.frozen_parts(mixed) == (False, ())
 
 
 def _restore(workdir, role):

@@ -203,7 +203,7 @@ def _first_step(config, dataset, role):
     spe = kdata.steps_per_epoch(len(dataset.train.labels), config.batch_size)
     batch = feed.train_batch(dataset.train, config.batch_size, seed=config.seed, step=0, steps_per_epoch=spe)
     model = models.get_model(config.student.model, num_classes=dataset.num_classes)
-    seed = config.seed + train.INIT_SEED_OFFSET.get(role, train.ROLES.index(role)) * 1000
+    seed = config.seed + train.ROLES.index("student" if role == "student_scratch" else role) * 1000  # the paired baseline
     variables = jax.jit(lambda k: model.init(jax.random.split(k)[0], np.zeros((2,) + dataset.image_shape, np.float32),
                                              train=False))(jax.random.PRNGKey(seed))
     return batch, model, variables
