@@ -20,8 +20,17 @@ def _show(report, workdir):
     return compress.format_table(report) + f"\n\nwritten: {os.path.join(workdir, 'compress.md')}, compress.json, compress.png"
 
 
-if __name__ == "__main__":
+def _run(config, workdir, overwrite=False):
+    """compress.run, after refusing a --config override that no part of the command reads (e.g.
+    --config.prune.sparsity, which every pruning variant sets itself)."""
+    from absl import flags
+    from ml_collections import config_flags
+
     from kdjax import compress
 
-    launch.run_main(os.path.join(os.path.dirname(__file__), "configs", "compress_digits.py"), runner=compress.run,
-                    show=_show)
+    compress.check_overrides(config, config_flags.get_override_values(flags.FLAGS["config"]))
+    return compress.run(config, workdir, overwrite=overwrite)
+
+
+if __name__ == "__main__":
+    launch.run_main(os.path.join(os.path.dirname(__file__), "configs", "compress_digits.py"), runner=_run, show=_show)

@@ -41,6 +41,7 @@ from absl import logging
 from kdjax import data as kdata
 from kdjax import export as kexport
 from kdjax import models
+from kdjax import prune
 from kdjax import quantize
 from kdjax import inference, runs, train
 
@@ -85,6 +86,58 @@ def variant_config(config: ml_collections.ConfigDict, name: str, workdir: str) -
         out.init.stages = stage
         out.init.reinit = ""
     return out
+
+
+# The config block each variant stage reads, and the fields of it compress itself reads from the
+# base config whatever the variants set (the calibration of every int8 row, the layers kept float).
+VARIANT_BLOCKS = {"prune": "prune", "qat": "quant"}
+READ_FROM_BASE = {"quant": ("calibration_batches", "exclude")}
+
+
+def unread_fields(config) -> dict[str, str]:
+    """Fields of the base `prune` and `quant` blocks that no part of the compression command reads,
+    each with a one-line reason: every variant that reads the block sets its own value, or no
+    variant (and no stage of the experiment) reads the block at all. An override of one of them
+    would be accepted and ignored."""
+    variants = config.compress.variants
+    stages = set(train.planned_stages(experiment_config(config)))
+    out = {}
+    for stage, block in VARIANT_BLOCKS.items():
+        if stage in stages:
+            continue  # the experiment's own stage reads the whole block
+        readers = [n for n in variants if variants[n].stage == stage]
+        for field in config[block]:
+            if field in READ_FROM_BASE.get(block, ()):
+                continue
+            # A variant reads the base value unless it sets its own or its method ignores the field.
+            setters = [n for n in readers if field in (variants[n].get(block) or {}) or not _reads(config, variants[n], block, field)]
+            if not readers:
+                out[f"{block}.{field}"] = (f"no variant of config.compress.variants has stage {stage!r}, so nothing "
+                                           f"reads config.{block}; add a variant with stage={stage!r}")
+            elif len(setters) == len(readers):
+                where = [n for n in readers if field in (variants[n].get(block) or {})] or readers
+                out[f"{block}.{field}"] = (
+                    f"every {stage!r} variant sets its own {block}.{field} or ignores it; set it in a variant, e.g. "
+                    f"--config.compress.variants.{where[0]}.{block}.{field}=...")
+    return out
+
+
+def _reads(config, variant, block: str, field: str) -> bool:
+    """Whether `variant`'s method reads `block`.`field` at all (kdjax.prune.METHOD_FIELDS)."""
+    if block != "prune":
+        return True
+    method = (variant.get("prune") or {}).get("method", config.prune.method)
+    specific = {f for fields in prune.METHOD_FIELDS.values() for f in fields}
+    return field not in specific or field in prune.METHOD_FIELDS.get(method, ())
+
+
+def check_overrides(config, overrides) -> None:
+    """One-line ValueError if a command-line override (`--config.<key>`) names a field that
+    `unread_fields` says no part of the command reads."""
+    unread = unread_fields(config)
+    for key in sorted(overrides):
+        if key in unread:
+            raise ValueError(f"--config.{key} is not read by experiments.compress: {unread[key]}")
 
 
 def plan(config) -> list[tuple[str, str, str | None, str | None]]:

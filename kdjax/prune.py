@@ -39,6 +39,11 @@ import optax
 from kdjax.optim import param_paths
 
 METHODS = ("magnitude", "nm", "channel")  # channel: structured, see channel_prune
+# The config.prune fields that only some methods read (every method reads the others: method,
+# epochs, include, exclude, learning_rate_scale).
+METHOD_FIELDS = {"magnitude": ("sparsity", "scope", "begin_epoch", "end_epoch", "update_every"),
+                 "nm": ("n", "m", "begin_epoch", "end_epoch", "update_every"),
+                 "channel": ("sparsity", "criterion")}
 _KEEP = np.bool_(True)  # the mask of a leaf that is not pruned
 SCOPES = ("layer", "global")
 
@@ -107,15 +112,17 @@ def check(params, prunable, method: str, sparsity: float, scope: str, n: int, m:
     """One-line ValueErrors for settings that cannot work on these (abstract) params."""
     if method not in METHODS:
         raise ValueError(f"unknown prune.method {method!r}; choose one of: {', '.join(METHODS)}")
-    if method == "channel" and criterion not in CRITERIA:
+    # Every setting is checked whichever method reads it: a value that can never be valid is refused
+    # even where this method ignores it.
+    if criterion not in CRITERIA:
         raise ValueError(f"unknown prune.criterion {criterion!r}; choose one of: {', '.join(CRITERIA)}")
     if scope not in SCOPES:
         raise ValueError(f"unknown prune.scope {scope!r}; choose one of: {', '.join(SCOPES)}")
-    if method in ("magnitude", "channel") and not 0.0 <= sparsity < 1.0:
+    if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"prune.sparsity must be in [0, 1), got {sparsity}")
+    if not 0 < n < m:
+        raise ValueError(f"prune.n and prune.m must satisfy 0 < n < m, got {n}:{m}")
     if method == "nm":
-        if not 0 < n < m:
-            raise ValueError(f"prune.n and prune.m must satisfy 0 < n < m, got {n}:{m}")
         for path, p, w in zip(jax.tree.leaves(param_paths(params)), jax.tree.leaves(params), jax.tree.leaves(prunable)):
             if w and p.shape[-2] % m:
                 raise ValueError(f"prune.m={m} does not divide the input dimension {p.shape[-2]} of {path}")

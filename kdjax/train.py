@@ -176,8 +176,9 @@ def validate(config) -> None:
             raise ValueError(f"config.{role}.epochs must be > 0, got {config[role].epochs}")
     parse_classes(config.dataset.get("classes", ""))
     p = config.get("prune")
-    if p is not None and "prune" in planned_stages(config):
+    if p is not None:  # its values even where no stage reads them: experiments.compress's variants start from them
         prune.check({}, {}, p.method, p.sparsity, p.scope, p.n, p.m, p.criterion)  # kernels: in the pre-flight
+    if p is not None and "prune" in planned_stages(config):
         if p.epochs <= 0:
             raise ValueError(f"config.prune.epochs must be > 0, got {p.epochs}")
         if p.method == "magnitude" and max(p.begin_epoch, p.end_epoch) > p.epochs:

@@ -123,3 +123,37 @@ def test_a_conv_student_in_weights_mode_is_refused_naming_the_layer(tmp_path):
     with pytest.raises(ValueError, match="conv1_0"):
         compress.run(c, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")  # refused before anything was written
+
+
+def test_an_option_no_part_of_the_command_reads_is_refused(tmp_path):
+    """Every pruning variant sets or ignores prune.sparsity, so `--config.prune.sparsity` would be
+    accepted and ignored: one line naming where it belongs, exit 2, nothing written."""
+    unread = compress.unread_fields(compress_digits.get_config())
+    assert {"prune.sparsity", "prune.method", "quant.mode"} <= set(unread)
+    assert "prune.epochs" not in unread and "quant.calibration_batches" not in unread  # read by every variant / row
+    c = compress_digits.get_config()
+    c.compress.variants = {"qat": {"stage": "qat"}}  # no pruning variant: nothing reads prune.*
+    assert "no variant of config.compress.variants has stage 'prune'" in compress.unread_fields(c)["prune.epochs"]
+    with pytest.raises(ValueError, match=r"--config.prune.sparsity is not read by experiments.compress: every "
+                                         r"'prune' variant sets its own prune.sparsity or ignores it; set it in a "
+                                         r"variant, e.g. --config.compress.variants.\w+.prune.sparsity="):
+        compress.check_overrides(compress_digits.get_config(), {"prune.sparsity": 0.5})
+    proc = subprocess.run([sys.executable, "-m", "experiments.compress", f"--workdir={tmp_path / 'run'}",
+                           "--config.prune.sparsity=1.5"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(errors) == 1 and "--config.prune.sparsity is not read" in errors[0]
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_an_impossible_value_is_refused_even_where_no_stage_reads_it():
+    from kdjax import train
+
+    c = compress_digits.get_config()
+    c.prune.sparsity = 1.5  # no stage of the experiment itself prunes
+    with pytest.raises(ValueError, match=r"prune.sparsity must be in \[0, 1\), got 1.5"):
+        train.validate(compress.experiment_config(c))
+    c = compress_digits.get_config()
+    c.prune.n, c.prune.m = 4, 2
+    with pytest.raises(ValueError, match="0 < n < m"):
+        train.validate(compress.experiment_config(c))
