@@ -27,11 +27,11 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (mu
 def default_workdir(config, config_path: str) -> str:
     """runs/<config name>-<method>-s<seed>-<hash>: readable, and the same command resumes.
 
-    The hash covers the run's identity (`kdjax.train.run_identity`: no runtime fields, no unused
+    The hash covers the run's identity (`kdjax.runs.run_identity`: no runtime fields, no unused
     methods) where it differs from kdjax's defaults (`common.base`), so a new kdjax field or method
     with its default value moves no existing run, while any change that alters results does."""
     from experiments.configs import common
-    from kdjax import train
+    from kdjax import runs
 
     name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
     if "compress" in config:  # the compression plan's runs live inside: not part of the identity
@@ -39,7 +39,7 @@ def default_workdir(config, config_path: str) -> str:
 
         config = compress.experiment_config(config)
     method = str(config.distill.method)
-    ident, base = train.run_identity(config), train.run_identity(common.base(method))
+    ident, base = runs.run_identity(config), runs.run_identity(common.base(method))
     diff = {k: v for k, v in ident.items() if k not in base or base[k] != v}
     digest = hashlib.sha256(json.dumps(diff, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return os.path.join("runs", f"{name}-{method}-s{config.seed}-{digest}")

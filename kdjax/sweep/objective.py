@@ -7,8 +7,8 @@ import os
 
 from absl import logging
 
-from kdjax import train
-from kdjax.sweep import _files, space, workers
+from kdjax import runs, train
+from kdjax.sweep import space, workers
 
 
 def _ensure_teacher(config, teacher_dir: str, locks: str) -> None:
@@ -25,10 +25,10 @@ def _ensure_teacher(config, teacher_dir: str, locks: str) -> None:
 
 def _check_folder(config, run_dir: str) -> None:
     """A trial folder holding another config would be a bug (or another study in this folder)."""
-    saved = _files.read_json(os.path.join(run_dir, "config.json"))
+    saved = runs.read_json(os.path.join(run_dir, "config.json"))
     if saved is None:
         return
-    old, new = train.run_identity(saved), train.run_identity(config)
+    old, new = runs.run_identity(saved), runs.run_identity(config)
     changed = sorted(k for k in set(old) & set(new) if old[k] != new[k])
     if changed:
         raise ValueError(f"trial folder {run_dir} holds a run of another config (differs in: {', '.join(changed[:5])}); "

@@ -13,7 +13,17 @@ import warnings
 
 from absl import logging
 
-from kdjax.sweep import _files, space, workers
+from kdjax import runs
+from kdjax.sweep import space, workers
+
+
+def write_text(path: str, text: str) -> None:
+    """Replaces the sweep folder's file `path` atomically (the temporary file is this process's own:
+    every worker writes the outputs, under the sweep lock)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _best_config_text(p: space.Sweep, trial, workdir: str) -> str:
@@ -94,7 +104,7 @@ def write_report(p: space.Sweep, study, workdir: str, plots: bool, report_only: 
     writer = csv.DictWriter(buf, fieldnames=header)
     writer.writeheader()
     writer.writerows(rows)
-    _files.write_text(os.path.join(workdir, "trials.csv"), buf.getvalue())
+    write_text(os.path.join(workdir, "trials.csv"), buf.getvalue())
 
     state = workers.progress(p, study)
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
@@ -104,7 +114,7 @@ def write_report(p: space.Sweep, study, workdir: str, plots: bool, report_only: 
     if complete:
         t = max(complete, key=lambda t: (t.value, -t.number))  # ties: the earliest trial
         run_dir = os.path.join(workdir, t.user_attrs.get("run_dir", f"trials/{workers.root_number(t)}"))
-        summary = _files.read_json(os.path.join(run_dir, "summary.json"), {}).get(p.objective, {})
+        summary = runs.read_json(os.path.join(run_dir, "summary.json"), {}).get(p.objective, {})
         best.update(best_trial=t.number, val_accuracy=t.value, params=t.params, run_dir=run_dir,
                     teacher_dir=os.path.join(workdir, t.user_attrs["teacher_dir"]) if "teacher_dir" in t.user_attrs else None,
                     selected_epoch=summary.get("selected_epoch"),
@@ -117,7 +127,7 @@ def write_report(p: space.Sweep, study, workdir: str, plots: bool, report_only: 
         else:
             best["test_accuracy_of_best_trial"] = None
             best["test_accuracy_note"] = "reported once the sweep has finished"
-        _files.write_text(os.path.join(workdir, "best_config.py"), _best_config_text(p, t, workdir))
+        write_text(os.path.join(workdir, "best_config.py"), _best_config_text(p, t, workdir))
     if state["finished"] and len(complete) >= 2 and len(p.params) >= 2:
         import optuna
 
@@ -128,7 +138,7 @@ def write_report(p: space.Sweep, study, workdir: str, plots: bool, report_only: 
                     study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)).items()}
         except Exception as e:  # noqa: BLE001 - e.g. every complete trial has the same value
             logging.info("parameter importances not computed: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
-    _files.write_text(os.path.join(workdir, "best.json"), json.dumps(best, indent=2, sort_keys=True, default=str) + "\n")
+    write_text(os.path.join(workdir, "best.json"), json.dumps(best, indent=2, sort_keys=True, default=str) + "\n")
     if plots and (state["finished"] or report_only):
         best["plots"] = write_plots(p, study, workdir, len(complete))
     elif plots:

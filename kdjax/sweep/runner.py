@@ -9,8 +9,8 @@ import warnings
 
 from absl import logging
 
-from kdjax import train
-from kdjax.sweep import _files, objective, report, space, workers
+from kdjax import runs
+from kdjax.sweep import objective, report, space, workers
 
 
 def default_workdir(study: str) -> str:
@@ -25,10 +25,10 @@ def check_storage(storage: str | None) -> None:
 
 def check_workdir(p: space.Sweep, workdir: str) -> None:
     """Refuses a sweep folder that holds another sweep (one line, before anything is written)."""
-    saved = _files.read_json(os.path.join(workdir, "sweep.json"))
+    saved = runs.read_json(os.path.join(workdir, "sweep.json"))
     if saved is None:
         return
-    old, new = train.flatten_dict(saved.get("setup", {})), train.flatten_dict(space.roundtrip(p.setup()))
+    old, new = runs.flatten_dict(saved.get("setup", {})), runs.flatten_dict(space.roundtrip(p.setup()))
     # As kdjax.train does for a run: a config field that kdjax added or removed since is not compared.
     changed = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>")
                      and not (k.startswith("base_identity.") and (k not in old or k not in new)))
@@ -94,13 +94,13 @@ def run(sweep_config, workdir: str | None = None, storage: str | None = None, re
     os.makedirs(workdir, exist_ok=True)
     lock = workers.FileLock(os.path.join(workdir, "locks", "sweep.lock"))
     with lock:
-        saved = _files.read_json(os.path.join(workdir, "sweep.json"), {})
+        saved = runs.read_json(os.path.join(workdir, "sweep.json"), {})
         if saved.get("n_trials") not in (None, p.n_trials) and not report_only:
             logging.info("n_trials: %s -> %d", saved.get("n_trials"), p.n_trials)
         if report_only:  # the sweep's own trial count decides whether it has finished
             p.n_trials = int(saved.get("n_trials", p.n_trials))
         else:
-            _files.write_text(os.path.join(workdir, "sweep.json"), json.dumps(
+            report.write_text(os.path.join(workdir, "sweep.json"), json.dumps(
                 {"setup": space.roundtrip(p.setup()), "n_trials": p.n_trials, "storage": storage or "journal.log"},
                 indent=2, sort_keys=True))
         study = optuna.create_study(storage=make_storage(storage, workdir), study_name=p.study, direction="maximize",

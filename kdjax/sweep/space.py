@@ -20,8 +20,7 @@ import ml_collections
 from absl import logging
 
 from kdjax import config as kconfig
-from kdjax import train
-from kdjax.sweep import _files
+from kdjax import runs, train
 
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "hyperband")
@@ -135,7 +134,7 @@ def student_only(field: str) -> bool:
 
 def teacher_identity(config) -> dict:
     """What determines the teacher stage's result: the run identity without student-only fields."""
-    return {k: v for k, v in train.run_identity(config).items() if not student_only(k)}
+    return {k: v for k, v in runs.run_identity(config).items() if not student_only(k)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,7 +252,7 @@ class Sweep:
     def setup(self) -> dict:
         """What identifies the sweep in sweep.json (everything but n_trials)."""
         return {"study": self.study, "base": self.base_ref or "<ConfigDict>",
-                "base_identity": train.run_identity(self.base), "search_space": {p.field: p.describe() for p in self.params},
+                "base_identity": runs.run_identity(self.base), "search_space": {p.field: p.describe() for p in self.params},
                 "objective": self.objective, "sampler": self.sampler, "pruner": self.pruner,
                 "teacher_sharing": self.teacher_sharing, "enqueue": self.enqueue}
 
@@ -324,13 +323,13 @@ def parse(sweep_config) -> Sweep:
     params = []
     for field, spec in space.items():
         _node(base, field, "search space entry")
-        if any(field == f or field.startswith(f + ".") for f in train.RUNTIME_FIELDS):
+        if any(field == f or field.startswith(f + ".") for f in runs.RUNTIME_FIELDS):
             raise ValueError(f"search space entry {field}: a runtime field, which does not change a run's result")
         params.append(Param.parse(field, spec))
 
     try:
         train.validate(base)
-        stages = train._stages(base)
+        stages = train.planned_stages(base)
     except ValueError as e:
         raise ValueError(f"the base config with the sweep's overrides is invalid: {e}") from None
     objective = str(get("objective"))
@@ -399,9 +398,9 @@ def build_config(base, overrides: dict, check_against: str | None = None) -> ml_
     removed from kdjax since) are not compared, as when a run resumes."""
     config = load_config_file(base) if isinstance(base, str) else ml_collections.ConfigDict(base)
     config = apply(config, overrides)
-    saved = _files.read_json(check_against) if check_against else None
+    saved = runs.read_json(check_against) if check_against else None
     if saved is not None:
-        old, new = train.run_identity(saved), train.run_identity(config)
+        old, new = runs.run_identity(saved), runs.run_identity(config)
         changed = sorted(k for k in set(old) & set(new) if k != "stages" and old[k] != new[k])
         if changed:
             raise ValueError(f"this config no longer matches the sweep's trial {check_against} (differs in: "
