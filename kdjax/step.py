@@ -18,6 +18,7 @@ same loss and gradient up to float reassociation (tests/test_global_batch.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -184,6 +185,180 @@ def global_norm(tree) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(jnp.concatenate(leaves))))
 
 
+# ------------------------------------------------------------------ the train step, piece by piece
+# `make_train_step` calls these in order, inside the per-device step (so the `AXIS` collectives are
+# available to them). Splitting the step into them changed nothing in the traced program.
+
+
+def _view(batch, position, key, mix_key, augment, cfg: StepConfig):
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(position)
+    x = augment(keys, batch["image"], crop_padding=cfg.crop_padding, flip=cfg.flip)
+    x = kdata.normalize(x, cfg.mean, cfg.std, dtype=cfg.dtype)
+    if cfg.mixup_alpha > 0:
+        return kdata.mixup(mix_key, x, cfg.mixup_alpha)
+    if cfg.cutmix_alpha > 0:
+        return kdata.cutmix(mix_key, x, cfg.cutmix_alpha)
+    return x, None, None
+
+
+def views(batch, step_key, aug_key, mix_key, cfg: StepConfig, *, strong: bool = False):
+    """The augmented, normalised (and mixed) views of this device's batch: (x, mix_perm, mix_lam,
+    x_strong); perm and lam are None without mixup or CutMix, x_strong is None unless `strong`.
+
+    x is the weak view (`kdata.augment`: crop and flip, keyed by `aug_key`). x_strong, asked for
+    when a term reads the strong view (`distill.reads_strong_view`), is `kdata.strong_augment`'s,
+    keyed by fold_in(step_key, STRONG_VIEW_STREAM). Example i's key is fold_in(view key, i's position
+    in the *global* batch), so 1 or N devices, and a resumed run, draw the same views. Mixing draws
+    from `mix_key` for both views: the same partners and weight.
+    """
+    b = batch["label"].shape[0]
+    position = jax.lax.axis_index(AXIS) * b + jnp.arange(b)
+    x, perm, lam = _view(batch, position, aug_key, mix_key, kdata.augment, cfg)
+    x_strong = None
+    if strong:
+        x_strong, _, _ = _view(batch, position, jax.random.fold_in(step_key, STRONG_VIEW_STREAM), mix_key,
+                               kdata.strong_augment, cfg)
+    return x, perm, lam, x_strong
+
+
+def teacher_outputs(teachers, teacher_vars, x, x_strong=None, *, extra: tuple[str, ...] = (),
+                    cached: dict | None = None) -> dict:
+    """What the teacher says about this step's views: eval mode, the very same augmented batch, no
+    gradient (`teacher_features`); its features on `x_strong` too, as 'strong/<name>', when given.
+    `cached`: the batch's 'teacher' entry, the outputs computed once before training
+    (`kdata.teacher_cache`); then no teacher runs and it is returned as is."""
+    if cached is not None:
+        return cached
+    t_feats = teacher_features(teachers, teacher_vars, x, extra)
+    if x_strong is not None:
+        t_feats = distill.with_strong_view(t_feats, teacher_features(teachers, teacher_vars, x_strong, extra))
+    return t_feats
+
+
+def student_loss(params, *, student, distiller: distill.Distiller, model_state, x, t_feats, ctx: distill.Context,
+                 epoch, dropout_key, cfg: StepConfig, x_strong=None, extra: tuple[str, ...] = ()):
+    """The student's forward pass in train mode and the weighted loss at `params`: ((task, kd), aux).
+
+    task is the part of the labels (the 'ce' term and the L1/L2 penalties), kd the distillation
+    terms' (each term weighted at `epoch`); DOT takes their gradients apart (`device_gradients`).
+    aux = (values, logits, model_state): every term's unweighted value (and 'l1', 'l2'), the weak
+    view's logits, and the student's and distiller's new non-parameter state. With `x_strong` the
+    student then runs on the strong view, from the BatchNorm statistics the weak one left (two
+    forward passes in train mode, as the reference's two calls); its features reach the terms as
+    'strong/<name>'.
+    """
+    s_vars = {"params": params["student"], **model_state["student"]}
+    logits, s_feats, s_stats = models.apply_model(student, s_vars, x, train=True, rng=dropout_key, extra=extra)
+    if x_strong is not None:
+        if s_stats is not None:
+            s_vars = {**s_vars, "batch_stats": s_stats}
+        _, strong, s_stats = models.apply_model(student, s_vars, x_strong, train=True, extra=extra,
+                                                rng=jax.random.fold_in(dropout_key, STRONG_VIEW_STREAM))
+        s_feats = distill.with_strong_view(s_feats, strong)
+    values, d_state = _apply_distiller(distiller, params["distiller"], model_state["distiller"], s_feats, t_feats,
+                                       ctx)
+    terms = distiller.terms
+    task = sum(t.weight_at(epoch) * values[t.name] for t in terms if t.name == "ce")
+    kd = sum(t.weight_at(epoch) * values[t.name] for t in terms if t.name != "ce")
+    if cfg.l1:
+        values["l1"] = losses.l1_penalty(params["student"], kernels_only=True)
+        task = task + cfg.l1 * values["l1"]
+    if cfg.l2:
+        values["l2"] = losses.l2_penalty(params["student"], kernels_only=True)
+        task = task + cfg.l2 * values["l2"]
+    s_state = {"batch_stats": s_stats} if s_stats is not None else {}
+    return (task, kd), (values, logits, {"student": s_state, "distiller": d_state})
+
+
+def device_gradients(loss_fn, params, *, dot: bool = False):
+    """The loss and its gradients averaged over devices: (total, grads, (opt_grads, opt_extra), aux).
+
+    `loss_fn(params) -> ((task, kd), aux)` is `student_loss` with the rest bound. It is differentiated
+    w.r.t. a per-device ("varying") view of the replicated parameters, so the gradients are this
+    device's own and the pmean here is the only reduction (otherwise shard_map's autodiff would
+    already psum them). Without `dot`: one gradient of task + kd, which the optimizer gets. With
+    `dot` (the optimizer is `kdjax.optim.dot`): one forward pass, two gradients; the optimizer gets
+    the task gradient and, in opt_extra, ``kd_grads``; grads is their sum (what is logged and guarded).
+    """
+    local_params = jax.lax.pcast(params, AXIS, to="varying")
+    if dot:
+        def split_loss(p):
+            (task, kd), aux = loss_fn(p)
+            return (jnp.asarray(task, jnp.float32), jnp.asarray(kd, jnp.float32)), aux
+
+        (task, kd), vjp, aux = jax.vjp(split_loss, local_params, has_aux=True)
+        # cotangents typed like each output (a stage without distillation has a constant kd)
+        (g_task,) = vjp((jnp.ones_like(task), jnp.zeros_like(kd)))
+        (g_kd,) = vjp((jnp.zeros_like(task), jnp.ones_like(kd)))
+        g_task, g_kd = jax.lax.pmean((g_task, g_kd), AXIS)
+        return task + kd, jax.tree.map(jnp.add, g_task, g_kd), (g_task, {"kd_grads": g_kd}), aux
+
+    def summed_loss(p):
+        (task, kd), aux = loss_fn(p)
+        return task + kd, aux
+
+    (total, aux), grads = jax.value_and_grad(summed_loss, has_aux=True)(local_params)
+    grads = jax.lax.pmean(grads, AXIS)
+    return total, grads, (grads, {}), aux
+
+
+def synced_model_state(new, old, frozen_stats: Any = None):
+    """The non-parameter state leaving the step: `new` averaged over devices, with the student's
+    `frozen_stats` (True leaves: the BatchNorm statistics of frozen layers) kept at their `old` values.
+
+    BatchNorm statistics are already global (SyncBN) and CRD's memory is updated from all-gathered
+    embeddings, so the pmean changes nothing numerically; it is what proves to shard_map that the
+    state leaving the step is replicated."""
+    new = jax.lax.pmean(new, AXIS)
+    if frozen_stats is not None:
+        new["student"] = jax.tree.map(lambda frozen, n, o: o if frozen else n, frozen_stats, new["student"],
+                                      old["student"])
+    return new
+
+
+def is_finite_step(total, grad_norm, update_norm) -> jax.Array:
+    """The NaN/Inf guard's decision: whether the loss (averaged over devices), the gradient and the
+    optimizer update (e.g. an overflow in the optimizer's state) are all finite. Gradients and
+    updates are already device-averaged, so every device takes the same decision.
+
+    Via the norms the metrics compute anyway: per-leaf isfinite reductions made the ResNet-18 ->
+    MobileNetV2 step compile 5x slower on CPU (13 s -> 62 s). A norm overflows only for entries
+    beyond ~1e19, which is a divergence in any case."""
+    return jnp.isfinite(jax.lax.pmean(total, AXIS)) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+
+
+def keep_if_finite(finite, new, old):
+    """The NaN/Inf guard: `new` after a finite step, else `old` (pytrees of one structure), so a
+    non-finite step changes nothing (the trainer then stops with a message, or skips the step, as
+    config.nan_policy says). One conditional over the whole tree: a select per leaf was hundreds of
+    kernels to compile."""
+    return jax.lax.cond(finite, lambda: new, lambda: old)
+
+
+def ema_update(ema, params, model_state, decay: float, finite):
+    """Mean Teacher's teacher after a step: ema <- decay * ema + (1 - decay) * the student's
+    variables ({'params', 'batch_stats', ...}); unchanged after a non-finite step."""
+    current = {"params": params["student"], **model_state["student"]}
+    return keep_if_finite(finite, optax.incremental_update(current, ema, 1.0 - decay), ema)
+
+
+def step_metrics(values, total, logits, labels, *, params, grad_norm, update_norm, finite, schedule,
+                 step) -> dict:
+    """The step's metrics: 'loss/<term>' (unweighted values), 'loss', 'accuracy' (of the weak view),
+    averaged over devices; the global 'grad_norm', 'update_norm' and 'param_norm' (the student's,
+    after the step), 'lr' (`schedule` at `step`) and 'nonfinite' (1.0 when the guard kept the state)."""
+    metrics = {f"loss/{k}": v for k, v in values.items()}
+    metrics["loss"] = total
+    metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == labels)
+    metrics = jax.lax.pmean(metrics, AXIS)
+    metrics["grad_norm"] = grad_norm
+    metrics["param_norm"] = global_norm(params["student"])
+    metrics["update_norm"] = update_norm
+    metrics["lr"] = jnp.asarray(schedule(step), jnp.float32)
+    metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+    return metrics
+
+
 def make_train_step(
     student, distiller: distill.Distiller, teachers: tuple, tx: optax.GradientTransformation,
     schedule: Callable[[jax.Array], jax.Array], cfg: StepConfig, frozen_stats: Any = None,
@@ -192,152 +367,53 @@ def make_train_step(
 
     `batch` holds this device's slice: 'image' uint8 (b,H,W,C), 'label' int32 (b,), 'index' int32
     (b,) (data-set index of each example), and optionally 'teacher': the frozen teacher's cached
-    features for these examples (then `teachers` is empty and no teacher runs in the step). `teachers` is a tuple of Linen models (empty: none;
-    several: an ensemble) and `teacher_variables` the matching tuple of variables. With
-    `cfg.ema_decay` > 0 the teacher is instead the student itself with the EMA variables
-    `state.ema` (Mean Teacher), updated after every step. `frozen_stats`: a pytree of Python bools
-    shaped like the student's non-parameter variables; True leaves (the BatchNorm statistics of
-    frozen layers) keep their values. When a term reads the strong view (kdjax.distill.STRONG;
-    config.augment.views='weak,strong', which kdjax.distill.check_views requires of such terms),
-    the student and/or the teacher also see a strongly augmented view (`kdata.strong_augment`,
-    keyed by fold_in(step key, STRONG_VIEW_STREAM) and each example's global position, so a resumed
-    run draws the same views): its features reach the terms as 'strong/<name>'. The student runs on
-    it after the weak view, from the BatchNorm statistics that one left (two forward passes in train
-    mode, as the reference's two calls).
+    features for these examples (then `teachers` is empty and no teacher runs in the step).
+    `teachers` is a tuple of Linen models (empty: none; several: an ensemble) and
+    `teacher_variables` the matching tuple of variables. With `cfg.ema_decay` > 0 the teacher is
+    instead the student itself with the EMA variables `state.ema` (Mean Teacher), updated after
+    every step. `frozen_stats`: a pytree of Python bools shaped like the student's non-parameter
+    variables; True leaves (the BatchNorm statistics of frozen layers) keep their values. When a
+    term reads the strong view (kdjax.distill.STRONG; config.augment.views='weak,strong', which
+    kdjax.distill.check_views requires of such terms), the student and/or the teacher also see a
+    strongly augmented view (`views`, `student_loss`).
     """
-    terms = distiller.terms
-    s_extra, t_extra = extras(terms)
+    s_extra, t_extra = extras(distiller.terms)
     # The strong view (two augmented views): only when a term reads it, only for who is read.
-    s_strong, t_strong = distill.reads_strong_view(terms)
+    s_strong, t_strong = distill.reads_strong_view(distiller.terms)
 
     def step_fn(state: TrainState, teacher_vars, batch):
         step_key = jax.random.fold_in(state.rng, state.step)
         aug_key, mix_key, term_key = jax.random.split(step_key, 3)
-        b = batch["label"].shape[0]
-        position = jax.lax.axis_index(AXIS) * b + jnp.arange(b)
-
-        def view(key, augment):  # one augmented, normalised (and mixed) view of the batch
-            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(position)
-            x = augment(keys, batch["image"], crop_padding=cfg.crop_padding, flip=cfg.flip)
-            x = kdata.normalize(x, cfg.mean, cfg.std, dtype=cfg.dtype)
-            perm = lam = None  # the same mix_key: both views get the same partners and weight
-            if cfg.mixup_alpha > 0:
-                x, perm, lam = kdata.mixup(mix_key, x, cfg.mixup_alpha)
-            elif cfg.cutmix_alpha > 0:
-                x, perm, lam = kdata.cutmix(mix_key, x, cfg.cutmix_alpha)
-            return x, perm, lam
-
-        x, perm, lam = view(aug_key, kdata.augment)
-        x_strong = None
-        if s_strong or t_strong:
-            x_strong, _, _ = view(jax.random.fold_in(step_key, STRONG_VIEW_STREAM), kdata.strong_augment)
-
-        # Teacher: eval mode, the very same augmented batch, no gradient; or its outputs computed
-        # once before training (kdjax.train: distill.cache_teacher), carried by the batch.
-        def teach(x):
-            if cfg.ema_decay > 0:
-                return teacher_features((student,), (state.ema,), x, t_extra)
-            return teacher_features(teachers, teacher_vars, x, t_extra)
-
-        if "teacher" in batch:
-            t_feats = batch["teacher"]
-        else:
-            t_feats = teach(x)
-            if t_strong:
-                t_feats = distill.with_strong_view(t_feats, teach(x_strong))
-
-        ctx = distill.Context(
-            labels=batch["label"], train=True, mix_perm=perm, mix_lam=lam,
-            indices=batch["index"], rng=term_key,
-        )
+        x, perm, lam, x_strong = views(batch, step_key, aug_key, mix_key, cfg, strong=s_strong or t_strong)
+        # Mean Teacher: the teacher is the student itself, with its EMA variables.
+        t_models, t_vars = ((student,), (state.ema,)) if cfg.ema_decay > 0 else (teachers, teacher_vars)
+        t_feats = teacher_outputs(t_models, t_vars, x, x_strong if t_strong else None, extra=t_extra,
+                                  cached=batch.get("teacher"))
+        ctx = distill.Context(labels=batch["label"], train=True, mix_perm=perm, mix_lam=lam,
+                              indices=batch["index"], rng=term_key)
         epoch = state.step.astype(jnp.float32) / cfg.steps_per_epoch
-        # The models' dropout: from the step key (so a resumed run draws the same masks), and
-        # different on every device.
+        # The models' dropout: from the step key (a resumed run draws the same masks), other on each device.
         dropout_key = jax.random.fold_in(jax.random.fold_in(step_key, DROPOUT_STREAM), jax.lax.axis_index(AXIS))
-
-        def loss_fn(params):
-            s_vars = {"params": params["student"], **state.model_state["student"]}
-            logits, s_feats, s_stats = models.apply_model(student, s_vars, x, train=True, rng=dropout_key,
-                                                           extra=s_extra)
-            if s_strong:  # then the strong view, from the statistics the weak one left (as two calls in torch)
-                if s_stats is not None:
-                    s_vars = {**s_vars, "batch_stats": s_stats}
-                _, strong, s_stats = models.apply_model(student, s_vars, x_strong, train=True, extra=s_extra,
-                                                        rng=jax.random.fold_in(dropout_key, STRONG_VIEW_STREAM))
-                s_feats = distill.with_strong_view(s_feats, strong)
-            values, d_state = _apply_distiller(
-                distiller, params["distiller"], state.model_state["distiller"], s_feats, t_feats, ctx
-            )
-            # The task loss (labels: the CE term and the penalties) and the distillation loss,
-            # apart for DOT, which gives each its own momentum.
-            task = sum(t.weight_at(epoch) * values[t.name] for t in terms if t.name == "ce")
-            kd = sum(t.weight_at(epoch) * values[t.name] for t in terms if t.name != "ce")
-            if cfg.l1:
-                values["l1"] = losses.l1_penalty(params["student"], kernels_only=True)
-                task = task + cfg.l1 * values["l1"]
-            if cfg.l2:
-                values["l2"] = losses.l2_penalty(params["student"], kernels_only=True)
-                task = task + cfg.l2 * values["l2"]
-            s_state = {"batch_stats": s_stats} if s_stats is not None else {}
-            aux = (values, logits, {"student": s_state, "distiller": d_state})
-            return ((jnp.asarray(task, jnp.float32), jnp.asarray(kd, jnp.float32)) if cfg.dot
-                    else task + kd), aux
-
-        # Differentiate w.r.t. a per-device ("varying") view of the replicated parameters, so the
-        # gradients are this device's own and the explicit pmean below is the only reduction
-        # (otherwise shard_map's autodiff would already psum them).
-        local_params = jax.lax.pcast(state.params, AXIS, to="varying")
-        extra = {}
-        if cfg.dot:  # one forward pass, two gradients
-            (task, kd), vjp, (values, logits, model_state) = jax.vjp(loss_fn, local_params, has_aux=True)
-            # cotangents typed like each output (a stage without distillation has a constant kd)
-            (g_task,) = vjp((jnp.ones_like(task), jnp.zeros_like(kd)))
-            (g_kd,) = vjp((jnp.zeros_like(task), jnp.ones_like(kd)))
-            g_task, g_kd = jax.lax.pmean((g_task, g_kd), AXIS)
-            total, grads, extra = task + kd, jax.tree.map(jnp.add, g_task, g_kd), {"kd_grads": g_kd}
-        else:
-            (total, (values, logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(local_params)
-            grads = jax.lax.pmean(grads, AXIS)
-        # BatchNorm statistics are already global (SyncBN) and CRD's memory is updated from
-        # all-gathered embeddings, so this pmean changes nothing numerically; it is what proves to
-        # shard_map that the state leaving the step is replicated.
-        model_state = jax.lax.pmean(model_state, AXIS)
-        if frozen_stats is not None:
-            model_state["student"] = jax.tree.map(lambda frozen, new, old: old if frozen else new, frozen_stats,
-                                                  model_state["student"], state.model_state["student"])
-        updates, opt_state = tx.update(g_task if cfg.dot else grads, state.opt_state, state.params, **extra)
+        loss_fn = functools.partial(student_loss, student=student, distiller=distiller,
+                                    model_state=state.model_state, x=x, t_feats=t_feats, ctx=ctx, epoch=epoch,
+                                    dropout_key=dropout_key, cfg=cfg, x_strong=x_strong if s_strong else None,
+                                    extra=s_extra)
+        total, grads, (opt_grads, opt_extra), (values, logits, model_state) = device_gradients(
+            loss_fn, state.params, dot=cfg.dot)
+        model_state = synced_model_state(model_state, state.model_state, frozen_stats)
+        updates, opt_state = tx.update(opt_grads, state.opt_state, state.params, **opt_extra)
         params = optax.apply_updates(state.params, updates)
-        # NaN/Inf guard: a step whose loss, gradient or optimizer update (e.g. an overflow in the
-        # optimizer's state) is not finite changes nothing (the trainer then stops with a
-        # message, or skips the step, as config.nan_policy says). Gradients and updates are
-        # already device-averaged, so every device takes the same decision.
-        # Via the norms the metrics compute anyway: per-leaf isfinite reductions made the
-        # ResNet-18 -> MobileNetV2 step compile 5x slower on CPU (13 s -> 62 s). A norm overflows
-        # only for entries beyond ~1e19, which is a divergence in any case. The choice is one
-        # conditional over the whole state: a select per leaf was hundreds of kernels to compile.
         grad_norm, update_norm = global_norm(grads), global_norm(updates)
-        finite = jnp.isfinite(jax.lax.pmean(total, AXIS)) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-        keep = lambda new, old: jax.lax.cond(finite, lambda: new, lambda: old)  # noqa: E731
-        params, opt_state, model_state = keep((params, opt_state, model_state),
-                                              (state.params, state.opt_state, state.model_state))
-
-        metrics = {f"loss/{k}": v for k, v in values.items()}
-        metrics["loss"] = total
-        metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-        metrics = jax.lax.pmean(metrics, AXIS)
-        metrics["grad_norm"] = grad_norm
-        metrics["param_norm"] = global_norm(params["student"])
-        metrics["update_norm"] = update_norm
-        metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
-        metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+        finite = is_finite_step(total, grad_norm, update_norm)
+        params, opt_state, model_state = keep_if_finite(finite, (params, opt_state, model_state),
+                                                        (state.params, state.opt_state, state.model_state))
+        metrics = step_metrics(values, total, logits, batch["label"], params=params, grad_norm=grad_norm,
+                               update_norm=update_norm, finite=finite, schedule=schedule, step=state.step)
         ema = state.ema
         if cfg.ema_decay > 0:
-            current = {"params": params["student"], **model_state["student"]}
-            ema = keep(optax.incremental_update(current, state.ema, 1.0 - cfg.ema_decay), state.ema)
-        new_state = state.replace(
-            step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state, ema=ema
-        )
-        return new_state, metrics
+            ema = ema_update(state.ema, params, model_state, cfg.ema_decay, finite)
+        return state.replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state,
+                             ema=ema), metrics
 
     return step_fn
 
