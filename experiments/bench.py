@@ -55,7 +55,7 @@ import numpy as np
 from absl import app, flags
 
 from kdjax import data as kdata
-from kdjax import distill, feed, models, optim, runtime
+from kdjax import distill, models, optim, runtime
 from kdjax import step as kstep
 
 flags.DEFINE_bool("suite", False, "Run the benchmark suite (all cases, or those in --cases).")
@@ -272,7 +272,7 @@ class JaxStep:
             batch["index"] = np.arange(b, dtype=np.int32)
             step_teachers = teachers
             if case.cached_teacher:  # the trainer's teacher cache: outputs computed once, carried by the batch
-                batch["teacher"] = feed.teacher_cache(
+                batch["teacher"] = kdata.teacher_cache(
                     "on", teachers, teacher_vars, terms, batch["image"], mean=d["mean"], std=d["std"], dtype=dtype,
                     obstacle=None, path="", chunk=b, write=False)
                 step_teachers, teacher_vars = (), ()

@@ -37,7 +37,6 @@ from absl import logging
 from kdjax import checkpoint as kckpt
 from kdjax import data as kdata
 from kdjax import distill
-from kdjax import feed
 from kdjax import inference
 from kdjax import logs
 from kdjax import models
@@ -113,11 +112,11 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _cache_obstacle(config) -> str | None:
-    """Why config's teacher sees a different input for an example each epoch (see feed.cache_obstacle)."""
+    """Why config's teacher sees a different input for an example each epoch (see kdata.cache_obstacle)."""
     a = config.augment
-    return feed.cache_obstacle(crop_padding=a.crop_padding, flip=a.flip, mixup_alpha=a.mixup_alpha,
-                               cutmix_alpha=a.cutmix_alpha, teacher_source=config.teacher.source,
-                               views=a.get("views", ""))
+    return kdata.cache_obstacle(crop_padding=a.crop_padding, flip=a.flip, mixup_alpha=a.mixup_alpha,
+                                cutmix_alpha=a.cutmix_alpha, teacher_source=config.teacher.source,
+                                views=a.get("views", ""))
 
 
 def planned_stages(config) -> list[str]:
@@ -223,8 +222,8 @@ def validate(config) -> None:
                 raise ValueError(f"config.teacher.source='ema' (Mean Teacher) makes the student's moving average the "
                                  f"teacher, so config.teacher.{field} would be ignored: unset one of the two")
     cache = config.distill.cache_teacher
-    if cache not in feed.CACHE_MODES:
-        raise ValueError(f"unknown config.distill.cache_teacher {cache!r}; choose one of: {', '.join(feed.CACHE_MODES)}")
+    if cache not in kdata.CACHE_MODES:
+        raise ValueError(f"unknown config.distill.cache_teacher {cache!r}; choose one of: {', '.join(kdata.CACHE_MODES)}")
     if cache == "on" and (obstacle := _cache_obstacle(config)):
         raise ValueError(f"config.distill.cache_teacher='on' is invalid here: {obstacle}; use 'auto' or 'off'")
     patience = config.get("train", {}).get("early_stop_patience", 0)
@@ -492,8 +491,8 @@ class Stage:
         patience = int(c.get("train", {}).get("early_stop_patience", 0) or 0)
         stopped = _patience_exhausted(meta, patience)  # decided once per epoch, not per step
         while step < self.total_steps and not stopped:
-            batch = feed.train_batch(self.ds.train, self.batch_size, seed=c.seed, step=step,
-                                     steps_per_epoch=self.spe, cache=cache)
+            batch = kdata.train_batch(self.ds.train, self.batch_size, seed=c.seed, step=step,
+                                      steps_per_epoch=self.spe, cache=cache)
             state, metrics = train_step(state, teacher_vars, self.par.shard(batch))
             step += 1
             pending.append((step, metrics))
@@ -576,9 +575,9 @@ class Stage:
 
     def _teacher_cache(self) -> dict | None:
         """The frozen teacher's outputs for every training example (config.distill.cache_teacher),
-        or None: the teacher then runs in the step. See kdjax.feed.teacher_cache."""
+        or None: the teacher then runs in the step. See kdjax.data.teacher_cache."""
         c = self.config
-        return feed.teacher_cache(
+        return kdata.teacher_cache(
             c.distill.cache_teacher, self.teachers, self.teacher_vars, self.terms, self.ds.train.images,
             mean=self.step_cfg.mean, std=self.step_cfg.std, dtype=self.step_cfg.dtype, obstacle=_cache_obstacle(c),
             path=os.path.join(self.dir, "teacher_cache.npz"), chunk=c.eval_batch_size, write=runs.is_main(),

@@ -1,4 +1,5 @@
-"""Tests for kdjax.data: loaders (digits, tfds mock, manual_dir archives), batching, augmentations."""
+"""Tests for kdjax.data: loaders (digits, tfds mock, manual_dir archives; kdjax.data.sources), batching
+(kdjax.data.batches), augmentations (kdjax.data.augmentation)."""
 
 import functools
 import gzip
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 from kdjax import data
+from kdjax.data import batches, sources
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -303,7 +305,7 @@ def test_tfds_no_network_fails_fast(tfds, tmp_path, monkeypatch):
         calls.append(host)
         return False
 
-    monkeypatch.setattr(data, '_host_reachable', unreachable)
+    monkeypatch.setattr(sources, '_host_reachable', unreachable)
     t0 = time.monotonic()
     with pytest.raises(data.DataError, match='no network') as e:
         data.load('cifar10', data_dir=tmp_path, download=True)
@@ -319,10 +321,10 @@ def test_host_reachable_is_bounded(monkeypatch):
     port = server.getsockname()[1]
     monkeypatch.setattr('urllib.request.getproxies', lambda: {})
     try:
-        assert data._host_reachable('http', '127.0.0.1', port, timeout=2)
+        assert sources._host_reachable('http', '127.0.0.1', port, timeout=2)
     finally:
         server.close()
-    assert not data._host_reachable('http', '127.0.0.1', port, timeout=2)  # closed: refused at once
+    assert not sources._host_reachable('http', '127.0.0.1', port, timeout=2)  # closed: refused at once
 
     def hang(*a, **k):  # a resolver/connect that does not answer in time
         time.sleep(3)
@@ -330,7 +332,7 @@ def test_host_reachable_is_bounded(monkeypatch):
 
     monkeypatch.setattr(socket, 'create_connection', hang)
     t0 = time.monotonic()
-    assert not data._host_reachable('https', 'example.invalid', 443, timeout=0.3)
+    assert not sources._host_reachable('https', 'example.invalid', 443, timeout=0.3)
     assert time.monotonic() - t0 < 2
 
 
@@ -352,7 +354,7 @@ def test_batch_indices_epoch_is_permutation_and_deterministic():
     assert set(epoch.tolist()) <= set(range(n))
     full = np.random.default_rng((3, 0)).permutation(n)
     np.testing.assert_array_equal(epoch, full[: steps * b])
-    data._epoch_order.cache_clear()  # recomputed from scratch -> same (resume-safe)
+    batches._epoch_order.cache_clear()  # recomputed from scratch -> same (resume-safe)
     np.testing.assert_array_equal(data.batch_indices(n, b, step_in_epoch=4, **kw), epoch[40:50])
     other = np.concatenate([data.batch_indices(n, b, seed=3, epoch=1, step_in_epoch=s) for s in range(steps)])
     assert not np.array_equal(epoch, other)

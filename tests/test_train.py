@@ -195,13 +195,13 @@ def _outputs(model, variables, images, dataset, feature="logits"):
 
 def _first_step(config, dataset, role):
     """(batch, initial student variables) of a stage's first step: the trainer's batch for step 0
-    (kdjax.feed) and its student initialisation (kdjax.step.init_state: split(PRNGKey(seed))[0],
+    (kdjax.data.train_batch) and its student initialisation (kdjax.step.init_state: split(PRNGKey(seed))[0],
     seed = config.seed + 1000 * the role's index)."""
     from kdjax import data as kdata
-    from kdjax import feed, models
+    from kdjax import models
 
     spe = kdata.steps_per_epoch(len(dataset.train.labels), config.batch_size)
-    batch = feed.train_batch(dataset.train, config.batch_size, seed=config.seed, step=0, steps_per_epoch=spe)
+    batch = kdata.train_batch(dataset.train, config.batch_size, seed=config.seed, step=0, steps_per_epoch=spe)
     model = models.get_model(config.student.model, num_classes=dataset.num_classes)
     seed = config.seed + train.ROLES.index("student" if role == "student_scratch" else role) * 1000  # the paired baseline
     variables = jax.jit(lambda k: model.init(jax.random.split(k)[0], np.zeros((2,) + dataset.image_shape, np.float32),

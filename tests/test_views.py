@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
 from kdjax import data as kdata
-from kdjax import feed, train
+from kdjax import train
 from tests.test_train import read_metrics, tiny_digits_config
 
 H = W = 12
@@ -98,8 +98,8 @@ def test_strong_view_is_keyed_ops_then_cutout_and_deterministic():
 
 def test_views_bypass_or_refuse_the_teacher_cache():
     kw = dict(crop_padding=0, flip=False, mixup_alpha=0.0, cutmix_alpha=0.0, teacher_source="trained")
-    assert feed.cache_obstacle(**kw) is None
-    assert "strong augmented view" in feed.cache_obstacle(**kw, views="weak,strong")
+    assert kdata.cache_obstacle(**kw) is None
+    assert "strong augmented view" in kdata.cache_obstacle(**kw, views="weak,strong")
     with pytest.raises(ValueError, match="cache_teacher='on' is invalid here: the strong augmented view"):
         train.validate(tiny_digits_config(**{"distill.method": "mlkd", "augment.views": "weak,strong",
                                              "distill.cache_teacher": "on"}))

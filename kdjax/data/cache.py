@@ -1,9 +1,10 @@
-"""Feeding the train step: host batches, and the frozen teacher's outputs computed once.
+"""The frozen teacher's outputs for every training example, computed once.
 
-`train_batch` is a pure function of (seed, step), so a resumed run sees the very batches an
-uninterrupted one would. `teacher_cache` computes what a frozen teacher says about every training
-example once, when that cannot change from epoch to epoch; the batches then carry those outputs
-and the step runs no teacher (for an MLP student of a conv teacher, most of the step's work).
+When a frozen teacher's output for an example cannot change from epoch to epoch (no random
+augmentation, no strong view, not the Mean Teacher: `cache_obstacle`), `teacher_cache` computes
+what it says about every training example once; the training batches then carry those outputs
+('teacher', `kdjax.data.batches.train_batch`) and the step runs no teacher (for an MLP student of a
+conv teacher, most of the step's work).
 """
 
 from __future__ import annotations
@@ -11,32 +12,20 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from kdjax import data as kdata
-from kdjax import distill
-from kdjax import step as kstep
+from kdjax.data.augmentation import normalize
+
+if TYPE_CHECKING:
+    from kdjax import distill
 
 CACHE_MODES = ("auto", "on", "off")
 CACHE_MAX_BYTES = 2 * 2**30  # 'auto' caches at most this much
-
-
-def train_batch(split: kdata.Split, batch_size: int, *, seed: int, step: int, steps_per_epoch: int,
-                cache: dict | None = None) -> dict:
-    """This process's part of global training batch `step` (see `kdata.batch_indices`): 'image',
-    'label', 'index' and, with a teacher cache, 'teacher' (its outputs for these examples)."""
-    epoch, i = divmod(step, steps_per_epoch)
-    idx = kdata.batch_indices(len(split.labels), batch_size, seed=seed, epoch=epoch, step_in_epoch=i,
-                              process_index=jax.process_index(), process_count=jax.process_count())
-    batch = {"image": split.images[idx], "label": split.labels[idx], "index": idx.astype(np.int32)}
-    if cache is not None:
-        batch["teacher"] = {name: values[idx] for name, values in cache.items()}
-    return batch
 
 
 def cache_obstacle(*, crop_padding: int, flip: bool, mixup_alpha: float, cutmix_alpha: float,
@@ -76,6 +65,10 @@ def teacher_cache(mode: str, teachers: tuple, teacher_vars: tuple, terms: Sequen
     """
     if mode == "off" or not teachers:
         return None
+    # Imported here: kdjax.step imports kdjax.data, which stays free of Flax and the method layer.
+    from kdjax import distill
+    from kdjax import step as kstep
+
     reason = obstacle
     abstract = jax.ShapeDtypeStruct((1,) + images.shape[1:], jnp.float32)
     extra = kstep.extras(terms)[1]
@@ -104,7 +97,7 @@ def teacher_cache(mode: str, teachers: tuple, teacher_vars: tuple, terms: Sequen
                 return {k: f[k] for k in names}
     start_time = time.time()
     fn = jax.jit(lambda tv, x: {k: v for k, v in kstep.teacher_features(
-        teachers, tv, kdata.normalize(x, mean, std, dtype=dtype), extra).items() if k in names})
+        teachers, tv, normalize(x, mean, std, dtype=dtype), extra).items() if k in names})
     parts = []
     for start in range(0, n, chunk):  # a fixed chunk shape (the last one padded): one compile
         idx = np.minimum(np.arange(start, start + chunk), n - 1)
