@@ -219,6 +219,7 @@ def _finished(run: Planned) -> bool | None:
 def preflight(runs: list[Planned]) -> None:
     """kdjax's pre-flight of every distinct run (one seed's data): every stage's models and
     distillation terms are traced without compute, so a method that cannot run fails now."""
+    from kdjax import config as kconfig
     from kdjax import step as kstep
     from kdjax import train
 
@@ -233,8 +234,8 @@ def preflight(runs: list[Planned]) -> None:
         if run.label in seen:
             continue
         seen.add(run.label)
-        train.validate(run.config)
-        for role in train.planned_stages(run.config):  # the same stage list the run will use
+        kconfig.validate(run.config)
+        for role in kconfig.planned_stages(run.config):  # the same stage list the run will use
             planned = [teacher_model] if role != "teacher" else []
             train.Stage(role, run.config, dataset, par, run.workdir).preflight(planned)
 

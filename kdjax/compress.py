@@ -38,12 +38,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from kdjax import config as kconfig
 from kdjax import data as kdata
 from kdjax import export as kexport
-from kdjax import models
-from kdjax import prune
-from kdjax import quantize
-from kdjax import inference, runs, train
+from kdjax import inference, models, prune, quantize, runs, train
 
 VARIANT_STAGES = ("prune", "qat")
 PTQ = {"weights": "int8", "static": "int8-static", "bf16": "bf16"}  # compress.ptq entry -> variant name
@@ -100,7 +98,7 @@ def unread_fields(config) -> dict[str, str]:
     variant (and no stage of the experiment) reads the block at all. An override of one of them
     would be accepted and ignored."""
     variants = config.compress.variants
-    stages = set(train.planned_stages(experiment_config(config)))
+    stages = set(kconfig.planned_stages(experiment_config(config)))
     out = {}
     for stage, block in VARIANT_BLOCKS.items():
         if stage in stages:
@@ -143,7 +141,7 @@ def check_overrides(config, overrides) -> None:
 def plan(config) -> list[tuple[str, str, str | None, str | None]]:
     """The rows, in order: (name, run folder relative to the workdir, stage, post-training kind)."""
     c = config.compress
-    rows = [(BASE_ROWS[r], ".", r, None) for r in BASE_ROWS if r in train.planned_stages(experiment_config(config))]
+    rows = [(BASE_ROWS[r], ".", r, None) for r in BASE_ROWS if r in kconfig.planned_stages(experiment_config(config))]
     if "student" not in [r[2] for r in rows]:
         raise ValueError("experiments.compress compresses the distilled student: keep 'student' in config.stages")
     for kind in filter(None, (k.strip() for k in str(c.ptq).split(","))):
@@ -250,7 +248,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     modes = {k for _, _, _, k in rows_plan if k in quantize.MODES}
     for name in config.compress.variants:
         variant = variant_config(config, name, workdir)
-        train.validate(variant)
+        kconfig.validate(variant)
         if variant.stages == "qat":
             modes.add(variant.quant.mode)
     for mode in sorted(modes):

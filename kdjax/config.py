@@ -5,14 +5,16 @@ Every experiment config (experiments/configs/*.py) is a short overlay of `base(m
 overridden on the command line (``--config.optimizer.name=adam``). A run's identity, and so the
 default run folder, covers the fields where a config differs from `base` (experiments/launch.py).
 
-The checks of a config's values live in `kdjax.train.validate` (with the stage list's in
-`kdjax.train.planned_stages`): one-line errors before anything is loaded or written.
+The checks of a config's values live here too (`validate`, and `planned_stages` for the stage
+list): one-line errors before anything is loaded or written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
+import re
 
 import ml_collections
 from ml_collections import config_dict
@@ -38,7 +40,10 @@ DEFAULT_LEARNING_RATES = optim.DEFAULT_LEARNING_RATES
 def base(method: str = "kd") -> ml_collections.ConfigDict:
     """Every field of an experiment config, with its default; `method` is config.distill.method
     (it also decides augment.views' default)."""
-    from kdjax import distill, models  # here, not above: any kdjax module may import kdjax.config
+    from kdjax import (  # here, not above: any kdjax module may import kdjax.config
+        distill,
+        models,
+    )
 
     c = ml_collections.ConfigDict()
     c.seed = 0  # the run's random seed (initialisation, batch order, augmentation)
@@ -258,3 +263,158 @@ def load_config_file(ref: str, what: str = "config file", root: str | None = Non
 def _one_line(what: str, path: str, error: BaseException) -> ValueError:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return ValueError(f"{what} {path}: {type(error).__name__}" + (f": {lines[-1]}" if lines else ""))
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: one-line errors for a config that cannot run, before anything is loaded or written.
+
+DTYPES = ("float32", "bfloat16")  # config.dtype
+
+
+def planned_stages(config) -> list[str]:
+    """The stages `config.stages` lists, in order, checked against each other (one-line ValueErrors)."""
+    from kdjax.stages import FINE_TUNES, ROLES
+    listed = [s.strip() for s in str(config.stages).split(",") if s.strip()]
+    for s in listed:
+        if s not in ROLES:
+            raise ValueError(f"unknown stage {s!r} in config.stages; choose from: {', '.join(ROLES)}")
+    source = config.teacher.source
+    if source not in ("trained", "ema"):
+        raise ValueError(f"unknown config.teacher.source {source!r}; choose one of: trained, ema")
+    if source == "ema" and "teacher" in listed:
+        raise ValueError("config.teacher.source='ema' (Mean Teacher) trains no teacher: remove 'teacher' from config.stages")
+    has_teacher = "teacher" in listed or config.teacher.checkpoint or config.teacher.ensemble or source == "ema"
+    if "student" in listed and not has_teacher:
+        raise ValueError("stage 'student' needs a teacher: add 'teacher' to config.stages, or set "
+                         "config.teacher.checkpoint, config.teacher.ensemble or config.teacher.source='ema'")
+    init = config.get("init")
+    from_run = [r.strip() for r in str(init.stages).split(",")] if init is not None and init.from_run else []
+    for role in FINE_TUNES:
+        if role in listed and role not in from_run and (
+                "student" not in listed or listed.index(role) < listed.index("student")):
+            raise ValueError(f"stage {role!r} fine-tunes the distilled student: list it after 'student', or start it "
+                             f"from an earlier run's student (init.from_run=<run>, init.role=student, "
+                             f"init.stages={role})")
+    if "student_init" in listed:
+        if "student" not in listed or listed.index("student_init") > listed.index("student"):
+            raise ValueError("stage 'student_init' initialises the student: list it before 'student'")
+        if config.student_init.epochs <= 0:
+            raise ValueError("stage 'student_init' needs config.student_init.epochs > 0")
+    return listed
+
+
+def validate(config) -> None:
+    """One-line errors for settings that cannot work, before anything is loaded or written."""
+    import jax
+
+    from kdjax import data as kdata
+    from kdjax import distill, logs, models, prune, quantize
+    from kdjax import step as kstep
+
+    if config.batch_size <= 0:
+        raise ValueError(f"config.batch_size must be a positive integer, got {config.batch_size}")
+    n = config.num_devices or jax.device_count()
+    if config.batch_size % n:
+        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {n} devices")
+    if config.parallel not in kstep.DataParallel.MODES:
+        raise ValueError(f"unknown config.parallel {config.parallel!r}; choose one of: jit, pmap")
+    if config.nan_policy not in ("stop", "skip"):
+        raise ValueError(f"unknown config.nan_policy {config.nan_policy!r}; choose one of: stop, skip")
+    if config.dtype not in DTYPES:
+        raise ValueError(f"unknown config.dtype {config.dtype!r}; choose one of: {', '.join(DTYPES)}")
+    for role in ("teacher", "student"):
+        models.get_model(config[role].model, num_classes=2)  # raises on an unknown name
+        rate = config[role].get("dropout", 0.0)
+        if rate and not 0.0 < rate < 1.0:
+            raise ValueError(f"config.{role}.dropout must be in [0, 1), got {rate}")
+        if rate and "dropout" not in {f.name for f in dataclasses.fields(models.get_model(config[role].model, 2))}:
+            raise ValueError(f"config.{role}.dropout={rate}: model {config[role].model!r} has no dropout; models with "
+                             f"dropout: mlp, cnn_small, cnn_tiny, wrn_*")
+        if config[role].epochs <= 0:
+            raise ValueError(f"config.{role}.epochs must be > 0, got {config[role].epochs}")
+    parse_classes(config.dataset.get("classes", ""))
+    p = config.get("prune")
+    if p is not None:  # its values even where no stage reads them: experiments.compress's variants start from them
+        prune.check({}, {}, p.method, p.sparsity, p.scope, p.n, p.m, p.criterion)  # kernels: in the pre-flight
+    if p is not None and "prune" in planned_stages(config):
+        if p.epochs <= 0:
+            raise ValueError(f"config.prune.epochs must be > 0, got {p.epochs}")
+        if p.method == "magnitude" and max(p.begin_epoch, p.end_epoch) > p.epochs:
+            raise ValueError(f"config.prune.begin_epoch={p.begin_epoch} / end_epoch={p.end_epoch} lie beyond the "
+                             f"stage's prune.epochs={p.epochs}: the target sparsity would never be reached")
+    q = config.get("quant")
+    if q is not None:
+        quantize.check_settings(q.mode, q.exclude)
+        if "qat" in planned_stages(config) and q.epochs <= 0:
+            raise ValueError(f"config.quant.epochs must be > 0, got {q.epochs}")
+        if q.calibration_batches < 0:
+            raise ValueError(f"config.quant.calibration_batches must be >= 0, got {q.calibration_batches}")
+    for field, regex in (("optimizer.freeze", config.optimizer.get("freeze", "")),
+                         ("optimizer.head", config.optimizer.get("head", "")),
+                         ("init.reinit", config.get("init", {}).get("reinit", ""))):
+        try:
+            re.compile(regex or "")
+        except re.error as e:
+            raise ValueError(f"config.{field}={regex!r} is not a valid regular expression ({e})") from None
+    if float(config.optimizer.get("head_learning_rate_scale", 1.0)) < 0:
+        raise ValueError("config.optimizer.head_learning_rate_scale must be >= 0")
+    if config.dataset.name not in kdata.DATASETS:
+        raise ValueError(f"unknown data set {config.dataset.name!r}; choose one of: {', '.join(kdata.DATASETS)}")
+    opt = config.optimizer
+    optim.make_optimizer(  # raises on an unknown optimizer or a bad hyper-parameter
+        opt.name, 0.1, momentum=opt.momentum, nesterov=opt.nesterov, weight_decay=opt.weight_decay,
+        grad_clip_norm=opt.grad_clip_norm, decay_all=opt.decay_all, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+        rmsprop_decay=opt.rmsprop_decay, adadelta_rho=opt.adadelta_rho, dot_delta=opt.get("dot_delta", 0.075))
+    for role in ("teacher", "student"):
+        lr = optim.resolve_learning_rate(opt.name, opt.learning_rate, config[role].learning_rate_scale,
+                                         opt.tuned_learning_rates)
+        optim.make_schedule(opt.schedule, base_lr=lr, total_steps=config[role].epochs, steps_per_epoch=1,
+                            warmup_epochs=opt.warmup_epochs, decay_epochs=tuple(opt.decay_epochs),
+                            decay_factor=opt.decay_factor, step_epochs=opt.step_epochs)
+    aug = config.augment
+    if aug.mixup_alpha > 0 and aug.cutmix_alpha > 0:
+        raise ValueError(f"config.augment.mixup_alpha={aug.mixup_alpha} and cutmix_alpha={aug.cutmix_alpha} are both "
+                         "> 0, but each batch gets mixup or cutmix, not both (cutmix would be ignored): set one to 0")
+    if config.teacher.source == "ema":
+        for field in ("checkpoint", "ensemble"):
+            if config.teacher[field]:
+                raise ValueError(f"config.teacher.source='ema' (Mean Teacher) makes the student's moving average the "
+                                 f"teacher, so config.teacher.{field} would be ignored: unset one of the two")
+    cache = config.distill.cache_teacher
+    if cache not in kdata.CACHE_MODES:
+        raise ValueError(f"unknown config.distill.cache_teacher {cache!r}; choose one of: {', '.join(kdata.CACHE_MODES)}")
+    if cache == "on" and (obstacle := cache_obstacle(config)):
+        raise ValueError(f"config.distill.cache_teacher='on' is invalid here: {obstacle}; use 'auto' or 'off'")
+    patience = config.get("train", {}).get("early_stop_patience", 0)
+    if patience and (patience < 0 or not (config.dataset.val_size or config.dataset.get("folds"))):
+        raise ValueError(f"config.train.early_stop_patience={patience} needs a validation split to watch "
+                         "(config.dataset.val_size > 0) and a positive number of epochs")
+    logs.check_wandb(bool(config.get("log", {}).get("wandb", False)))
+    for name in ("eval_batch_size", "throughput_batch", "log_every_steps"):
+        if config[name] <= 0:
+            raise ValueError(f"config.{name} must be a positive integer, got {config[name]}")
+    # The views serve the distillation terms: checked against them when a stage distils ('student'),
+    # only their spelling otherwise (a compare baseline of an mlkd config trains on the weak view).
+    distill.check_views(distill.build_terms(config.distill.to_dict()), config.augment.get("views", ""))
+    planned_stages(config)
+
+
+def cache_obstacle(config) -> str | None:
+    """Why config's teacher sees a different input for an example each epoch (see kdata.cache_obstacle)."""
+    from kdjax import data as kdata
+
+    a = config.augment
+    return kdata.cache_obstacle(crop_padding=a.crop_padding, flip=a.flip, mixup_alpha=a.mixup_alpha,
+                                cutmix_alpha=a.cutmix_alpha, teacher_source=config.teacher.source,
+                                views=a.get("views", ""))
+
+
+def parse_classes(value) -> tuple[int, ...] | None:
+    """``dataset.classes``: '' (all) or comma-separated class ids such as '5,6,7,8,9'."""
+    text = str(value or "").strip()
+    if not text:
+        return None
+    try:
+        return tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise ValueError(f"config.dataset.classes={value!r}: give comma-separated class ids, e.g. '5,6,7,8,9'") from None

@@ -19,7 +19,6 @@ per finished stage. This module is the only one that reads the config object as 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import re
 import signal
@@ -35,20 +34,13 @@ import optax
 from absl import logging
 
 from kdjax import checkpoint as kckpt
+from kdjax import config as kconfig
 from kdjax import data as kdata
-from kdjax import distill
-from kdjax import inference
-from kdjax import logs
-from kdjax import models
-from kdjax import optim
-from kdjax import prune
-from kdjax import quantize
-from kdjax import runs
-from kdjax import runtime
-from kdjax import stages
+from kdjax import distill, inference, logs, models, optim, runs, runtime, stages
 from kdjax import step as kstep
 
 ROLES, FINE_TUNES = stages.ROLES, stages.FINE_TUNES  # the kinds of stage: kdjax.stages.KINDS
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.dtype (kdjax.config.DTYPES)
 
 
 class NonFiniteError(RuntimeError):
@@ -104,140 +96,10 @@ class _Control:
         return periodic or clock_due, (signal.Signals(signum) if signum else None)
 
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 # ----------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def _cache_obstacle(config) -> str | None:
-    """Why config's teacher sees a different input for an example each epoch (see kdata.cache_obstacle)."""
-    a = config.augment
-    return kdata.cache_obstacle(crop_padding=a.crop_padding, flip=a.flip, mixup_alpha=a.mixup_alpha,
-                                cutmix_alpha=a.cutmix_alpha, teacher_source=config.teacher.source,
-                                views=a.get("views", ""))
-
-
-def planned_stages(config) -> list[str]:
-    """The stages `config.stages` lists, in order, checked against each other (one-line ValueErrors)."""
-    listed = [s.strip() for s in str(config.stages).split(",") if s.strip()]
-    for s in listed:
-        if s not in ROLES:
-            raise ValueError(f"unknown stage {s!r} in config.stages; choose from: {', '.join(ROLES)}")
-    source = config.teacher.source
-    if source not in ("trained", "ema"):
-        raise ValueError(f"unknown config.teacher.source {source!r}; choose one of: trained, ema")
-    if source == "ema" and "teacher" in listed:
-        raise ValueError("config.teacher.source='ema' (Mean Teacher) trains no teacher: remove 'teacher' from config.stages")
-    has_teacher = "teacher" in listed or config.teacher.checkpoint or config.teacher.ensemble or source == "ema"
-    if "student" in listed and not has_teacher:
-        raise ValueError("stage 'student' needs a teacher: add 'teacher' to config.stages, or set "
-                         "config.teacher.checkpoint, config.teacher.ensemble or config.teacher.source='ema'")
-    init = config.get("init")
-    from_run = [r.strip() for r in str(init.stages).split(",")] if init is not None and init.from_run else []
-    for role in FINE_TUNES:
-        if role in listed and role not in from_run and (
-                "student" not in listed or listed.index(role) < listed.index("student")):
-            raise ValueError(f"stage {role!r} fine-tunes the distilled student: list it after 'student', or start it "
-                             f"from an earlier run's student (init.from_run=<run>, init.role=student, "
-                             f"init.stages={role})")
-    if "student_init" in listed:
-        if "student" not in listed or listed.index("student_init") > listed.index("student"):
-            raise ValueError("stage 'student_init' initialises the student: list it before 'student'")
-        if config.student_init.epochs <= 0:
-            raise ValueError("stage 'student_init' needs config.student_init.epochs > 0")
-    return listed
-
-
-def validate(config) -> None:
-    """One-line errors for settings that cannot work, before anything is loaded or written."""
-    if config.batch_size <= 0:
-        raise ValueError(f"config.batch_size must be a positive integer, got {config.batch_size}")
-    n = config.num_devices or jax.device_count()
-    if config.batch_size % n:
-        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {n} devices")
-    if config.parallel not in kstep.DataParallel.MODES:
-        raise ValueError(f"unknown config.parallel {config.parallel!r}; choose one of: jit, pmap")
-    if config.nan_policy not in ("stop", "skip"):
-        raise ValueError(f"unknown config.nan_policy {config.nan_policy!r}; choose one of: stop, skip")
-    if config.dtype not in _DTYPES:
-        raise ValueError(f"unknown config.dtype {config.dtype!r}; choose one of: {', '.join(_DTYPES)}")
-    for role in ("teacher", "student"):
-        models.get_model(config[role].model, num_classes=2)  # raises on an unknown name
-        rate = config[role].get("dropout", 0.0)
-        if rate and not 0.0 < rate < 1.0:
-            raise ValueError(f"config.{role}.dropout must be in [0, 1), got {rate}")
-        if rate and "dropout" not in {f.name for f in dataclasses.fields(models.get_model(config[role].model, 2))}:
-            raise ValueError(f"config.{role}.dropout={rate}: model {config[role].model!r} has no dropout; models with "
-                             f"dropout: mlp, cnn_small, cnn_tiny, wrn_*")
-        if config[role].epochs <= 0:
-            raise ValueError(f"config.{role}.epochs must be > 0, got {config[role].epochs}")
-    parse_classes(config.dataset.get("classes", ""))
-    p = config.get("prune")
-    if p is not None:  # its values even where no stage reads them: experiments.compress's variants start from them
-        prune.check({}, {}, p.method, p.sparsity, p.scope, p.n, p.m, p.criterion)  # kernels: in the pre-flight
-    if p is not None and "prune" in planned_stages(config):
-        if p.epochs <= 0:
-            raise ValueError(f"config.prune.epochs must be > 0, got {p.epochs}")
-        if p.method == "magnitude" and max(p.begin_epoch, p.end_epoch) > p.epochs:
-            raise ValueError(f"config.prune.begin_epoch={p.begin_epoch} / end_epoch={p.end_epoch} lie beyond the "
-                             f"stage's prune.epochs={p.epochs}: the target sparsity would never be reached")
-    q = config.get("quant")
-    if q is not None:
-        quantize.check_settings(q.mode, q.exclude)
-        if "qat" in planned_stages(config) and q.epochs <= 0:
-            raise ValueError(f"config.quant.epochs must be > 0, got {q.epochs}")
-        if q.calibration_batches < 0:
-            raise ValueError(f"config.quant.calibration_batches must be >= 0, got {q.calibration_batches}")
-    for field, regex in (("optimizer.freeze", config.optimizer.get("freeze", "")),
-                         ("optimizer.head", config.optimizer.get("head", "")),
-                         ("init.reinit", config.get("init", {}).get("reinit", ""))):
-        try:
-            re.compile(regex or "")
-        except re.error as e:
-            raise ValueError(f"config.{field}={regex!r} is not a valid regular expression ({e})") from None
-    if float(config.optimizer.get("head_learning_rate_scale", 1.0)) < 0:
-        raise ValueError("config.optimizer.head_learning_rate_scale must be >= 0")
-    if config.dataset.name not in kdata.DATASETS:
-        raise ValueError(f"unknown data set {config.dataset.name!r}; choose one of: {', '.join(kdata.DATASETS)}")
-    opt = config.optimizer
-    optim.make_optimizer(  # raises on an unknown optimizer or a bad hyper-parameter
-        opt.name, 0.1, momentum=opt.momentum, nesterov=opt.nesterov, weight_decay=opt.weight_decay,
-        grad_clip_norm=opt.grad_clip_norm, decay_all=opt.decay_all, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-        rmsprop_decay=opt.rmsprop_decay, adadelta_rho=opt.adadelta_rho, dot_delta=opt.get("dot_delta", 0.075))
-    for role in ("teacher", "student"):
-        lr = optim.resolve_learning_rate(opt.name, opt.learning_rate, config[role].learning_rate_scale,
-                                         opt.tuned_learning_rates)
-        optim.make_schedule(opt.schedule, base_lr=lr, total_steps=config[role].epochs, steps_per_epoch=1,
-                            warmup_epochs=opt.warmup_epochs, decay_epochs=tuple(opt.decay_epochs),
-                            decay_factor=opt.decay_factor, step_epochs=opt.step_epochs)
-    aug = config.augment
-    if aug.mixup_alpha > 0 and aug.cutmix_alpha > 0:
-        raise ValueError(f"config.augment.mixup_alpha={aug.mixup_alpha} and cutmix_alpha={aug.cutmix_alpha} are both "
-                         "> 0, but each batch gets mixup or cutmix, not both (cutmix would be ignored): set one to 0")
-    if config.teacher.source == "ema":
-        for field in ("checkpoint", "ensemble"):
-            if config.teacher[field]:
-                raise ValueError(f"config.teacher.source='ema' (Mean Teacher) makes the student's moving average the "
-                                 f"teacher, so config.teacher.{field} would be ignored: unset one of the two")
-    cache = config.distill.cache_teacher
-    if cache not in kdata.CACHE_MODES:
-        raise ValueError(f"unknown config.distill.cache_teacher {cache!r}; choose one of: {', '.join(kdata.CACHE_MODES)}")
-    if cache == "on" and (obstacle := _cache_obstacle(config)):
-        raise ValueError(f"config.distill.cache_teacher='on' is invalid here: {obstacle}; use 'auto' or 'off'")
-    patience = config.get("train", {}).get("early_stop_patience", 0)
-    if patience and (patience < 0 or not (config.dataset.val_size or config.dataset.get("folds"))):
-        raise ValueError(f"config.train.early_stop_patience={patience} needs a validation split to watch "
-                         "(config.dataset.val_size > 0) and a positive number of epochs")
-    logs.check_wandb(bool(config.get("log", {}).get("wandb", False)))
-    for name in ("eval_batch_size", "throughput_batch", "log_every_steps"):
-        if config[name] <= 0:
-            raise ValueError(f"config.{name} must be a positive integer, got {config[name]}")
-    # The views serve the distillation terms: checked against them when a stage distils ('student'),
-    # only their spelling otherwise (a compare baseline of an mlkd config trains on the weak view).
-    distill.check_views(distill.build_terms(config.distill.to_dict()), config.augment.get("views", ""))
-    planned_stages(config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,7 +152,7 @@ class Stage:
             config.optimizer.name, config.optimizer.learning_rate,
             model_cfg.learning_rate_scale * (config[kind.epochs].learning_rate_scale if kind.fine_tunes else 1.0),
             config.optimizer.tuned_learning_rates)
-        self.terms = stages.objective(role, config, dataset.train, planned_stages(config))
+        self.terms = stages.objective(role, config, dataset.train, kconfig.planned_stages(config))
         ema = kind.mean_teacher and config.teacher.source == "ema"
         teacher_weights = self._set_teachers(teachers, teacher_vars, ema)
         self.batch_size = config.batch_size
@@ -579,7 +441,7 @@ class Stage:
         c = self.config
         return kdata.teacher_cache(
             c.distill.cache_teacher, self.teachers, self.teacher_vars, self.terms, self.ds.train.images,
-            mean=self.step_cfg.mean, std=self.step_cfg.std, dtype=self.step_cfg.dtype, obstacle=_cache_obstacle(c),
+            mean=self.step_cfg.mean, std=self.step_cfg.std, dtype=self.step_cfg.dtype, obstacle=kconfig.cache_obstacle(c),
             path=os.path.join(self.dir, "teacher_cache.npz"), chunk=c.eval_batch_size, write=runs.is_main(),
             label=f"[{self.role}]")
 
@@ -637,17 +499,6 @@ class Stage:
 # The whole run
 
 
-def parse_classes(value) -> tuple[int, ...] | None:
-    """``dataset.classes``: '' (all) or comma-separated class ids such as '5,6,7,8,9'."""
-    text = str(value or "").strip()
-    if not text:
-        return None
-    try:
-        return tuple(int(c) for c in text.split(","))
-    except ValueError:
-        raise ValueError(f"config.dataset.classes={value!r}: give comma-separated class ids, e.g. '5,6,7,8,9'") from None
-
-
 def load_dataset(ds_cfg, seed: int) -> kdata.Dataset:
     """The data set a run trains on, from its `config.dataset` block (a ConfigDict or the dict of a
     saved config.json): name, location, validation split, class subset and few-shot size."""
@@ -655,7 +506,7 @@ def load_dataset(ds_cfg, seed: int) -> kdata.Dataset:
     with _mock_data(get("mock_examples", 0)):
         return kdata.load(get("name"), data_dir=get("data_dir"), manual_dir=get("manual_dir"),
                           val_size=get("val_size", 0.0), seed=seed, download=get("download", True),
-                          classes=parse_classes(get("classes", "")), train_per_class=get("train_per_class"),
+                          classes=kconfig.parse_classes(get("classes", "")), train_per_class=get("train_per_class"),
                           folds=get("folds", 0) or 0, fold=get("fold", 0) or 0)
 
 
@@ -728,7 +579,7 @@ def _run_folds(config, workdir: str, overwrite: bool, on_epoch) -> dict:
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, on_epoch=None) -> dict:
-    validate(config)
+    kconfig.validate(config)
     runtime.enable_compilation_cache(config.get("compile_cache_dir"))
     dataset = load_dataset(config.dataset, config.seed)
     logging.info("data %s: %d train / %s val / %d test, %s, %d classes", dataset.name, len(dataset.train.labels),
@@ -753,16 +604,16 @@ def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, on_ep
     # Pre-flight: trace every stage's models and terms (no compute) so that a missing feature or
     # shapes a method cannot reconcile fail now, not after hours of teacher training.
     planned = list(teachers)
-    if "teacher" in planned_stages(config) and not config.teacher.checkpoint:
+    if "teacher" in kconfig.planned_stages(config) and not config.teacher.checkpoint:
         planned.insert(0, Stage("teacher", config, dataset, par, workdir).model)
-    for role in planned_stages(config):
+    for role in kconfig.planned_stages(config):
         Stage(role, config, dataset, par, workdir).preflight(planned)
     # Only now is the workdir touched: a config that cannot run leaves nothing behind.
     runs.prepare_workdir(config, workdir, overwrite)
     summary_path = os.path.join(workdir, "summary.json")
     summary = {**runs.read_json(summary_path, {}), **reused}
 
-    planned = planned_stages(config)
+    planned = kconfig.planned_stages(config)
     selected = {}  # role -> selected host TrainState of a finished stage that a later one starts from
     for role in planned:
         if role == "teacher" and config.teacher.checkpoint:
@@ -808,6 +659,3 @@ def format_table(summary: dict) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
-
-# TEMPORARY (removed before this refactor lands): names kdjax.sweep used while it was being split.
-run_identity, flatten_dict, RUNTIME_FIELDS, _stages = runs.run_identity, runs.flatten_dict, runs.RUNTIME_FIELDS, planned_stages

@@ -11,6 +11,7 @@ import pytest
 
 from experiments.configs import compress_digits
 from kdjax import compress
+from kdjax import config as kconfig
 from tests.test_train import REPO
 
 
@@ -147,13 +148,11 @@ def test_an_option_no_part_of_the_command_reads_is_refused(tmp_path):
 
 
 def test_an_impossible_value_is_refused_even_where_no_stage_reads_it():
-    from kdjax import train
-
     c = compress_digits.get_config()
     c.prune.sparsity = 1.5  # no stage of the experiment itself prunes
     with pytest.raises(ValueError, match=r"prune.sparsity must be in \[0, 1\), got 1.5"):
-        train.validate(compress.experiment_config(c))
+        kconfig.validate(compress.experiment_config(c))
     c = compress_digits.get_config()
     c.prune.n, c.prune.m = 4, 2
     with pytest.raises(ValueError, match="0 < n < m"):
-        train.validate(compress.experiment_config(c))
+        kconfig.validate(compress.experiment_config(c))

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 
+from kdjax import config as kconfig
 from kdjax import data as kdata
 from kdjax import distill, train
 from kdjax import step as kstep
@@ -31,7 +32,7 @@ def test_config_validates_for_every_method(name):
     # Distillation configs take every method; configs with modes instead (digits_transfer) every mode.
     args = [f"mode={m}" for m in module.MODES] if hasattr(module, "MODES") else [f"method={m}" for m in distill.METHODS]
     for arg in args:
-        train.validate(module.get_config(arg))
+        kconfig.validate(module.get_config(arg))
     with pytest.raises(ValueError, match="unknown config argument"):
         module.get_config("no_such_argument=1")
 
@@ -59,7 +60,7 @@ def test_cifar_learning_rates_follow_the_optimizer():
     def rates(**optimizer):
         config = module.get_config()
         config.optimizer.update(optimizer)
-        train.validate(config)
+        kconfig.validate(config)
         return tuple(train.Stage(role, config, ds, par, "unused").lr for role in ("teacher", "student", "student_scratch"))
 
     assert rates() == pytest.approx((0.05, 0.01, 0.01))  # RepDistiller: 0.05, MobileNetV2 students 0.01
@@ -116,14 +117,14 @@ def test_compress_plans_validate(name):
         config = module.get_config(arg)
         assert [r[0] for r in compress.plan(config)][:2] == ["teacher", "student"]
         for variant in config.compress.variants:
-            train.validate(compress.variant_config(config, variant, "/nonexistent/run"))
+            kconfig.validate(compress.variant_config(config, variant, "/nonexistent/run"))
 
 
 def test_transfer_demo_on_fashion_mnist_validates():
     module = importlib.import_module("experiments.configs.digits_transfer")
     for mode in module.MODES:
         config = module.get_config(f"mode={mode},data=fashion_mnist")
-        train.validate(config)
+        kconfig.validate(config)
         assert config.dataset.name == "fashion_mnist"
     with pytest.raises(ValueError, match="unknown data 'svhn'"):
         module.get_config("data=svhn")

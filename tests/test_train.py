@@ -16,6 +16,7 @@ import pytest
 from experiments.configs import cifar10_resnet18_mobilenetv2 as cifar_cfg
 from experiments.configs import digits as digits_cfg
 from kdjax import checkpoint as kckpt
+from kdjax import config as kconfig
 from kdjax import runs, train
 from tests.test_distill import _np_kd, _np_softmax
 
@@ -104,7 +105,7 @@ def test_early_stopping_and_the_epoch_callback(tmp_path):
     again = train.run(config, workdir, on_epoch=lambda role, row: seen.append((role, row["epoch"])))
     assert seen == [] and again["teacher"]["stopped_early_at_epoch"] == 3
     with pytest.raises(ValueError, match="early_stop_patience=2 needs a validation split"):
-        train.validate(tiny_digits_config(**{"train.early_stop_patience": 2}))
+        kconfig.validate(tiny_digits_config(**{"train.early_stop_patience": 2}))
 
 
 def test_jit_and_pmap_on_two_devices_match_one_device(tmp_path):
@@ -464,9 +465,9 @@ def test_dropout_is_seeded_per_step_and_changes_training(tmp_path):
     assert all(jax.tree.leaves(same))
     assert not np.allclose(runs["a"]["student"]["fc1"]["kernel"], runs["none"]["student"]["fc1"]["kernel"])
     with pytest.raises(ValueError, match=r"config.student.dropout must be in \[0, 1\), got 1.5"):
-        train.validate(tiny_digits_config(**{"student.dropout": 1.5}))
+        kconfig.validate(tiny_digits_config(**{"student.dropout": 1.5}))
     with pytest.raises(ValueError, match="model 'resnet8' has no dropout; models with dropout: mlp"):
-        train.validate(tiny_digits_config(**{"teacher.model": "resnet8", "teacher.dropout": 0.2}))
+        kconfig.validate(tiny_digits_config(**{"teacher.model": "resnet8", "teacher.dropout": 0.2}))
 
 
 def test_k_fold_cross_validation(tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
+from kdjax import config as kconfig
 from kdjax import data as kdata
 from kdjax import train
 from tests.test_train import read_metrics, tiny_digits_config
@@ -101,7 +102,7 @@ def test_views_bypass_or_refuse_the_teacher_cache():
     assert kdata.cache_obstacle(**kw) is None
     assert "strong augmented view" in kdata.cache_obstacle(**kw, views="weak,strong")
     with pytest.raises(ValueError, match="cache_teacher='on' is invalid here: the strong augmented view"):
-        train.validate(tiny_digits_config(**{"distill.method": "mlkd", "augment.views": "weak,strong",
+        kconfig.validate(tiny_digits_config(**{"distill.method": "mlkd", "augment.views": "weak,strong",
                                              "distill.cache_teacher": "on"}))
 
 

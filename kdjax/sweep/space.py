@@ -20,7 +20,7 @@ import ml_collections
 from absl import logging
 
 from kdjax import config as kconfig
-from kdjax import runs, train
+from kdjax import runs
 
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "hyperband")
@@ -328,8 +328,8 @@ def parse(sweep_config) -> Sweep:
         params.append(Param.parse(field, spec))
 
     try:
-        train.validate(base)
-        stages = train.planned_stages(base)
+        kconfig.validate(base)
+        stages = kconfig.planned_stages(base)
     except ValueError as e:
         raise ValueError(f"the base config with the sweep's overrides is invalid: {e}") from None
     objective = str(get("objective"))
@@ -341,7 +341,7 @@ def parse(sweep_config) -> Sweep:
     for p in params:
         for value in p.corners():
             try:
-                train.validate(apply(base, {p.field: value}, "search space entry"))
+                kconfig.validate(apply(base, {p.field: value}, "search space entry"))
             except ValueError as e:
                 raise ValueError(f"search space entry {p.field}={value!r} cannot run: {e}") from None
 
