@@ -2,6 +2,8 @@
 updates are identical under data parallelism."""
 
 import functools
+import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +18,9 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")  # tests/conftest.py
 
 
 B, K, N = 8, 10, 64  # batch, classes, data-set size (CRD memory rows)
-# KDSVD and FSP compare maps channel by channel: they need the teacher's widths, which the pairs
-# below lack (tests/test_methods_feature.py runs them on equal-width pairs).
-SAME_WIDTH = {"kdsvd", "fsp"}
+# KDSVD and FSP compare maps channel by channel (Method.same_widths): they need the teacher's widths,
+# which the pairs below lack (tests/test_methods_feature.py runs them on equal-width pairs).
+SAME_WIDTH = {n for n, m in distill.METHODS.items() if m.same_widths}
 ALL = [m for m in distill.METHODS if m != "ce" and m not in SAME_WIDTH]
 LABELS = np.arange(N) % K  # training labels of the toy data set
 
@@ -480,3 +482,80 @@ def test_ensemble_order_feature_source_and_weights():
             distill.ensemble_order(3, kd, weights)
     with pytest.raises(ValueError, match="feature_source=3 is not a teacher index"):
         distill.ensemble_order(3, at, feature_source=3)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _methods_table_keys():
+    """The method keys of the methods table: docs/methods.md (the README's table until it moved)."""
+    path = os.path.join(REPO, "docs", "methods.md")
+    if not os.path.exists(path):
+        path = os.path.join(REPO, "README.md")
+    lines = open(path, encoding="utf-8").read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| method (`distill.method`)"))
+    keys = set()
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        if m := re.match(r"^\| `([^`]+)` \|", line):
+            keys.add(m.group(1))
+    return path, keys
+
+
+def test_every_method_has_a_documentation_row():
+    """A registered method needs its row in the methods table (docs/adding-a-method.md). 'ce' is the
+    labels-only objective (no distillation), not one of the table's methods."""
+    path, keys = _methods_table_keys()
+    missing = [m for m in distill.METHODS if m != "ce" and m not in keys]
+    assert not missing, f"methods without a row in the methods table of {path}: {', '.join(missing)}"
+    assert keys <= set(distill.METHODS), f"rows for unknown methods: {sorted(keys - set(distill.METHODS))}"
+
+
+def test_registry_facts_are_consistent_and_modules_small():
+    from tests.test_global_batch import TERMS
+
+    for name, m in distill.METHODS.items():
+        assert m.loss is None or m.loss in losses.__all__, (name, m.loss)
+        if m.same_widths:
+            assert m.feature_maps, name
+        if m.feature_maps:  # reads maps: not only logits / embeddings
+            feats = distill.core._as_names(m.defaults["student"])
+            assert set(feats) - {"logits", "embedding", "strong/logits"}, name
+        if m.views:
+            assert any(f.startswith(distill.STRONG) for f in distill.core._as_names(m.defaults["student"])), name
+    # every batch-level method is in the global-batch harness (tests/test_global_batch.py)
+    assert {n for n, m in distill.METHODS.items() if m.global_batch} <= set(TERMS)
+    # a term of a global-batch method sees the global batch; the others do not
+    for name, m in distill.METHODS.items():
+        for t in distill.build_terms({"method": name, "ce_weight": 0.0}):
+            assert t.global_batch == (m.global_batch and t.name == name), (name, t.name)
+    with pytest.raises(ValueError, match="'kd' is registered twice"):
+        distill.register("kd", paper="", ce_weight=0.0, defaults={})(lambda h, t, d: [])
+    for package in ("losses", "distill"):
+        here = os.path.join(REPO, "kdjax", package)
+        for f in os.listdir(here):
+            if f.endswith(".py"):
+                n = sum(1 for _ in open(os.path.join(here, f), encoding="utf-8"))
+                assert n <= 800, f"kdjax/{package}/{f} has {n} lines (at most 800)"
+
+
+def test_adding_a_method_as_documented():
+    """docs/adding-a-method.md's logit method, run as written: registered, configured, built."""
+    doc = open(os.path.join(REPO, "docs", "adding-a-method.md"), encoding="utf-8").read()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if '@register("my_kd"' in b)
+    namespace = dict(vars(distill.logit))
+    fake_losses = type("L", (), {"my_kd": staticmethod(lambda s, t, temperature: losses.kd(s, t, temperature))})
+    namespace["losses"] = fake_losses
+    try:
+        exec(block, namespace)
+        cfg = distill.get_config("my_kd").to_dict()
+        assert cfg["my_kd"] == {"weight": 0.9, "warmup_epochs": 0.0, "student": "logits", "teacher": "logits",
+                                "temperature": None}
+        terms = distill.build_terms(cfg)
+        assert [(t.name, t.weight) for t in terms] == [("ce", 0.1), ("my_kd", 0.9)]
+        s, t, labels = _inputs("digits")
+        got = jax.jit(lambda s, t, y: distill.Distiller(terms).apply({}, s, t, _ctx(y)))(s, t, labels)
+        np.testing.assert_allclose(got["my_kd"], losses.kd(s["logits"], t["logits"], 4.0), rtol=1e-6)
+    finally:
+        distill.METHODS.pop("my_kd", None)

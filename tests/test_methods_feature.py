@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from kdjax import checkpoint as kckpt
+from kdjax import config as kconfig
 from kdjax import data as kdata
 from kdjax import distill, losses, runs, stages, train
 from kdjax import step as kstep
@@ -266,12 +267,12 @@ def test_stage_objectives_of_the_two_stage_methods():
         c = digits.get_config(f"method={method}")
         assert c.stages == "teacher,student_init,student,student_scratch" and c.student_init.terms == method
         assert c.student.model == "cnn_tiny"
-        init, main = stages.objective("student_init", c, split, train.planned_stages(c)), stages.objective("student", c, split, train.planned_stages(c))
+        init, main = stages.objective("student_init", c, split, kconfig.planned_stages(c)), stages.objective("student", c, split, kconfig.planned_stages(c))
         assert [(t.name, t.weight) for t in init] == [(method, 1.0)]
         if method == "ft":
             assert [(t.name, t.weight) for t in main] == [("ce", 1.0), ("ft", 200.0)]
             assert stages.frozen_parts(init) == (True, ()) and stages.frozen_parts(main) == (False, ("ft_paraphraser",))
-            assert init[0].fn.func is distill._ft_init_fn and main[1].fn.func is distill._ft_fn
+            assert init[0].fn.func is distill.feature._ft_init_fn and main[1].fn.func is distill.feature._ft_fn
         else:
             assert [t.name for t in main] == ["ce"] and stages.frozen_parts(init) == (False, ())
     assert dict(digits.get_config("method=fsp").student.kwargs) == {"channels": (32, 64)}
@@ -280,11 +281,11 @@ def test_stage_objectives_of_the_two_stage_methods():
     c.student_init.terms = "ft"
     c.stages = "teacher,student"
     with pytest.raises(ValueError, match="'ft' needs its adapters pre-trained in stage 'student_init'"):
-        stages.objective("student", c, split, train.planned_stages(c))
+        stages.objective("student", c, split, kconfig.planned_stages(c))
     c = digits.get_config("method=fsp")
     c.student_init.terms = "nope"
     with pytest.raises(ValueError, match="'fsp' is trained only in stage 'student_init'"):
-        stages.objective("student", c, split, train.planned_stages(c))
+        stages.objective("student", c, split, kconfig.planned_stages(c))
     # A student_init stage with a student-training term too: the student is not fixed.
     mixed = [t for t in distill.build_terms(distill.get_config("ft+at").to_dict()) if t.name != "ce"]
     mixed = [dataclasses.replace(t, frozen=t.init_frozen) for t in mixed]

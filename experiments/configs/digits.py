@@ -5,11 +5,12 @@
     python -m experiments.digits --config=experiments/configs/digits.py:method=at
 
 Trains the teacher, distils the student, trains the same student from scratch, and prints the
-comparison table. Methods that match feature maps (fitnet, at, sp, nst, vid, reviewkd, kdsvd, fsp,
-ab, ft) need a convolutional student: choose the method with the config-string argument
-(`:method=at`), which also switches the student to `cnn_tiny`, or add
-`--config.student.model=cnn_tiny`. kdsvd and fsp compare maps channel by channel, so their cnn_tiny
-is as wide as the teacher (channels 32, 64; RepDistiller's FSP refuses unequal widths too). The
+comparison table. Methods that match feature maps (``Method.feature_maps``: fitnet, ofd, at, sp,
+nst, vid, reviewkd, sdd, kdsvd, fsp, ab, ft) need a convolutional student: choose the method with
+the config-string argument (`:method=at`), which also switches the student to `cnn_tiny`, or add
+`--config.student.model=cnn_tiny`. kdsvd and fsp compare maps channel by channel
+(``Method.same_widths``), so their cnn_tiny is as wide as the teacher (channels 32, 64;
+RepDistiller's FSP refuses unequal widths too). The
 two-stage methods fsp, ab and ft (`kdjax.distill.init_terms`) get a `student_init` stage of
 INIT_EPOCHS epochs first (RepDistiller: 30 of 240).
 Learning rates: tuned for Adam, 3e-3 for the teacher and 1e-2 for the MLP student
@@ -27,8 +28,10 @@ Config-string arguments (``--config=experiments/configs/digits.py:method=at,seed
 from experiments.configs import common
 from kdjax import distill
 
-FEATURE_MAP_METHODS = {"fitnet", "at", "sp", "nst", "vid", "reviewkd", "ofd", "sdd", "kdsvd", "fsp", "ab", "ft"}
-SAME_WIDTH_METHODS = {"kdsvd", "fsp"}  # need the teacher's channel counts at every stage
+# What the registry says about each method (kdjax.distill.Method): it reads feature maps (a
+# convolutional student), and it compares maps channel by channel (the teacher's widths).
+FEATURE_MAP_METHODS = frozenset(n for n, m in distill.METHODS.items() if m.feature_maps)
+SAME_WIDTH_METHODS = frozenset(n for n, m in distill.METHODS.items() if m.same_widths)
 INIT_EPOCHS = 8  # the student_init stage of the two-stage methods: 60 / 8, RepDistiller's 240 / 30
 
 
