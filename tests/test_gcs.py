@@ -196,6 +196,19 @@ def test_digits_run_on_a_bucket_equals_the_local_run(gcs, local_run, tmp_path):
     key = lambda r: (r["role"], r["kind"], r["step"])  # noqa: E731
     assert [key(r) for r in rows] == [key(r) for r in local]
     assert [r.get("loss") for r in rows] == [r.get("loss") for r in local]
+    # A later run reuses the bucket's teacher (kdjax.runs.load_trained_model reads it from gs://).
+    proc = gcs.digits(f"gs://{bucket}/reuse", "--config.stages=student",
+                      f"--config.teacher.checkpoint=gs://{bucket}/run", cwd=str(cwd))
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    reused = json.loads(gcs.text(bucket, "reuse/summary.json"))
+    assert reused["teacher"]["reused_from"] == f"gs://{bucket}/run"
+    assert reused["student"]["test_accuracy"] == summary["student"]["test_accuracy"]
+    # --overwrite cannot move a bucket's run aside (no rename on GCS): one line, the run untouched.
+    proc = gcs.digits(f"gs://{bucket}/run", "--config.seed=1", "--overwrite", cwd=str(cwd))
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 2 and "--overwrite cannot move a bucket's run aside" in out, out[-3000:]
+    assert json.loads(gcs.text(bucket, "run/summary.json")) == summary
     _no_gs_folder(str(tmp_path))
 
 
@@ -229,6 +242,42 @@ def test_sigterm_mid_student_on_a_bucket_then_rerun_resumes_and_finishes(gcs, lo
     key = lambda r: (r["role"], r["kind"], r["step"])  # noqa: E731
     assert sorted(set(map(key, rows))) == sorted(set(map(key, local)))
     assert rows[-1] == local[-1]
+    _no_gs_folder(str(tmp_path))
+
+
+def test_two_processes_on_one_bucket_match_one_process(gcs, local_run, tmp_path):
+    """Two processes (one CPU device each, jax.distributed) write one bucket: the numbers of one
+    process with two devices, and every process agrees that the bucket is one shared workdir."""
+    import re
+
+    bucket = gcs.make_bucket("two-process-bucket")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
+    env = dict(gcs.env, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=1".strip())
+    coordinator = f"127.0.0.1:{_free_port()}"  # in the emulator's namespace when there is one
+    logs = [open(tmp_path / f"process{i}.log", "w+") for i in range(2)]  # files: a full pipe would stall one
+    procs = [subprocess.Popen([*gcs.prefix, sys.executable, "-m", "experiments.digits", f"--workdir=gs://{bucket}/run",
+                               *CLI, f"--coordinator_address={coordinator}", "--num_processes=2", f"--process_id={i}"],
+                              cwd=str(cwd), env=env, stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
+    try:
+        deadline = time.time() + 480
+        for p in procs:
+            p.wait(timeout=max(1, deadline - time.time()))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, log in zip(procs, logs):
+        log.seek(0)
+        assert p.returncode == 0, log.read()[-3000:]
+        log.close()
+    summary = json.loads(gcs.text(bucket, "run/summary.json"))
+    with open(os.path.join(local_run, "summary.json")) as f:
+        _same_accuracies(summary, json.load(f))
+    rows, local = _rows(gcs.text(bucket, "run/metrics.jsonl")), _local_rows(local_run)
+    assert [(r["role"], r["kind"], r["step"]) for r in rows] == [(r["role"], r["kind"], r["step"]) for r in local]
     _no_gs_folder(str(tmp_path))
 
 
