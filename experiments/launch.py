@@ -123,6 +123,10 @@ def _report(workdir: str) -> None:
     the report is one process's job (run experiments.evaluate afterwards)."""
     import jax
 
+    if "://" in workdir:  # kdjax.evaluate reads and writes local files only
+        logging.warning("no evaluation report for a gs:// workdir (%s): copy the run to local disk (gcloud storage "
+                        "cp -r) and run python -m experiments.evaluate there", workdir)
+        return
     if jax.process_count() > 1:
         logging.info("multi-process run: no evaluation report; run python -m experiments.evaluate --workdir=%s", workdir)
         return
@@ -187,8 +191,12 @@ def run_main(default_config: str | None = None, runner=None, show=None) -> None:
         except Exception as e:  # noqa: BLE001 - the config file failed to load
             _fail(e, default_config)
         try:
+            from kdjax import runs
+
+            if runner is not None:  # compress: its variants and plots are local files
+                runs.refuse_remote(workdir, "this command")
             _init_distributed()
-            logging.info("workdir: %s", os.path.abspath(workdir))
+            logging.info("workdir: %s", runs.absolute(workdir))
             summary = (runner or train.run)(config, workdir, overwrite=_OVERWRITE.value)
         except ValueError as e:  # user mistakes: one clear line, non-zero exit
             logging.debug("error details", exc_info=True)

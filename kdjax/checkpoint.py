@@ -40,7 +40,8 @@ class StageCheckpoints:
     """A CheckpointManager for one stage's directory."""
 
     def __init__(self, directory: str, *, keep: int = 2, asynchronous: bool = True):
-        self.directory = os.path.abspath(directory)
+        # a gs:// URL stays as it is (Orbax writes it through TensorStore); abspath would make it ./gs:/...
+        self.directory = directory if "://" in str(directory) else os.path.abspath(directory)
         self._selected = _KeepSelected()
         preserve = policies.AnyPreservationPolicy([policies.LatestN(n=keep), self._selected])
         self._mgr = ocp.CheckpointManager(

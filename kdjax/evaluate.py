@@ -316,6 +316,10 @@ def report(workdir: str, *, latency_calls: int = LATENCY_CALLS, plots: bool = Tr
     finished stage. A model whose files cannot be read is listed under "skipped" with the reason,
     and the others are reported. In a multi-process run only process 0 reports (others: None)."""
     # Bad input is refused before JAX starts (so the CLI's error is the only line on stderr).
+    if "://" in str(workdir):
+        from kdjax import runs
+
+        runs.refuse_remote(workdir, "the evaluation report (experiments.evaluate)")
     if latency_calls < MIN_LATENCY_CALLS:
         raise ValueError(f"latency_calls={latency_calls}: the latency is the median of at least "
                          f"{MIN_LATENCY_CALLS} calls")

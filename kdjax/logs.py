@@ -12,6 +12,13 @@ the progress display. The trainer calls `StageLog`; nothing here reads the confi
   per-step and per-evaluation lines themselves are absl DEBUG lines (``--verbosity=1``).
 
 Only process 0 writes.
+
+On a ``gs://`` workdir an append would overwrite the object (GCS objects are immutable), so
+metrics.jsonl is kept whole in memory (the object's earlier lines read back when a stage starts,
+e.g. on resume) and the whole object is rewritten (one atomic object write) after every
+evaluation, at most every `GCS_FLUSH_SECONDS` between them, and when the stage ends. A process
+killed without warning loses at most the train lines since the last write; those steps come after
+the latest checkpoint and are logged again by the resumed run.
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ def check_wandb(enabled: bool) -> None:
                          "(or set config.log.wandb=False)") from None
 
 
+GCS_FLUSH_SECONDS = 60.0
+
+
 def _scalars(values: dict) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -52,8 +62,17 @@ class StageLog:
         self.last_line = self.rate_time = time.time()
         self.rate_step = start_step
         self.writer = self.bar = self.wandb = None
+        self.remote = "://" in str(workdir)
+        self.lines: list[str] = []  # a gs:// metrics.jsonl, whole (see the module docstring)
+        self.flushed = time.time()
         if not self.main:
             return
+        if self.remote:
+            from kdjax import runs
+
+            if runs.exists(self.metrics_path):
+                with runs.open_file(self.metrics_path) as f:
+                    self.lines = [line if line.endswith("\n") else line + "\n" for line in f.read().splitlines()]
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -65,7 +84,8 @@ class StageLog:
             import wandb as wandb_module
 
             self.wandb = wandb_module.run or wandb_module.init(
-                project="kdjax", name=os.path.basename(os.path.abspath(workdir)), dir=workdir, config=config,
+                project="kdjax", name=os.path.basename(os.path.abspath(workdir) if not self.remote else workdir.rstrip("/")),
+                dir=None if self.remote else workdir, config=config,
                 resume="allow")
         self.config = config
         if progress and sys.stderr.isatty():
@@ -82,8 +102,14 @@ class StageLog:
         logging.debug("[%s] %s step %d epoch %.2f: %s", self.role, kind, step, epoch, text)
         if not self.main:
             return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({"role": self.role, "kind": kind, "step": step, "epoch": epoch, **values}) + "\n")
+        line = json.dumps({"role": self.role, "kind": kind, "step": step, "epoch": epoch, **values}) + "\n"
+        if self.remote:
+            self.lines.append(line)
+            if kind != "train" or time.time() - self.flushed >= GCS_FLUSH_SECONDS:
+                self.flush()
+        else:
+            with open(self.metrics_path, "a") as f:
+                f.write(line)
         scalars = _scalars(values)
         if kind == "train":
             now = time.time()
@@ -112,9 +138,20 @@ class StageLog:
             logging.info("[%s] epoch %d/%d, step %d/%d, loss %.4g%s", self.role, epoch, self.total // self.spe, step,
                          self.total, scalars.get("loss", float("nan")), f", {rate:.0f} img/s" if rate else "")
 
+    def flush(self) -> None:
+        """gs:// only: rewrites the whole metrics.jsonl object (nothing to do locally)."""
+        if not (self.remote and self.main):
+            return
+        from kdjax import runs
+
+        with runs.open_file(self.metrics_path, "w") as f:
+            f.write("".join(self.lines))
+        self.flushed = time.time()
+
     def close(self, result: dict | None = None) -> None:
         """Ends the bar; with the stage's `result`, records the final figures as TensorBoard
         hyper-parameter metrics."""
+        self.flush()
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:

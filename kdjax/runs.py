@@ -11,6 +11,12 @@ finished stage back (for a teacher, transfer learning, compression, export and t
 
 Every JSON file a run writes goes through `write_json` (atomic, process 0 only) and is read
 through `read_json`.
+
+The workdir may be a bucket (``gs://bucket/run``): the helpers below (`is_remote`, `absolute`,
+`exists`, `open_file`, `makedirs`) go through `etils.epath` for such a path and through the plain
+`os`/`open` calls for a local one (local behaviour is unchanged). On GCS there are no folders and
+no atomic rename, but a single object write is atomic, so `write_json` writes the object directly
+there (tmp + rename locally).
 """
 
 from __future__ import annotations
@@ -34,6 +40,94 @@ from kdjax import optim
 from kdjax import step as kstep
 
 
+GCS_EXTRA = 'pip install "kdjax[gcs]"'
+
+
+def is_remote(path) -> bool:
+    """Whether `path` is an object-store URL (``gs://...``) rather than a local path."""
+    return "://" in str(path)
+
+
+def check_remote(path) -> None:
+    """For a ``gs://`` path: one-line ValueError if the GCS packages are missing (or the scheme is
+    not gs://). A local path: nothing."""
+    path = str(path)
+    if not is_remote(path):
+        return
+    if not path.startswith("gs://"):
+        raise ValueError(f"workdir {path}: only local paths and gs:// buckets are supported")
+    missing = []
+    for module, package in (("etils.epath", "etils[epath]"), ("gcsfs", "gcsfs"),
+                            ("google.cloud.storage", "google-cloud-storage")):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise ValueError(f"a gs:// workdir ({path}) needs {', '.join(missing)}: {GCS_EXTRA}")
+
+
+def check_workdir(workdir: str, timeout: float = 20.0) -> None:
+    """Before a run touches `workdir`: for gs://, that the GCS packages are installed and that the
+    bucket exists and answers, one request without retries, so that a typo'd bucket or an
+    unreachable endpoint is one-line ValueError within seconds rather than a retry storm. Every
+    process checks (a bucket is shared by all of them). Nothing for a local path."""
+    check_remote(workdir)
+    if not is_remote(workdir):
+        return
+    bucket = str(workdir)[len("gs://"):].split("/", 1)[0]
+    from google.cloud import storage
+
+    try:
+        found = storage.Client().bucket(bucket).exists(timeout=timeout, retry=None)
+    except Exception as e:  # noqa: BLE001 - credentials, network, permissions: all end the run here
+        reason = " ".join(str(e).split())[:200]
+        raise ValueError(f"cannot reach the bucket gs://{bucket} of workdir {workdir} ({type(e).__name__}: {reason})"
+                         ) from None
+    if not found:
+        raise ValueError(f"the bucket gs://{bucket} of workdir {workdir} does not exist; create it "
+                         f"(gcloud storage buckets create gs://{bucket}) or choose another --workdir")
+
+
+def refuse_remote(path, what: str) -> None:
+    """One-line ValueError if `path` is a gs:// URL: for the commands whose files do not yet go
+    through the helpers here (they would write a local ./gs: folder)."""
+    if path and is_remote(path):
+        raise ValueError(f"{what} does not support gs:// paths yet ({path}); only a training run (experiments.digits, "
+                         "experiments.cifar) reads and writes a bucket: copy the run to local disk "
+                         "(gcloud storage cp -r) and point at the copy")
+
+
+def _epath(path):
+    from etils import epath
+
+    return epath.Path(path)
+
+
+def absolute(path: str) -> str:
+    """os.path.abspath for a local path; a gs:// URL as it is (abspath would make it ./gs:/...)."""
+    return str(path) if is_remote(path) else os.path.abspath(path)
+
+
+def exists(path: str) -> bool:
+    return _epath(path).exists() if is_remote(path) else os.path.exists(path)
+
+
+def makedirs(path: str) -> None:
+    """os.makedirs(exist_ok=True) locally; nothing on GCS (objects need no folders)."""
+    if not is_remote(path):
+        os.makedirs(path, exist_ok=True)
+
+
+def open_file(path: str, mode: str = "r"):
+    """open() for a local path, epath's open for gs:// (appending there would overwrite: refused)."""
+    if not is_remote(path):
+        return open(path, mode)
+    if "a" in mode:
+        raise ValueError(f"cannot append to {path}: an append on GCS overwrites the object")
+    return _epath(path).open(mode)
+
+
 def is_main() -> bool:
     """Whether this is the process that writes the run folder (process 0)."""
     return jax.process_index() == 0
@@ -43,6 +137,10 @@ def write_json(path: str, obj: Any) -> None:
     """Writes `obj` as JSON to `path` (process 0 only), atomically: a reader never sees half a file."""
     if not is_main():
         return
+    if is_remote(path):  # one object write is atomic on GCS; a rename there is copy + delete
+        with open_file(path, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
@@ -51,9 +149,9 @@ def write_json(path: str, obj: Any) -> None:
 
 def read_json(path: str, default=None):
     """The JSON object in `path`, or `default` if there is no such file."""
-    if not os.path.exists(path):
+    if not exists(path):
         return default
-    with open(path) as f:
+    with open_file(path) as f:
         return json.load(f)
 
 
@@ -119,6 +217,7 @@ def prepare_workdir(config, workdir: str, overwrite: bool) -> None:
     holding another config is refused; with `overwrite` it is renamed aside to
     `<workdir>.replaced-<time>` (never deleted) and a fresh run starts.
     """
+    check_remote(workdir)
     path = os.path.join(workdir, "config.json")
     resolved = json.loads(config.to_json_best_effort(sort_keys=True))
     saved = read_json(path)
@@ -132,6 +231,10 @@ def prepare_workdir(config, workdir: str, overwrite: bool) -> None:
                 "rerun with the same config to resume, choose a new --workdir, or pass --overwrite "
                 "(which moves the old run aside)"
             )
+        if changed and is_remote(workdir):
+            raise ValueError(f"workdir {workdir} holds a run with a different config (differs in: {', '.join(changed)}) "
+                             "and --overwrite cannot move a bucket's run aside (GCS has no rename); choose a new "
+                             "--workdir or delete the old run (gcloud storage rm -r)")
         if changed and is_main():
             aside = f"{workdir.rstrip('/')}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
             os.rename(workdir, aside)
@@ -140,7 +243,7 @@ def prepare_workdir(config, workdir: str, overwrite: bool) -> None:
             logging.warning("resuming %s: fields new or gone since it started (not compared): %s", workdir,
                             ", ".join(sorted(set(old) ^ set(new))))
     if is_main():
-        os.makedirs(workdir, exist_ok=True)
+        makedirs(workdir)
     write_json(path, resolved)
     if jax.process_count() > 1:  # the others read the workdir only once process 0 has prepared it
         from jax.experimental import multihost_utils
@@ -151,12 +254,13 @@ def prepare_workdir(config, workdir: str, overwrite: bool) -> None:
 def read_stage_variables(run_dir: str, role: str) -> tuple[dict, dict, str, int]:
     """(variables, saved config, checkpoint dir, step) of the selected checkpoint of stage `role` of
     an earlier run, as saved (host arrays). One-line ValueErrors for a missing or corrupt run."""
-    src = os.path.abspath(run_dir)
+    check_remote(run_dir)
+    src = absolute(run_dir)
     saved = read_json(os.path.join(src, "config.json"))
     if saved is None:
         raise ValueError(f"{src} is not a kdjax run directory (no config.json)")
     ckpt_dir = os.path.join(src, role, "checkpoints")
-    if not os.path.isdir(ckpt_dir):  # checked first: orbax would create the folder in that run
+    if not (exists(ckpt_dir) if is_remote(ckpt_dir) else os.path.isdir(ckpt_dir)):  # checked first: orbax would create the folder in that run
         raise ValueError(f"no {role} checkpoint in {ckpt_dir}")
     ckpts = kckpt.StageCheckpoints(ckpt_dir)
     latest = ckpts.latest_step()
@@ -189,7 +293,7 @@ def load_trained_model(run_dir: str, role: str, dataset: kdata.Dataset, dtype) -
     float model with its quantisation-aware weights (kdjax.quantize.ptq converts them to int8).
     """
     variables, saved, ckpt_dir, step = read_stage_variables(run_dir, role)
-    src = os.path.abspath(run_dir)
+    src = absolute(run_dir)
     model_cfg = read_json(os.path.join(src, role, "model.json")) or saved["teacher" if role == "teacher" else "student"]
     model = models.get_model(model_cfg["model"], num_classes=dataset.num_classes, dtype=dtype,
                              bn_axis_name=kstep.AXIS,

@@ -296,7 +296,7 @@ class Stage:
         Whatever happens, checkpoints being written are finished before this returns or raises.
         """
         if self.surgery and runs.is_main():  # the architecture load_trained_model rebuilds
-            os.makedirs(self.dir, exist_ok=True)
+            runs.makedirs(self.dir)
             runs.write_json(os.path.join(self.dir, "model.json"), {"model": self.model_name, "kwargs": self.model_kwargs})
         ckpts = kckpt.StageCheckpoints(os.path.join(self.dir, "checkpoints"), keep=self.config.checkpoint.keep)
         self.logger = None
@@ -430,7 +430,10 @@ class Stage:
         which every figure of the evaluation report can be recomputed."""
         logits = inference.predict_logits(self.model, variables, self.ds.test.images, self.ds.mean, self.ds.std,
                                 self.config.eval_batch_size)
-        if runs.is_main():
+        if runs.is_main() and runs.is_remote(self.dir):  # one object write: atomic on GCS
+            with runs.open_file(os.path.join(self.dir, "predictions.npz"), "wb") as f:
+                np.savez(f, logits=logits, labels=np.asarray(self.ds.test.labels))
+        elif runs.is_main():
             tmp = os.path.join(self.dir, "predictions.tmp.npz")
             np.savez(tmp, logits=logits, labels=np.asarray(self.ds.test.labels))
             os.replace(tmp, os.path.join(self.dir, "predictions.npz"))
@@ -580,6 +583,7 @@ def _run_folds(config, workdir: str, overwrite: bool, on_epoch) -> dict:
 
 def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, on_epoch=None) -> dict:
     kconfig.validate(config)
+    runs.check_workdir(workdir)
     runtime.enable_compilation_cache(config.get("compile_cache_dir"))
     dataset = load_dataset(config.dataset, config.seed)
     logging.info("data %s: %d train / %s val / %d test, %s, %d classes", dataset.name, len(dataset.train.labels),
@@ -595,7 +599,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, on_ep
         model, variables, result = runs.load_trained_model(run_dir, "teacher", dataset, dtype)
         teachers.append(model)
         teacher_vars.append(variables)
-        reused.setdefault("ensemble", {})[os.path.abspath(run_dir)] = result
+        reused.setdefault("ensemble", {})[runs.absolute(run_dir)] = result
     if config.teacher.checkpoint:  # reuse an earlier run's model as the teacher: no teacher stage
         model, variables, reused["teacher"] = runs.load_trained_model(
             config.teacher.checkpoint, config.teacher.checkpoint_role, dataset, dtype)
