@@ -40,10 +40,10 @@ POST_TRAINING = {"int8": "weights", "int8-static": "static", "bf16": "bf16"}
 
 def export_run(workdir: str, role: str, out_dir: str | None = None, variant: str = "") -> dict[str, str]:
     """Exports stage `role` of the run in `workdir` (as `variant`); returns the written paths."""
-    from kdjax import runs
+    from kdjax import paths
 
-    runs.refuse_remote(workdir, "experiments.export (--workdir)")
-    runs.refuse_remote(out_dir, "experiments.export (--out)")
+    paths.refuse_remote(workdir, "experiments.export (--workdir)")
+    paths.refuse_remote(out_dir, "experiments.export (--out)")
     import kdjax
     from kdjax import compress, export, train
 

@@ -123,7 +123,9 @@ def _report(workdir: str) -> None:
     the report is one process's job (run experiments.evaluate afterwards)."""
     import jax
 
-    if "://" in workdir:  # kdjax.evaluate reads and writes local files only
+    from kdjax import paths
+
+    if paths.is_remote(workdir):  # kdjax.evaluate reads and writes local files only
         logging.warning("no evaluation report for a gs:// workdir (%s): copy the run to local disk (gcloud storage "
                         "cp -r) and run python -m experiments.evaluate there", workdir)
         return
@@ -191,12 +193,12 @@ def run_main(default_config: str | None = None, runner=None, show=None) -> None:
         except Exception as e:  # noqa: BLE001 - the config file failed to load
             _fail(e, default_config)
         try:
-            from kdjax import runs
+            from kdjax import paths
 
             if runner is not None:  # compress: its variants and plots are local files
-                runs.refuse_remote(workdir, "this command")
+                paths.refuse_remote(workdir, "this command")
             _init_distributed()
-            logging.info("workdir: %s", runs.absolute(workdir))
+            logging.info("workdir: %s", paths.absolute(workdir))
             summary = (runner or train.run)(config, workdir, overwrite=_OVERWRITE.value)
         except ValueError as e:  # user mistakes: one clear line, non-zero exit
             logging.debug("error details", exc_info=True)

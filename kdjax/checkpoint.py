@@ -24,6 +24,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from kdjax import paths
+
 
 @dataclasses.dataclass
 class _KeepSelected:
@@ -40,8 +42,7 @@ class StageCheckpoints:
     """A CheckpointManager for one stage's directory."""
 
     def __init__(self, directory: str, *, keep: int = 2, asynchronous: bool = True):
-        # a gs:// URL stays as it is (Orbax writes it through TensorStore); abspath would make it ./gs:/...
-        self.directory = directory if "://" in str(directory) else os.path.abspath(directory)
+        self.directory = paths.absolute(directory)  # a gs:// URL as it is: Orbax writes it through TensorStore
         self._selected = _KeepSelected()
         preserve = policies.AnyPreservationPolicy([policies.LatestN(n=keep), self._selected])
         self._mgr = ocp.CheckpointManager(

@@ -60,6 +60,8 @@ from typing import Any
 
 import numpy as np
 
+from kdjax import paths
+
 REPORT_DIR = "report"
 ECE_BINS = 15
 TOP_K = 5
@@ -316,10 +318,7 @@ def report(workdir: str, *, latency_calls: int = LATENCY_CALLS, plots: bool = Tr
     finished stage. A model whose files cannot be read is listed under "skipped" with the reason,
     and the others are reported. In a multi-process run only process 0 reports (others: None)."""
     # Bad input is refused before JAX starts (so the CLI's error is the only line on stderr).
-    if "://" in str(workdir):
-        from kdjax import runs
-
-        runs.refuse_remote(workdir, "the evaluation report (experiments.evaluate)")
+    paths.refuse_remote(workdir, "the evaluation report (experiments.evaluate)")
     if latency_calls < MIN_LATENCY_CALLS:
         raise ValueError(f"latency_calls={latency_calls}: the latency is the median of at least "
                          f"{MIN_LATENCY_CALLS} calls")
@@ -331,8 +330,7 @@ def report(workdir: str, *, latency_calls: int = LATENCY_CALLS, plots: bool = Tr
         raise ValueError(f"{workdir} has no finished stage yet (no <stage>/result.json): nothing to report")
     import jax
 
-    from kdjax import compress
-    from kdjax import inference, runs, train
+    from kdjax import compress, inference, runs, train
 
     if jax.process_index() != 0:
         return None

@@ -27,8 +27,11 @@ import json
 import os
 import sys
 import time
+
 import jax
 from absl import logging
+
+from kdjax import paths
 
 
 def check_wandb(enabled: bool) -> None:
@@ -62,16 +65,14 @@ class StageLog:
         self.last_line = self.rate_time = time.time()
         self.rate_step = start_step
         self.writer = self.bar = self.wandb = None
-        self.remote = "://" in str(workdir)
+        self.remote = paths.is_remote(workdir)
         self.lines: list[str] = []  # a gs:// metrics.jsonl, whole (see the module docstring)
         self.flushed = time.time()
         if not self.main:
             return
         if self.remote:
-            from kdjax import runs
-
-            if runs.exists(self.metrics_path):
-                with runs.open_file(self.metrics_path) as f:
+            if paths.exists(self.metrics_path):
+                with paths.open_file(self.metrics_path) as f:
                     self.lines = [line if line.endswith("\n") else line + "\n" for line in f.read().splitlines()]
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -142,9 +143,7 @@ class StageLog:
         """gs:// only: rewrites the whole metrics.jsonl object (nothing to do locally)."""
         if not (self.remote and self.main):
             return
-        from kdjax import runs
-
-        with runs.open_file(self.metrics_path, "w") as f:
+        with paths.open_file(self.metrics_path, "w") as f:
             f.write("".join(self.lines))
         self.flushed = time.time()
 

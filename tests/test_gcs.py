@@ -126,8 +126,13 @@ class Emulator:
                                 stderr=subprocess.STDOUT, text=True)
 
     def stop(self):
+        """Stops the server by its PID (SIGTERM, then SIGKILL if it has not exited in 30 s)."""
         self.proc.terminate()
-        self.proc.wait(timeout=30)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +315,7 @@ def test_missing_bucket_or_unreachable_endpoint_is_one_line_and_exit_2(gcs, tmp_
 def test_gs_workdir_without_the_gcs_packages_names_the_extra(monkeypatch):
     import builtins
 
-    from kdjax import runs
+    from kdjax import paths
 
     real_import = builtins.__import__
 
@@ -321,13 +326,13 @@ def test_gs_workdir_without_the_gcs_packages_names_the_extra(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_gcsfs)
     with pytest.raises(ValueError, match=r'needs gcsfs: pip install "kdjax\[gcs\]"'):
-        runs.check_remote("gs://bucket/run")
-    runs.check_remote("/tmp/local/run")  # a local path needs nothing
+        paths.check_remote("gs://bucket/run")
+    paths.check_remote("/tmp/local/run")  # a local path needs nothing
 
 
 def test_commands_that_cannot_write_a_bucket_refuse_it(tmp_path):
     """Those whose files do not go through kdjax.runs yet: one line (no ./gs: folder), exit 2."""
-    from kdjax import evaluate, runs
+    from kdjax import evaluate, paths
     from kdjax.sweep import runner
 
     for call in (lambda: evaluate.report("gs://bucket/run"), lambda: runner.run(None, "gs://bucket/run")):
@@ -340,5 +345,5 @@ def test_commands_that_cannot_write_a_bucket_refuse_it(tmp_path):
         assert out.returncode == 2 and "does not support gs:// paths yet (gs://bucket/run)" in out.stderr, out.stderr
     _no_gs_folder(str(tmp_path))
     with pytest.raises(ValueError, match="cannot append"):
-        runs.open_file("gs://bucket/run/metrics.jsonl", "a")
-    assert runs.absolute("gs://bucket/run") == "gs://bucket/run"
+        paths.open_file("gs://bucket/run/metrics.jsonl", "a")
+    assert paths.absolute("gs://bucket/run") == "gs://bucket/run"

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from kdjax import paths
 from kdjax.data.augmentation import normalize
 
 if TYPE_CHECKING:
@@ -89,11 +90,10 @@ def teacher_cache(mode: str, teachers: tuple, teacher_vars: tuple, terms: Sequen
             raise ValueError(f"config.distill.cache_teacher='on' is invalid here: {reason}; use 'auto' or 'off'")
         logging.info("%s teacher outputs not cached: %s", label, reason)
         return None
-    from kdjax import runs  # the run-folder I/O (local or gs://)
 
     print_ = fingerprint(teacher_vars, images, str(np.dtype(dtype)))
-    if runs.exists(path):
-        with runs.open_file(path, "rb") as raw, np.load(raw) as f:
+    if paths.exists(path):
+        with paths.open_file(path, "rb") as raw, np.load(raw) as f:
             if str(f["fingerprint"]) == print_ and all(k in f for k in names):
                 logging.info("%s teacher outputs read from %s", label, path)
                 return {k: f[k] for k in names}
@@ -105,8 +105,8 @@ def teacher_cache(mode: str, teachers: tuple, teacher_vars: tuple, terms: Sequen
         idx = np.minimum(np.arange(start, start + chunk), n - 1)
         parts.append(jax.device_get(fn(tuple(teacher_vars), images[idx])))
     cache = {k: np.concatenate([p[k] for p in parts])[:n] for k in names}
-    if write and runs.is_remote(path):  # one object write: atomic on GCS (a rename is not)
-        with runs.open_file(path, "wb") as f:
+    if write and paths.is_remote(path):  # one object write: atomic on GCS (a rename is not)
+        with paths.open_file(path, "wb") as f:
             np.savez(f, fingerprint=np.array(print_), **cache)
     elif write:
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -9,7 +9,7 @@ import warnings
 
 from absl import logging
 
-from kdjax import runs
+from kdjax import paths, runs
 from kdjax.sweep import objective, report, space, workers
 
 
@@ -83,7 +83,7 @@ def run(sweep_config, workdir: str | None = None, storage: str | None = None, re
         heartbeat_s: float = 30.0) -> dict:
     """Runs this worker's share of the sweep (or, with `report_only`, only rewrites the outputs);
     returns the content of best.json. Bad input: one-line ValueError, nothing written."""
-    runs.refuse_remote(workdir, "a sweep (experiments.sweep)")
+    paths.refuse_remote(workdir, "a sweep (experiments.sweep)")
     import optuna
 
     p = space.parse(sweep_config)
