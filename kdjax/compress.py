@@ -90,6 +90,7 @@ def variant_config(config: ml_collections.ConfigDict, name: str, workdir: str) -
 # base config whatever the variants set (the calibration of every int8 row, the layers kept float).
 VARIANT_BLOCKS = {"prune": "prune", "qat": "quant"}
 READ_FROM_BASE = {"quant": ("calibration_batches", "exclude")}
+_METHOD_SPECIFIC = {f for fields in prune.METHOD_FIELDS.values() for f in fields}  # read by some methods only
 
 
 def unread_fields(config) -> dict[str, str]:
@@ -107,13 +108,14 @@ def unread_fields(config) -> dict[str, str]:
         for field in config[block]:
             if field in READ_FROM_BASE.get(block, ()):
                 continue
-            # A variant reads the base value unless it sets its own or its method ignores the field.
-            setters = [n for n in readers if field in (variants[n].get(block) or {}) or not _reads(config, variants[n], block, field)]
             if not readers:
                 out[f"{block}.{field}"] = (f"no variant of config.compress.variants has stage {stage!r}, so nothing "
                                            f"reads config.{block}; add a variant with stage={stage!r}")
-            elif len(setters) == len(readers):
-                where = [n for n in readers if field in (variants[n].get(block) or {})] or readers
+                continue
+            own = [n for n in readers if field in (variants[n].get(block) or {})]
+            # A variant reads the base value unless it sets its own or its method ignores the field.
+            if all(n in own or not _reads(config, variants[n], block, field) for n in readers):
+                where = own or readers
                 out[f"{block}.{field}"] = (
                     f"every {stage!r} variant sets its own {block}.{field} or ignores it; set it in a variant, e.g. "
                     f"--config.compress.variants.{where[0]}.{block}.{field}=...")
@@ -125,8 +127,7 @@ def _reads(config, variant, block: str, field: str) -> bool:
     if block != "prune":
         return True
     method = (variant.get("prune") or {}).get("method", config.prune.method)
-    specific = {f for fields in prune.METHOD_FIELDS.values() for f in fields}
-    return field not in specific or field in prune.METHOD_FIELDS.get(method, ())
+    return field not in _METHOD_SPECIFIC or field in prune.METHOD_FIELDS.get(method, ())
 
 
 def check_overrides(config, overrides) -> None:

@@ -36,11 +36,11 @@ from absl import logging
 from kdjax import checkpoint as kckpt
 from kdjax import config as kconfig
 from kdjax import data as kdata
-from kdjax import distill, inference, logs, models, optim, runs, runtime, stages
+from kdjax import distill, inference, logs, models, optim, paths, runs, runtime, stages
 from kdjax import step as kstep
 
 ROLES, FINE_TUNES = stages.ROLES, stages.FINE_TUNES  # the kinds of stage: kdjax.stages.KINDS
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.dtype (kdjax.config.DTYPES)
+_DTYPES = {name: getattr(jnp, name) for name in kconfig.DTYPES}  # config.dtype -> jnp.float32, jnp.bfloat16
 
 
 class NonFiniteError(RuntimeError):
@@ -296,7 +296,7 @@ class Stage:
         Whatever happens, checkpoints being written are finished before this returns or raises.
         """
         if self.surgery and runs.is_main():  # the architecture load_trained_model rebuilds
-            runs.makedirs(self.dir)
+            paths.makedirs(self.dir)
             runs.write_json(os.path.join(self.dir, "model.json"), {"model": self.model_name, "kwargs": self.model_kwargs})
         ckpts = kckpt.StageCheckpoints(os.path.join(self.dir, "checkpoints"), keep=self.config.checkpoint.keep)
         self.logger = None
@@ -430,8 +430,8 @@ class Stage:
         which every figure of the evaluation report can be recomputed."""
         logits = inference.predict_logits(self.model, variables, self.ds.test.images, self.ds.mean, self.ds.std,
                                 self.config.eval_batch_size)
-        if runs.is_main() and runs.is_remote(self.dir):  # one object write: atomic on GCS
-            with runs.open_file(os.path.join(self.dir, "predictions.npz"), "wb") as f:
+        if runs.is_main() and paths.is_remote(self.dir):  # one object write: atomic on GCS
+            with paths.open_file(os.path.join(self.dir, "predictions.npz"), "wb") as f:
                 np.savez(f, logits=logits, labels=np.asarray(self.ds.test.labels))
         elif runs.is_main():
             tmp = os.path.join(self.dir, "predictions.tmp.npz")
@@ -583,7 +583,7 @@ def _run_folds(config, workdir: str, overwrite: bool, on_epoch) -> dict:
 
 def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, on_epoch=None) -> dict:
     kconfig.validate(config)
-    runs.check_workdir(workdir)
+    paths.check_workdir(workdir)
     runtime.enable_compilation_cache(config.get("compile_cache_dir"))
     dataset = load_dataset(config.dataset, config.seed)
     logging.info("data %s: %d train / %s val / %d test, %s, %d classes", dataset.name, len(dataset.train.labels),
@@ -599,7 +599,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, on_ep
         model, variables, result = runs.load_trained_model(run_dir, "teacher", dataset, dtype)
         teachers.append(model)
         teacher_vars.append(variables)
-        reused.setdefault("ensemble", {})[runs.absolute(run_dir)] = result
+        reused.setdefault("ensemble", {})[paths.absolute(run_dir)] = result
     if config.teacher.checkpoint:  # reuse an earlier run's model as the teacher: no teacher stage
         model, variables, reused["teacher"] = runs.load_trained_model(
             config.teacher.checkpoint, config.teacher.checkpoint_role, dataset, dtype)
@@ -607,17 +607,17 @@ def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, on_ep
         teacher_vars.insert(0, variables)
     # Pre-flight: trace every stage's models and terms (no compute) so that a missing feature or
     # shapes a method cannot reconcile fail now, not after hours of teacher training.
-    planned = list(teachers)
-    if "teacher" in kconfig.planned_stages(config) and not config.teacher.checkpoint:
-        planned.insert(0, Stage("teacher", config, dataset, par, workdir).model)
-    for role in kconfig.planned_stages(config):
-        Stage(role, config, dataset, par, workdir).preflight(planned)
+    planned = kconfig.planned_stages(config)
+    teacher_models = list(teachers)
+    if "teacher" in planned and not config.teacher.checkpoint:
+        teacher_models.insert(0, Stage("teacher", config, dataset, par, workdir).model)
+    for role in planned:
+        Stage(role, config, dataset, par, workdir).preflight(teacher_models)
     # Only now is the workdir touched: a config that cannot run leaves nothing behind.
     runs.prepare_workdir(config, workdir, overwrite)
     summary_path = os.path.join(workdir, "summary.json")
     summary = {**runs.read_json(summary_path, {}), **reused}
 
-    planned = kconfig.planned_stages(config)
     selected = {}  # role -> selected host TrainState of a finished stage that a later one starts from
     for role in planned:
         if role == "teacher" and config.teacher.checkpoint:
