@@ -320,9 +320,9 @@ def main(argv):
         bad = sorted(k for k in overrides if any(k == c or k.startswith(c + ".") for c in CONTROLLED))
         if bad:
             raise ValueError(f"--config.{bad[0]} is set per run by compare (seeds: --seeds, methods: --methods)")
-        from kdjax import runs as krun
+        from kdjax import paths
 
-        krun.refuse_remote(_ROOT.value, "experiments.compare (--root)")
+        paths.refuse_remote(_ROOT.value, "experiments.compare (--root)")
         methods = _parse_methods(_METHODS.value)
         seeds = _parse_seeds(_SEEDS.value)
         folder, runs = plan(flags.FLAGS["config"].config_filename, methods, seeds, _ROOT.value, overrides)
