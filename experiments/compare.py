@@ -199,11 +199,12 @@ def _finished(run: Planned) -> bool | None:
     holds a run of another config."""
     from kdjax import runs as kruns
 
+    from kdjax import paths
+
     path = os.path.join(run.workdir, "config.json")
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return False
-    with open(path) as f:
-        saved = json.load(f)
+    saved = json.loads(paths.read_text(path))
     old, new = kruns.run_identity(saved), kruns.run_identity(run.config)
     changed = sorted(k for k in set(old) & set(new) if old[k] != new[k])
     # A model's constructor arguments exist on one side only when they differ (an empty kwargs
@@ -213,7 +214,7 @@ def _finished(run: Planned) -> bool | None:
         raise ValueError(f"{run.workdir} holds a run of another config (differs in: {', '.join(changed[:8])}); "
                          "choose another --root, or move that folder away")
     stages = [s.strip() for s in str(run.config.stages).split(",") if s.strip()]
-    return all(os.path.exists(os.path.join(run.workdir, s, "result.json")) for s in stages)
+    return all(paths.exists(os.path.join(run.workdir, s, "result.json")) for s in stages)
 
 
 def preflight(runs: list[Planned]) -> None:
@@ -241,18 +242,17 @@ def preflight(runs: list[Planned]) -> None:
 
 
 def _record_command(folder: str) -> None:
+    from kdjax import paths
+
     path = os.path.join(folder, "compare.json")
     try:
-        with open(path) as f:
-            record = json.load(f)
+        record = json.loads(paths.read_text(path))
     except (OSError, ValueError):
         record = {"commands": []}
     command = "python -m experiments.compare " + shlex.join(sys.argv[1:])
     if command not in record["commands"]:
         record["commands"].append(command)
-    os.makedirs(folder, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(record, f, indent=1)
+    paths.write_text(path, json.dumps(record, indent=1))
 
 
 def _parse_methods(values) -> list[str]:
@@ -322,7 +322,7 @@ def main(argv):
             raise ValueError(f"--config.{bad[0]} is set per run by compare (seeds: --seeds, methods: --methods)")
         from kdjax import paths
 
-        paths.refuse_remote(_ROOT.value, "experiments.compare (--root)")
+        paths.check_workdir(_ROOT.value)
         methods = _parse_methods(_METHODS.value)
         seeds = _parse_seeds(_SEEDS.value)
         folder, runs = plan(flags.FLAGS["config"].config_filename, methods, seeds, _ROOT.value, overrides)

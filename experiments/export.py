@@ -42,29 +42,28 @@ def export_run(workdir: str, role: str, out_dir: str | None = None, variant: str
     """Exports stage `role` of the run in `workdir` (as `variant`); returns the written paths."""
     from kdjax import paths
 
-    paths.refuse_remote(workdir, "experiments.export (--workdir)")
-    paths.refuse_remote(out_dir, "experiments.export (--out)")
+    paths.check_workdir(workdir)
+    if out_dir:
+        paths.check_workdir(out_dir)
     import kdjax
     from kdjax import compress, export, train
 
     if role not in train.ROLES:
         raise ValueError(f"unknown --model {role!r}; choose one of: {', '.join(train.ROLES)}")
     config_path = os.path.join(workdir, "config.json")
-    if not os.path.exists(config_path):
+    if not paths.exists(config_path):
         raise ValueError(f"{workdir} is not a kdjax run directory (no config.json)")
-    with open(config_path) as f:
-        config = json.load(f)
+    config = json.loads(paths.read_text(config_path))
     folder, stage, kind = ".", role, POST_TRAINING.get(variant)
     if variant and kind is None:  # a trained variant of an experiments.compress run
         variants = os.path.join(workdir, "variants")
-        found = sorted(os.listdir(variants)) if os.path.isdir(variants) else []
+        found = paths.listdir(variants)
         if variant not in found:
             raise ValueError(f"unknown --variant {variant!r}; choose one of: {', '.join(list(POST_TRAINING) + found)}")
         if role != "student":
             raise ValueError(f"--variant={variant} is a variant of the student: use --model=student")
         folder = os.path.join("variants", variant)
-        with open(os.path.join(workdir, folder, "config.json")) as f:
-            stage = json.load(f)["stages"]
+        stage = json.loads(paths.read_text(os.path.join(workdir, folder, "config.json")))["stages"]
     dataset = train.load_dataset(dict(config["dataset"], download=False), config["seed"])
     model, variables, result, info = compress.load_row(
         workdir, folder, stage, kind, dataset, config.get("quant", {}).get("calibration_batches", 4),

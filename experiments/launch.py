@@ -123,12 +123,6 @@ def _report(workdir: str) -> None:
     the report is one process's job (run experiments.evaluate afterwards)."""
     import jax
 
-    from kdjax import paths
-
-    if paths.is_remote(workdir):  # kdjax.evaluate reads and writes local files only
-        logging.warning("no evaluation report for a gs:// workdir (%s): copy the run to local disk (gcloud storage "
-                        "cp -r) and run python -m experiments.evaluate there", workdir)
-        return
     if jax.process_count() > 1:
         logging.info("multi-process run: no evaluation report; run python -m experiments.evaluate --workdir=%s", workdir)
         return
@@ -195,8 +189,6 @@ def run_main(default_config: str | None = None, runner=None, show=None) -> None:
         try:
             from kdjax import paths
 
-            if runner is not None:  # compress: its variants and plots are local files
-                paths.refuse_remote(workdir, "this command")
             _init_distributed()
             logging.info("workdir: %s", paths.absolute(workdir))
             summary = (runner or train.run)(config, workdir, overwrite=_OVERWRITE.value)

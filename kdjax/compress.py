@@ -41,7 +41,7 @@ from absl import logging
 from kdjax import config as kconfig
 from kdjax import data as kdata
 from kdjax import export as kexport
-from kdjax import inference, models, prune, quantize, runs, train
+from kdjax import inference, models, paths, prune, quantize, runs, train
 
 VARIANT_STAGES = ("prune", "qat")
 PTQ = {"weights": "int8", "static": "int8-static", "bf16": "bf16"}  # compress.ptq entry -> variant name
@@ -75,7 +75,7 @@ def variant_config(config: ml_collections.ConfigDict, name: str, workdir: str) -
                                      f"config.{section} ({', '.join(sorted(out[section]))})")
                 out[section][key] = value
         out.stages = stage
-        source = os.path.abspath(workdir)
+        source = paths.absolute(workdir)
         if not out.teacher.checkpoint:  # else the experiment's own reused teacher
             out.teacher.checkpoint = source
             out.teacher.checkpoint_role = "teacher"
@@ -162,11 +162,10 @@ def load_row(workdir: str, folder: str, stage: str, kind: str | None, dataset: k
     post-training kinds 'weights'/'static' (int8), or cast for 'bf16'."""
     run_dir = os.path.join(workdir, folder)
     model, variables, result = runs.load_trained_model(run_dir, stage, dataset, jnp.float32)
-    with open(os.path.join(run_dir, "config.json")) as f:
-        saved = json.load(f)
+    saved = json.loads(paths.read_text(os.path.join(run_dir, "config.json")))
     quant = saved.get("quant", {})
     mode = "bf16" if kind == "bf16" else kind if kind else quant.get("mode") if stage == "qat" else None
-    info = {"run": os.path.abspath(run_dir), "stage": stage, "weights_dtype": "float32"}
+    info = {"run": paths.absolute(run_dir), "stage": stage, "weights_dtype": "float32"}
     if mode == "bf16":
         variables = quantize.bf16(variables)
         info["weights_dtype"] = "bfloat16"
@@ -212,8 +211,7 @@ def median_seconds(fn, args: tuple, calls: int) -> float:
 def measure(artifact: str, dataset: kdata.Dataset, latency_calls: int) -> dict[str, Any]:
     """Test accuracy, FLOPs per image and latency (batch 1 and 256) of a `.jaxexport` file, and
     its test-set predictions (for agreement)."""
-    with open(artifact, "rb") as f:
-        exported = jax.export.deserialize(bytearray(f.read()))
+    exported = jax.export.deserialize(bytearray(paths.read_bytes(artifact)))
     call = jax.jit(exported.call)
     test = dataset.test
     logits = _predict(call, test.images)
@@ -263,10 +261,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     for name, folder, stage, kind in rows_plan:
         model, variables, result, info = load_row(workdir, folder, stage, kind, dataset,
                                                   config.quant.calibration_batches, config.batch_size, config.seed)
-        paths = kexport.export_model(model, variables, image_shape=dataset.image_shape, mean=dataset.mean,
+        files = kexport.export_model(model, variables, image_shape=dataset.image_shape, mean=dataset.mean,
                                      std=dataset.std, out_dir=out_dir, name=name,
                                      metadata={**info, "dataset": dataset.name, "model": result.get("model")})
-        m = measure(paths["jaxexport"], dataset, config.compress.latency_calls)
+        m = measure(files["jaxexport"], dataset, config.compress.latency_calls)
         params, nonzero = _counts(variables)
         preds = m.pop("predictions")
         if name == "teacher":
@@ -277,8 +275,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
             "weights_dtype": info["weights_dtype"], "test_accuracy": m["accuracy"],
             "last_epoch_accuracy": result.get("test_accuracy") if trained else None,
             "best_epoch_accuracy": result.get("best_test_accuracy") if trained else None,
-            "params": params, "nonzero_params": nonzero, "artifact_bytes": os.path.getsize(paths["jaxexport"]),
-            "npz_bytes": os.path.getsize(paths["npz"]), "flops_per_image": m["flops_per_image"],
+            "params": params, "nonzero_params": nonzero, "artifact_bytes": paths.getsize(files["jaxexport"]),
+            "npz_bytes": paths.getsize(files["npz"]), "flops_per_image": m["flops_per_image"],
             "latency_ms_batch1": m["latency_ms_batch1"], "latency_ms_batch256": m["latency_ms_batch256"],
             "teacher_agreement": float(np.mean(preds == teacher_preds)) if teacher_preds is not None else None,
         })
@@ -288,11 +286,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     report = {"rows": rows, "device": f"{device_name()}, latency: median of {config.compress.latency_calls} calls",
               "dataset": dataset.name,
               "jax_version": jax.__version__, "summary": summary}
-    with open(os.path.join(workdir, "compress.json"), "w") as f:
-        json.dump(report, f, indent=2, default=float)
-    table = format_table(report)
-    with open(os.path.join(workdir, "compress.md"), "w") as f:
-        f.write(table + "\n")
+    paths.write_text(os.path.join(workdir, "compress.json"), json.dumps(report, indent=2, default=float))
+    paths.write_text(os.path.join(workdir, "compress.md"), format_table(report) + "\n")
     plot(report, os.path.join(workdir, "compress.png"))
     return report
 
@@ -347,5 +342,5 @@ def plot(report: dict, path: str) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{report['dataset']}: accuracy vs size and latency ({report['device']})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    paths.save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -193,13 +193,12 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, teacher_logit
 
 
 def _read_json(path: str):
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return None
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}): a damaged run folder?") from None
+    try:
+        return json.loads(paths.read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): a damaged run folder?") from None
 
 
 def _roles():
@@ -212,17 +211,17 @@ def find_models(workdir: str) -> list[dict]:
     """The finished models of the run in `workdir` and of its variants, in report order: dicts
     with name, stage, run (absolute run folder), folder (relative to workdir), variant."""
     roles = _roles()
-    found = [{"name": r, "stage": r, "run": os.path.abspath(workdir), "folder": ".", "variant": None}
-             for r in roles if os.path.exists(os.path.join(workdir, r, "result.json"))]
+    found = [{"name": r, "stage": r, "run": paths.absolute(workdir), "folder": ".", "variant": None}
+             for r in roles if paths.exists(os.path.join(workdir, r, "result.json"))]
     variants = os.path.join(workdir, "variants")
-    for name in sorted(os.listdir(variants)) if os.path.isdir(variants) else []:
+    for name in paths.listdir(variants):
         run_dir = os.path.join(variants, name)
-        if not os.path.exists(os.path.join(run_dir, "config.json")):
+        if not paths.exists(os.path.join(run_dir, "config.json")):
             continue
-        stages = [r for r in roles if os.path.exists(os.path.join(run_dir, r, "result.json"))]
+        stages = [r for r in roles if paths.exists(os.path.join(run_dir, r, "result.json"))]
         for stage in stages:
             found.append({"name": f"student-{name}" if len(stages) == 1 else f"{name}/{stage}", "stage": stage,
-                          "run": os.path.abspath(run_dir), "folder": os.path.join("variants", name),
+                          "run": paths.absolute(run_dir), "folder": os.path.join("variants", name),
                           "variant": name})
     return found
 
@@ -238,7 +237,7 @@ def class_names(dataset_cfg: dict, num_classes: int) -> list[str]:
 
 
 def load_predictions(path: str) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path) as z:
+    with paths.load_npz(path) as z:
         logits, labels = np.asarray(z["logits"], np.float32), np.asarray(z["labels"])
     if logits.ndim != 2 or labels.shape != (logits.shape[0],):
         raise ValueError(f"{path}: logits {logits.shape} and labels {labels.shape} are not (N, C) and (N,)")
@@ -250,8 +249,8 @@ def training_curves(metrics_path: str, role: str) -> dict[str, Any]:
     the mean train-batch accuracy of the steps logged in it, and the val/test accuracy of its
     evaluation. A resumed stage logs some steps twice: the last row of a step wins."""
     rows = {}
-    if os.path.exists(metrics_path):
-        with open(metrics_path) as f:
+    if paths.exists(metrics_path):
+        with paths.open_file(metrics_path) as f:
             for line in f:
                 try:
                     row = json.loads(line)
@@ -318,11 +317,11 @@ def report(workdir: str, *, latency_calls: int = LATENCY_CALLS, plots: bool = Tr
     finished stage. A model whose files cannot be read is listed under "skipped" with the reason,
     and the others are reported. In a multi-process run only process 0 reports (others: None)."""
     # Bad input is refused before JAX starts (so the CLI's error is the only line on stderr).
-    paths.refuse_remote(workdir, "the evaluation report (experiments.evaluate)")
     if latency_calls < MIN_LATENCY_CALLS:
         raise ValueError(f"latency_calls={latency_calls}: the latency is the median of at least "
                          f"{MIN_LATENCY_CALLS} calls")
-    config = _read_json(os.path.join(workdir, "config.json")) if os.path.isdir(workdir) else None
+    paths.check_workdir(workdir)
+    config = _read_json(os.path.join(workdir, "config.json"))
     if not isinstance(config, dict):
         raise ValueError(f"{workdir} is not a kdjax run directory (no config.json)")
     entries = find_models(workdir)
@@ -368,9 +367,9 @@ def report(workdir: str, *, latency_calls: int = LATENCY_CALLS, plots: bool = Tr
                     model, variables, _ = runs.load_trained_model(run_dir, stage, dataset, jnp.float32)
                 except Exception as err:  # noqa: BLE001 - e.g. checkpoints deleted: accuracy still reported
                     perf_error = f"checkpoint not loadable ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-            if os.path.exists(pred_path):
+            if paths.exists(pred_path):
                 logits, labels = load_predictions(pred_path)
-                source = os.path.relpath(pred_path, workdir)
+                source = paths.relpath(pred_path, workdir)
             elif model is not None:
                 logits = inference.predict_logits(model, variables, dataset.test.images, dataset.mean, dataset.std,
                                               eval_batch)
@@ -378,7 +377,7 @@ def report(workdir: str, *, latency_calls: int = LATENCY_CALLS, plots: bool = Tr
                 source = (f"recomputed from the {stage} checkpoint by the eval forward (no {stage}/predictions.npz: "
                           "the stage predates it)")
             else:
-                raise ValueError(f"no {os.path.relpath(pred_path, workdir)} and {perf_error}")
+                raise ValueError(f"no {paths.relpath(pred_path, workdir)} and {perf_error}")
             if e["folder"] == "." and stage == "teacher":
                 teacher = (logits, labels)
             t_logits = None
@@ -413,7 +412,7 @@ def report(workdir: str, *, latency_calls: int = LATENCY_CALLS, plots: bool = Tr
                          + "; ".join(f"{s['name']}: {s['reason']}" for s in skipped))
     num_classes = rows[0]["num_classes"]
     out = {
-        "workdir": os.path.abspath(workdir),
+        "workdir": paths.absolute(workdir),
         "dataset": config["dataset"].get("name"),
         "class_names": class_names(config["dataset"], num_classes),
         "num_test_examples": rows[0]["num_examples"],
@@ -456,10 +455,7 @@ def _clean(x):
 
 
 def _write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text if text.endswith("\n") else text + "\n")
-    os.replace(tmp, path)
+    paths.write_text(path, text if text.endswith("\n") else text + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -550,7 +546,7 @@ def write_plots(rep: dict, folder: str) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    os.makedirs(folder, exist_ok=True)
+    paths.makedirs(folder)
     rel = lambda f: os.path.join(REPORT_DIR, f)  # noqa: E731
     names = rep["class_names"]
     out: dict[str, Any] = {}
@@ -591,7 +587,7 @@ def _plot_confusion(plt, cm: np.ndarray, names: list[str], title: str, path: str
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    paths.save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -619,7 +615,7 @@ def _plot_reliability(plt, r: dict, path: str) -> None:
     hx.set_ylabel("images")
     hx.set_xlim(0, 1)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    paths.save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -653,7 +649,7 @@ def _plot_curves(plt, r: dict, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.set_title(f"{r['name']}: accuracy per epoch", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    paths.save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -696,5 +692,5 @@ def _plot_comparison(plt, rep: dict, path: str) -> None:
     axes[0].set_yticks(y, names, fontsize=8)
     fig.suptitle(f"{rep['dataset']}: accuracy, size and latency ({rep['device']})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    paths.save_figure(fig, path, dpi=100)
     plt.close(fig)

@@ -38,11 +38,11 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kdjax import data as kdata
 from kdjax import models
 from kdjax.models import layers
+from kdjax import paths as kpaths
 from kdjax import quantize
 
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -77,14 +77,9 @@ def export_model(model, variables: dict, *, image_shape: tuple, mean, std, out_d
             exported = jax.export.export(jax.jit(logits_fn), platforms=platforms)(spec)
     finally:
         jax.config.update("jax_hlo_source_file_canonicalization_regex", previous)
-    os.makedirs(out_dir, exist_ok=True)
     paths = {ext: os.path.join(out_dir, f"{name}.{ext}") for ext in ("jaxexport", "npz", "json")}
-    with open(paths["jaxexport"] + ".tmp", "wb") as f:
-        f.write(exported.serialize())
-    os.replace(paths["jaxexport"] + ".tmp", paths["jaxexport"])
-    with open(paths["npz"] + ".tmp", "wb") as f:
-        np.savez(f, **quantize.storage(variables))
-    os.replace(paths["npz"] + ".tmp", paths["npz"])
+    kpaths.write_bytes(paths["jaxexport"], exported.serialize())
+    kpaths.save_npz(paths["npz"], **quantize.storage(variables))
     out = exported.out_avals[0]
     num_classes = int(out.shape[-1])
     description = {
@@ -101,7 +96,5 @@ def export_model(model, variables: dict, *, image_shape: tuple, mean, std, out_d
         "jax_version": jax.__version__,
         **(metadata or {}),
     }
-    with open(paths["json"] + ".tmp", "w") as f:
-        json.dump(description, f, indent=2, sort_keys=True)
-    os.replace(paths["json"] + ".tmp", paths["json"])
+    kpaths.write_text(paths["json"], json.dumps(description, indent=2, sort_keys=True))
     return paths

@@ -7,6 +7,7 @@ touches a run's files asks `is_remote` here rather than testing the string itsel
 
 from __future__ import annotations
 
+import logging
 import os
 
 GCS_EXTRA = 'pip install "kdjax[gcs]"'
@@ -58,18 +59,17 @@ def check_workdir(workdir: str, timeout: float = 20.0) -> None:
                          f"(gcloud storage buckets create gs://{bucket}) or choose another --workdir")
 
 
-def refuse_remote(path, what: str) -> None:
-    """One-line ValueError if `path` is a gs:// URL: for the commands whose files do not yet go
-    through the helpers here (they would write a local ./gs: folder)."""
+def refuse_remote(path, what: str, why: str) -> None:
+    """One-line ValueError if `path` is a gs:// URL, for what cannot live in a bucket (`why`)."""
     if path and is_remote(path):
-        raise ValueError(f"{what} does not support gs:// paths yet ({path}); only a training run (experiments.digits, "
-                         "experiments.cifar) reads and writes a bucket: copy the run to local disk "
-                         "(gcloud storage cp -r) and point at the copy")
+        raise ValueError(f"{what} cannot be a gs:// path ({path}): {why}")
 
 
 def _epath(path):
     from etils import epath
 
+    for name in ("fsspec", "gcsfs"):  # their INFO lines (one per object read) would flood absl's log
+        logging.getLogger(name).setLevel(max(logging.getLogger(name).getEffectiveLevel(), logging.WARNING))
     return epath.Path(path)
 
 
@@ -80,6 +80,93 @@ def absolute(path: str) -> str:
 
 def exists(path: str) -> bool:
     return _epath(path).exists() if is_remote(path) else os.path.exists(path)
+
+
+def isdir(path: str) -> bool:
+    """os.path.isdir; on GCS: whether any object lies under `path`/."""
+    return _epath(path).is_dir() if is_remote(path) else os.path.isdir(path)
+
+
+def listdir(path: str) -> list[str]:
+    """The sorted names in folder `path` ([] if there is none)."""
+    if is_remote(path):
+        folder = _epath(path)
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+def relpath(path: str, start: str) -> str:
+    """os.path.relpath, also for a gs:// `path` under a gs:// `start`."""
+    if is_remote(path) or is_remote(start):
+        start = str(start).rstrip("/") + "/"
+        return str(path)[len(start):] if str(path).startswith(start) else str(path)
+    return os.path.relpath(path, start)
+
+
+def getsize(path: str) -> int:
+    return _epath(path).stat().length if is_remote(path) else os.path.getsize(path)
+
+
+def read_bytes(path: str) -> bytes:
+    with open_file(path, "rb") as f:
+        return f.read()
+
+
+def read_text(path: str) -> str:
+    with open_file(path, "r") as f:
+        return f.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Writes the whole file at once: locally to `path`.tmp and then renamed over `path` (a reader
+    never sees half a file); on GCS one object write, which is atomic there (a rename is not)."""
+    if is_remote(path):
+        _epath(path).write_bytes(data)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def save_figure(fig, path: str, **kwargs) -> None:
+    """matplotlib's `fig.savefig` as PNG into `path` through `write_bytes` (so also into a bucket)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **kwargs)
+    write_bytes(path, buf.getvalue())
+
+
+def save_npz(path: str, **arrays) -> None:
+    """np.savez into `path`, whole or not at all: locally through `path`.tmp and a rename (streamed,
+    no copy in memory), on GCS as one object write."""
+    import io
+
+    import numpy as np
+
+    if is_remote(path):
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        write_bytes(path, buf.getvalue())
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(path + ".tmp", path)
+
+
+def load_npz(path: str):
+    """np.load of an .npz at `path` (read whole from a bucket); use it as a context manager."""
+    import io
+
+    import numpy as np
+
+    return np.load(io.BytesIO(read_bytes(path)) if is_remote(path) else path)
 
 
 def makedirs(path: str) -> None:

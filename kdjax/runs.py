@@ -34,7 +34,7 @@ from kdjax import checkpoint as kckpt
 from kdjax import data as kdata
 from kdjax import distill, models, optim
 from kdjax import step as kstep
-from kdjax.paths import absolute, check_remote, exists, is_remote, makedirs, open_file
+from kdjax.paths import absolute, check_remote, exists, is_remote, makedirs, open_file, write_text
 
 
 def is_main() -> bool:
@@ -44,16 +44,8 @@ def is_main() -> bool:
 
 def write_json(path: str, obj: Any) -> None:
     """Writes `obj` as JSON to `path` (process 0 only), atomically: a reader never sees half a file."""
-    if not is_main():
-        return
-    if is_remote(path):  # one object write is atomic on GCS; a rename there is copy + delete
-        with open_file(path, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    if is_main():
+        write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def read_json(path: str, default=None):

@@ -35,6 +35,8 @@ import re
 
 import numpy as np
 
+from kdjax import paths
+
 SEED_DIR = re.compile(r"^seed(\d+)$")
 
 
@@ -65,8 +67,7 @@ _STAGE_OF_KIND = {"student": "student", "scratch": "student_scratch", "teacher":
 
 def _read_json(path: str):
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(paths.read_text(path))
     except (OSError, ValueError):
         return None
 
@@ -82,17 +83,17 @@ def _kind(config: dict) -> str | None:
 def read_runs(root: str) -> tuple[list[Run], list[str]]:
     """(finished runs, the folders under `root` that hold an unfinished run). Raises ValueError
     (one line) if `root` is not a folder."""
-    if not os.path.isdir(root):
+    if not paths.isdir(root):
         raise ValueError(f"{root} is not a folder; give the comparison folder that python -m experiments.compare "
                          "wrote, e.g. runs/digits")
     runs, unfinished = [], []
-    for label in sorted(os.listdir(root)):
+    for label in paths.listdir(root):
         label_dir = os.path.join(root, label)
-        if not os.path.isdir(label_dir):
+        if not paths.isdir(label_dir):
             continue
-        for name in sorted(os.listdir(label_dir), key=lambda n: (len(n), n)):
+        for name in sorted(paths.listdir(label_dir), key=lambda n: (len(n), n)):
             path = os.path.join(label_dir, name)
-            if not (SEED_DIR.match(name) and os.path.isdir(path)):
+            if not (SEED_DIR.match(name) and paths.isdir(path)):
                 continue
             config = _read_json(os.path.join(path, "config.json"))
             kind = _kind(config) if isinstance(config, dict) else None
@@ -253,10 +254,7 @@ def write(root: str, out: str | None = None, command: str | None = None) -> tupl
     table_rows = rows(runs)
     md = markdown(table_rows, footer(unfinished, command, root))
     out = out or os.path.join(root, "table")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     md_path, csv_path = out + ".md", out + ".csv"
-    with open(md_path, "w") as f:
-        f.write(md + "\n")
-    with open(csv_path, "w") as f:
-        f.write(to_csv(table_rows))
+    paths.write_text(md_path, md + "\n")
+    paths.write_text(csv_path, to_csv(table_rows))
     return md, md_path, csv_path

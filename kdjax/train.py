@@ -430,13 +430,9 @@ class Stage:
         which every figure of the evaluation report can be recomputed."""
         logits = inference.predict_logits(self.model, variables, self.ds.test.images, self.ds.mean, self.ds.std,
                                 self.config.eval_batch_size)
-        if runs.is_main() and paths.is_remote(self.dir):  # one object write: atomic on GCS
-            with paths.open_file(os.path.join(self.dir, "predictions.npz"), "wb") as f:
-                np.savez(f, logits=logits, labels=np.asarray(self.ds.test.labels))
-        elif runs.is_main():
-            tmp = os.path.join(self.dir, "predictions.tmp.npz")
-            np.savez(tmp, logits=logits, labels=np.asarray(self.ds.test.labels))
-            os.replace(tmp, os.path.join(self.dir, "predictions.npz"))
+        if runs.is_main():
+            paths.save_npz(os.path.join(self.dir, "predictions.npz"), logits=logits,
+                           labels=np.asarray(self.ds.test.labels))
 
     def _teacher_cache(self) -> dict | None:
         """The frozen teacher's outputs for every training example (config.distill.cache_teacher),

@@ -182,13 +182,15 @@ def test_digits_run_on_a_bucket_equals_the_local_run(gcs, local_run, tmp_path):
     bucket = gcs.make_bucket("run-bucket")
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    proc = gcs.digits(f"gs://{bucket}/run", cwd=str(cwd))
+    proc = gcs.digits(f"gs://{bucket}/run", "--config.log.report=True", cwd=str(cwd))  # with its report
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
-    assert "summary: gs://run-bucket/run/summary.json" in out
+    assert "summary: gs://run-bucket/run/summary.json" in out and "report: gs://run-bucket/run/report.md" in out
     names = set(gcs.names(bucket))
     for name in ("config.json", "summary.json", "metrics.jsonl", "teacher/result.json", "student/result.json",
-                 "teacher/predictions.npz", "student/predictions.npz", "student/teacher_cache.npz"):
+                 "teacher/predictions.npz", "student/predictions.npz", "student/teacher_cache.npz",
+                 "report.json", "report.md", "report/comparison.png", "report/student_confusion.png",
+                 "report/teacher_reliability.png", "report/student_curves.png"):
         assert f"run/{name}" in names, (name, sorted(names))
     for stage in ("teacher", "student"):  # a committed Orbax checkpoint, and TensorBoard event files
         assert any(n.startswith(f"run/{stage}/checkpoints/") and n.endswith("/commit_success.txt") for n in names)
@@ -196,6 +198,17 @@ def test_digits_run_on_a_bucket_equals_the_local_run(gcs, local_run, tmp_path):
     summary = json.loads(gcs.text(bucket, "run/summary.json"))
     with open(os.path.join(local_run, "summary.json")) as f:
         _same_accuracies(summary, json.load(f))
+    report = json.loads(gcs.text(bucket, "run/report.json"))  # read back from the bucket's predictions.npz
+    assert {m["name"]: m["top1_accuracy"] for m in report["models"]} == {
+        role: summary[role]["selected_test_accuracy"] for role in ("teacher", "student")}
+    assert report["workdir"] == f"gs://{bucket}/run" and report["skipped"] == []
+    # The export of the bucket's student, into the bucket.
+    proc = subprocess.run([*gcs.prefix, sys.executable, "-m", "experiments.export", f"--workdir=gs://{bucket}/run"],
+                          cwd=str(cwd), env=gcs.env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = json.loads(gcs.text(bucket, "run/export/student.json"))
+    assert exported["selected_test_accuracy"] == summary["student"]["selected_test_accuracy"]
+    assert {"run/export/student.jaxexport", "run/export/student.npz"} <= set(gcs.names(bucket, "run/export/"))
     # Every line: the teacher's survive the student's rewrites of the object.
     rows, local = _rows(gcs.text(bucket, "run/metrics.jsonl")), _local_rows(local_run)
     key = lambda r: (r["role"], r["kind"], r["step"])  # noqa: E731
@@ -330,19 +343,40 @@ def test_gs_workdir_without_the_gcs_packages_names_the_extra(monkeypatch):
     paths.check_remote("/tmp/local/run")  # a local path needs nothing
 
 
-def test_commands_that_cannot_write_a_bucket_refuse_it(tmp_path):
-    """Those whose files do not go through kdjax.runs yet: one line (no ./gs: folder), exit 2."""
-    from kdjax import evaluate, paths
+def test_compare_into_a_bucket(gcs, tmp_path):
+    """experiments.compare with --root=gs://: its runs, compare.json and table in the bucket; a rerun
+    finds every run finished there."""
+    bucket = gcs.make_bucket("compare-bucket")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    args = [*gcs.prefix, sys.executable, "-m", "experiments.compare", "--config=experiments/configs/digits.py",
+            "--methods=kd", "--seeds=0", f"--root=gs://{bucket}/cmp", "--config.teacher.model=cnn_tiny",
+            "--config.teacher.epochs=1", "--config.student.epochs=1", "--config.log_every_steps=1000",
+            "--config.throughput_batch=16"]
+    env = dict(gcs.env, PYTHONPATH=REPO)
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    names = set(gcs.names(bucket))
+    for name in ("compare.json", "table.md", "table.csv", "teacher/seed0/summary.json",
+                 "scratch/seed0/student_scratch/result.json", "kd/seed0/student/result.json"):
+        assert f"cmp/digits/{name}" in names, (name, sorted(names))
+    table = gcs.text(bucket, "cmp/digits/table.csv")
+    kd = json.loads(gcs.text(bucket, "cmp/digits/kd/seed0/student/result.json"))
+    assert f"{kd['test_accuracy']:.4f}" in table or str(kd["test_accuracy"]) in table, table
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.count("already finished") == 4, (proc.stdout + proc.stderr)[-3000:]
+    assert "AdaptiveReadaheadCache" not in proc.stderr  # gcsfs's per-read INFO lines are kept out of the log
+    _no_gs_folder(str(tmp_path))
+
+
+def test_a_sweep_refuses_a_bucket(tmp_path):
+    """A sweep's workers need a file lock and appends: one line naming why (no ./gs: folder)."""
+    from kdjax import paths
     from kdjax.sweep import runner
 
-    for call in (lambda: evaluate.report("gs://bucket/run"), lambda: runner.run(None, "gs://bucket/run")):
-        with pytest.raises(ValueError, match=r"does not support gs:// paths yet \(gs://bucket/run\)"):
-            call()
-    for command in (["experiments.export", "--workdir=gs://bucket/run"],
-                    ["experiments.compress", "--workdir=gs://bucket/run"]):
-        out = subprocess.run([sys.executable, "-m", *command], cwd=str(tmp_path), capture_output=True, text=True,
-                             timeout=300)
-        assert out.returncode == 2 and "does not support gs:// paths yet (gs://bucket/run)" in out.stderr, out.stderr
+    with pytest.raises(ValueError, match=r"a sweep's --workdir cannot be a gs:// path \(gs://bucket/run\): its "
+                                         r"workers coordinate through a file lock"):
+        runner.run(None, "gs://bucket/run")
     _no_gs_folder(str(tmp_path))
     with pytest.raises(ValueError, match="cannot append"):
         paths.open_file("gs://bucket/run/metrics.jsonl", "a")

@@ -10,7 +10,6 @@ conv teacher, most of the step's work).
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from typing import TYPE_CHECKING, Sequence
 
@@ -93,7 +92,7 @@ def teacher_cache(mode: str, teachers: tuple, teacher_vars: tuple, terms: Sequen
 
     print_ = fingerprint(teacher_vars, images, str(np.dtype(dtype)))
     if paths.exists(path):
-        with paths.open_file(path, "rb") as raw, np.load(raw) as f:
+        with paths.load_npz(path) as f:
             if str(f["fingerprint"]) == print_ and all(k in f for k in names):
                 logging.info("%s teacher outputs read from %s", label, path)
                 return {k: f[k] for k in names}
@@ -105,14 +104,8 @@ def teacher_cache(mode: str, teachers: tuple, teacher_vars: tuple, terms: Sequen
         idx = np.minimum(np.arange(start, start + chunk), n - 1)
         parts.append(jax.device_get(fn(tuple(teacher_vars), images[idx])))
     cache = {k: np.concatenate([p[k] for p in parts])[:n] for k in names}
-    if write and paths.is_remote(path):  # one object write: atomic on GCS (a rename is not)
-        with paths.open_file(path, "wb") as f:
-            np.savez(f, fingerprint=np.array(print_), **cache)
-    elif write:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "wb") as f:
-            np.savez(f, fingerprint=np.array(print_), **cache)
-        os.replace(path + ".tmp", path)
+    if write:
+        paths.save_npz(path, fingerprint=np.array(print_), **cache)
     logging.info("%s teacher outputs (%s) of %d examples computed in %.1f s, kept in %s", label,
                  ", ".join(names), n, time.time() - start_time, path)
     return cache

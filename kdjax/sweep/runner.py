@@ -83,7 +83,9 @@ def run(sweep_config, workdir: str | None = None, storage: str | None = None, re
         heartbeat_s: float = 30.0) -> dict:
     """Runs this worker's share of the sweep (or, with `report_only`, only rewrites the outputs);
     returns the content of best.json. Bad input: one-line ValueError, nothing written."""
-    paths.refuse_remote(workdir, "a sweep (experiments.sweep)")
+    paths.refuse_remote(workdir, "a sweep's --workdir", "its workers coordinate through a file lock, an "
+                        "appended Optuna journal and heartbeat files, which a bucket cannot hold (no locks, no "
+                        "appends); give it a local or shared POSIX folder")
     import optuna
 
     p = space.parse(sweep_config)
