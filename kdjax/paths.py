@@ -59,12 +59,6 @@ def check_workdir(workdir: str, timeout: float = 20.0) -> None:
                          f"(gcloud storage buckets create gs://{bucket}) or choose another --workdir")
 
 
-def refuse_remote(path, what: str, why: str) -> None:
-    """One-line ValueError if `path` is a gs:// URL, for what cannot live in a bucket (`why`)."""
-    if path and is_remote(path):
-        raise ValueError(f"{what} cannot be a gs:// path ({path}): {why}")
-
-
 def _epath(path):
     from etils import epath
 

@@ -13,6 +13,7 @@ subprocess; the bucket is read back through the emulator's JSON API (stdlib only
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -266,8 +267,6 @@ def test_sigterm_mid_student_on_a_bucket_then_rerun_resumes_and_finishes(gcs, lo
 def test_two_processes_on_one_bucket_match_one_process(gcs, local_run, tmp_path):
     """Two processes (one CPU device each, jax.distributed) write one bucket: the numbers of one
     process with two devices, and every process agrees that the bucket is one shared workdir."""
-    import re
-
     bucket = gcs.make_bucket("two-process-bucket")
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -369,15 +368,99 @@ def test_compare_into_a_bucket(gcs, tmp_path):
     _no_gs_folder(str(tmp_path))
 
 
-def test_a_sweep_refuses_a_bucket(tmp_path):
-    """A sweep's workers need a file lock and appends: one line naming why (no ./gs: folder)."""
-    from kdjax import paths
-    from kdjax.sweep import runner
+def test_two_sweep_workers_share_one_study_in_a_bucket(gcs, tmp_path):
+    """A sweep folder in a bucket: the lock, the Optuna journal and the heartbeats are objects
+    there (kdjax/sweep/bucket.py). Two workers run exactly n_trials trials between them, the shared
+    teacher is trained once, and the outputs are objects in the bucket."""
+    import csv
+    import io
 
-    with pytest.raises(ValueError, match=r"a sweep's --workdir cannot be a gs:// path \(gs://bucket/run\): its "
-                                         r"workers coordinate through a file lock"):
-        runner.run(None, "gs://bucket/run")
+    from tests.test_sweep import write_sweep_file
+
+    bucket = gcs.make_bucket("sweep-bucket")
+    config = write_sweep_file(tmp_path / "two.py", study="two", n_trials=3, plots=False)
+    env = dict(gcs.env, PYTHONPATH=REPO, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    logs = [open(tmp_path / f"worker{i}.log", "w+") for i in range(2)]
+    procs = [subprocess.Popen([*gcs.prefix, sys.executable, "-m", "experiments.sweep", f"--config={config}",
+                               f"--workdir=gs://{bucket}/sw"], cwd=REPO, env=env, stdout=logs[i],
+                              stderr=subprocess.STDOUT) for i in range(2)]
+    try:
+        for p in procs:
+            p.wait(timeout=600)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    outputs = []
+    for p, log in zip(procs, logs):
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outputs]
+    rows = list(csv.DictReader(io.StringIO(gcs.text(bucket, "sw/trials.csv"))))
+    assert sorted(r["number"] for r in rows) == ["0", "1", "2"] and {r["state"] for r in rows} == {"COMPLETE"}
+    names = gcs.names(bucket, "sw/")
+    assert {f"sw/trials/{n}/summary.json" for n in range(3)} <= set(names)
+    assert len({n.split("/")[1] for n in names if n.split("/")[1].startswith("teacher-")}) == 1
+    assert any(n.startswith("sw/journal/") for n in names)
+    assert not any(n.startswith(("sw/locks/", "sw/heartbeats/")) for n in names)  # released, removed
+    best = json.loads(gcs.text(bucket, "sw/best.json"))
+    assert best["finished"] and best["trials"] == {"COMPLETE": 3}
+    assert "sweep two: 3 trials, states complete 3" in outputs[0] + outputs[1]
+    assert all(re.search(r"trial \d \(gs://sweep-bucket/sw/trials/\d\)", o) for o in outputs)  # both ran trials
     _no_gs_folder(str(tmp_path))
+
+
+# Run in the emulator's namespace: the lock and journal of kdjax/sweep/bucket.py, against races.
+_LOCK_AND_JOURNAL = r"""
+import threading, time
+from kdjax.sweep import bucket
+url = "gs://lock-bucket/sw/locks/sweep.lock"
+bucket.touch(url)  # the lock object of a worker that died holding it
+fresh = bucket.BucketLock(url, refresh_s=0.2, stale_s=1.0)
+start = time.time()
+fresh.acquire()  # waits until the dead holder's lock is stale, then breaks it
+assert 1.0 <= time.time() - start < 10, time.time() - start
+other = bucket.BucketLock(url, refresh_s=0.2, stale_s=1.0)
+got = []
+waiter = threading.Thread(target=lambda: (other.acquire(), got.append(time.time())))
+waiter.start()
+time.sleep(2.5)  # > stale_s: the holder's refreshes keep a live lock from being broken
+assert not got
+released = time.time()
+fresh.release()
+waiter.join(10)
+assert got and got[0] >= released
+other.release()
+a, b = bucket.BucketJournal("gs://lock-bucket/sw/journal"), bucket.BucketJournal("gs://lock-bucket/sw/journal")
+def append(journal, tag):
+    for i in range(10):
+        journal.append_logs([{"by": tag, "i": i}, {"by": tag, "i": i, "second": True}])
+threads = [threading.Thread(target=append, args=(j, t)) for j, t in ((a, "a"), (b, "b"))]
+[t.start() for t in threads]
+[t.join() for t in threads]
+logs = list(bucket.BucketJournal("gs://lock-bucket/sw/journal").read_logs(0))
+assert len(logs) == 40 and list(a.read_logs(0)) == logs == list(b.read_logs(0))
+for tag in "ab":  # each append's records are adjacent and each writer's appends in its order
+    mine = [k for k, r in enumerate(logs) if r["by"] == tag]
+    assert [logs[k]["i"] for k in mine] == [i for i in range(10) for _ in range(2)]
+    assert all(mine[2 * j + 1] == mine[2 * j] + 1 for j in range(10))
+assert list(a.read_logs(38)) == logs[38:]
+print("ok")
+"""
+
+
+def test_bucket_lock_and_journal_under_races(gcs):
+    gcs.make_bucket("lock-bucket")
+    out = subprocess.run([*gcs.prefix, sys.executable, "-c", _LOCK_AND_JOURNAL], cwd=REPO,
+                         env=dict(gcs.env, PYTHONPATH=REPO), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_bucket_paths_refuse_appends():
+    from kdjax import paths
+
     with pytest.raises(ValueError, match="cannot append"):
         paths.open_file("gs://bucket/run/metrics.jsonl", "a")
     assert paths.absolute("gs://bucket/run") == "gs://bucket/run"

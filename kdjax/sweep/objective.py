@@ -7,16 +7,16 @@ import os
 
 from absl import logging
 
-from kdjax import runs, train
+from kdjax import paths, runs, train
 from kdjax.sweep import space, workers
 
 
 def _ensure_teacher(config, teacher_dir: str, locks: str) -> None:
     """Trains the shared teacher run once (other workers wait for it, then reuse it)."""
-    done = lambda: os.path.exists(os.path.join(teacher_dir, "teacher", "result.json"))  # noqa: E731
+    done = lambda: paths.exists(os.path.join(teacher_dir, "teacher", "result.json"))  # noqa: E731
     if done():
         return
-    with workers.FileLock(os.path.join(locks, os.path.basename(teacher_dir) + ".lock")):
+    with workers.lock(os.path.join(locks, os.path.basename(teacher_dir.rstrip("/")) + ".lock")):
         if done():
             return
         logging.info("training the teacher %s (shared by every trial with its teacher-relevant fields)", teacher_dir)
@@ -39,7 +39,7 @@ class Objective:
     """Optuna objective: one kdjax run per trial. Entered with the sweep lock held; releases it
     once the trial has its parameters and worker (so trial creation is serialised)."""
 
-    def __init__(self, p: space.Sweep, workdir: str, lock: workers.FileLock, heartbeat_s: float):
+    def __init__(self, p: space.Sweep, workdir: str, lock, heartbeat_s: float):
         self.p, self.workdir, self.lock, self.heartbeat_s = p, workdir, lock, heartbeat_s
         self.interrupted: BaseException | None = None
 
@@ -53,9 +53,9 @@ class Objective:
             run_dir = os.path.join(self.workdir, "trials", str(number))
             config, teacher_config, teacher_dir = self.p.configs(params, self.workdir)
             trial.set_user_attr(workers.WORKER, workers.this_worker())
-            trial.set_user_attr("run_dir", os.path.relpath(run_dir, self.workdir))
+            trial.set_user_attr("run_dir", paths.relpath(run_dir, self.workdir))
             if teacher_dir:
-                trial.set_user_attr("teacher_dir", os.path.relpath(teacher_dir, self.workdir))
+                trial.set_user_attr("teacher_dir", paths.relpath(teacher_dir, self.workdir))
         finally:
             self.lock.release()
         what = f"retry of trial {number}, resuming {run_dir}" if number != trial.number else run_dir

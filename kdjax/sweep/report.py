@@ -13,13 +13,16 @@ import warnings
 
 from absl import logging
 
-from kdjax import runs
+from kdjax import paths, runs
 from kdjax.sweep import space, workers
 
 
 def write_text(path: str, text: str) -> None:
     """Replaces the sweep folder's file `path` atomically (the temporary file is this process's own:
-    every worker writes the outputs, under the sweep lock)."""
+    every worker writes the outputs, under the sweep lock); in a bucket, one object write."""
+    if paths.is_remote(path):
+        paths.write_text(path, text)
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
@@ -43,7 +46,7 @@ def _best_config_text(p: space.Sweep, trial, workdir: str) -> str:
         overrides["teacher.checkpoint"] = teacher_dir
     lines.append("}")
     run_dir = os.path.join(workdir, trial.user_attrs.get("run_dir", f"trials/{workers.root_number(trial)}"))
-    trial_config = os.path.abspath(os.path.join(run_dir, "config.json"))
+    trial_config = paths.absolute(os.path.join(run_dir, "config.json"))
     doc = (f'"""Best trial of the sweep {p.study!r}: trial {trial.number}, {p.objective} validation accuracy {trial.value:.4f}\n'
            f"(the accuracy of its selected, best-validation epoch). Written by kdjax.sweep.\n\n"
            f"    python -m experiments.digits --config={os.path.join(workdir, 'best_config.py')}\n\n"
@@ -187,9 +190,8 @@ def write_plots(p: space.Sweep, study, workdir: str, n_complete: int) -> list[st
                 ax.set_ylabel(f"{p.objective} val accuracy (selected epoch)")
             if name == "slice.png":
                 fig.set_size_inches(1.5 + 4.0 * len(p.params), 4.8)
-            tmp = os.path.join(workdir, f".{name}.tmp{os.getpid()}.png")
-            fig.savefig(tmp, dpi=100, bbox_inches="tight")  # not tight_layout: it clashes with colour bars
-            os.replace(tmp, os.path.join(workdir, name))
+            # not tight_layout: it clashes with colour bars
+            paths.save_figure(fig, os.path.join(workdir, name), dpi=100, bbox_inches="tight")
             plt.close(fig)
             written.append(name)
         except Exception as e:  # noqa: BLE001 - a plot must never fail the sweep

@@ -74,6 +74,10 @@ def make_storage(storage: str | None, workdir: str):
 
     if storage:
         return optuna.storages.RDBStorage(storage)
+    if paths.is_remote(workdir):  # no appends in a bucket: one conditionally created object per append
+        from kdjax.sweep import bucket
+
+        return bucket.journal_storage(os.path.join(workdir, "journal"))
     from optuna.storages.journal import JournalFileBackend
 
     return optuna.storages.JournalStorage(JournalFileBackend(os.path.join(workdir, "journal.log")))
@@ -83,19 +87,17 @@ def run(sweep_config, workdir: str | None = None, storage: str | None = None, re
         heartbeat_s: float = 30.0) -> dict:
     """Runs this worker's share of the sweep (or, with `report_only`, only rewrites the outputs);
     returns the content of best.json. Bad input: one-line ValueError, nothing written."""
-    paths.refuse_remote(workdir, "a sweep's --workdir", "its workers coordinate through a file lock, an "
-                        "appended Optuna journal and heartbeat files, which a bucket cannot hold (no locks, no "
-                        "appends); give it a local or shared POSIX folder")
     import optuna
 
     p = space.parse(sweep_config)
     check_storage(storage)
     workdir = workdir or default_workdir(p.study)
+    paths.check_workdir(workdir)
     check_workdir(p, workdir)
-    if report_only and not os.path.exists(os.path.join(workdir, "sweep.json")):
+    if report_only and not paths.exists(os.path.join(workdir, "sweep.json")):
         raise ValueError(f"no sweep in {workdir} (no sweep.json) to report on")
-    os.makedirs(workdir, exist_ok=True)
-    lock = workers.FileLock(os.path.join(workdir, "locks", "sweep.lock"))
+    paths.makedirs(workdir)
+    lock = workers.lock(os.path.join(workdir, "locks", "sweep.lock"))
     with lock:
         saved = runs.read_json(os.path.join(workdir, "sweep.json"), {})
         if saved.get("n_trials") not in (None, p.n_trials) and not report_only:
@@ -104,7 +106,8 @@ def run(sweep_config, workdir: str | None = None, storage: str | None = None, re
             p.n_trials = int(saved.get("n_trials", p.n_trials))
         else:
             report.write_text(os.path.join(workdir, "sweep.json"), json.dumps(
-                {"setup": space.roundtrip(p.setup()), "n_trials": p.n_trials, "storage": storage or "journal.log"},
+                {"setup": space.roundtrip(p.setup()), "n_trials": p.n_trials,
+                 "storage": storage or ("journal/" if paths.is_remote(workdir) else "journal.log")},
                 indent=2, sort_keys=True))
         study = optuna.create_study(storage=make_storage(storage, workdir), study_name=p.study, direction="maximize",
                                     load_if_exists=True, sampler=make_sampler(p, 0), pruner=make_pruner(p))

@@ -20,7 +20,7 @@ import ml_collections
 from absl import logging
 
 from kdjax import config as kconfig
-from kdjax import runs
+from kdjax import paths, runs
 
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "hyperband")
@@ -271,7 +271,7 @@ class Sweep:
         teacher_params = {k: v for k, v in params.items() if not student_only(k)} if self.teacher_sharing == "auto" else {}
         teacher = apply(self.base, teacher_params, "search space entry")
         teacher.stages = "teacher"
-        teacher_dir = os.path.abspath(os.path.join(workdir, f"teacher-{digest(teacher_identity(teacher))}"))
+        teacher_dir = paths.absolute(os.path.join(workdir, f"teacher-{digest(teacher_identity(teacher))}"))
         config.teacher.checkpoint = teacher_dir
         return config, teacher, teacher_dir
 

@@ -21,10 +21,21 @@ from typing import TYPE_CHECKING
 
 from absl import logging
 
+from kdjax import paths
+
 if TYPE_CHECKING:
     from kdjax.sweep.space import Sweep
 
 WORKER = "kdjax_worker"  # user attr of a RUNNING trial: which process runs it
+
+
+def lock(path: str):
+    """The sweep folder's exclusive lock `path`: a `FileLock`, or in a bucket a `bucket.BucketLock`."""
+    if paths.is_remote(path):
+        from kdjax.sweep import bucket
+
+        return bucket.BucketLock(path)
+    return FileLock(path)
 
 
 class FileLock:
@@ -104,20 +115,37 @@ class Heartbeat:
         self.interval, self._stop = interval, threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
+    def _touch(self):
+        if paths.is_remote(self.path):
+            from kdjax.sweep import bucket
+
+            bucket.touch(self.path)
+        else:
+            os.utime(self.path)
+
     def _beat(self):
         while not self._stop.wait(self.interval):
-            with contextlib.suppress(OSError):
-                os.utime(self.path)
+            with contextlib.suppress(Exception):  # a missed beat is retried at the next interval
+                self._touch()
 
     def __enter__(self):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        open(self.path, "a").close()
+        if paths.is_remote(self.path):
+            self._touch()
+        else:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            open(self.path, "a").close()
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+        if paths.is_remote(self.path):
+            from kdjax.sweep import bucket
+
+            with contextlib.suppress(Exception):
+                bucket.delete(self.path)
+            return
         with contextlib.suppress(OSError):
             os.remove(self.path)
 
@@ -140,10 +168,15 @@ def _stale(p: Sweep, workdir: str, trial) -> str | None:
     if worker.get("ns") == _namespace():
         return None if _alive(worker) else f"its worker (pid {worker['pid']}) is gone"
     beat = os.path.join(workdir, "heartbeats", str(trial.number))
-    try:
-        age = time.time() - os.path.getmtime(beat)
-    except OSError:
-        age = float("inf")
+    if paths.is_remote(beat):
+        from kdjax.sweep import bucket
+
+        age = bucket.age(beat)
+    else:
+        try:
+            age = time.time() - os.path.getmtime(beat)
+        except OSError:
+            age = float("inf")
     if age > p.stale_after_s:
         return f"no heartbeat from its worker ({worker.get('host')}, pid {worker.get('pid')}) for {age:.0f} s"
     return None
