@@ -149,10 +149,12 @@ def relaunch() -> None:
         sys.exit(2)
 
 
-def run_main(default_config: str | None = None, runner=None, show=None) -> None:
+def run_main(default_config: str | None = None, runner=None, show=None, workdir_of=None, report: bool = True) -> None:
     """absl main of an entry point: defines --config (a config file, `default_config` if given),
     runs `runner(config, workdir, overwrite=...)` (default kdjax.train.run) and prints `show(result,
-    workdir)` (default: the comparison table). User errors -> one line, exit 2."""
+    workdir)` (default: the comparison table). The default workdir is `workdir_of(config, config
+    path)` (default: `default_workdir`); `report`: the end-of-run evaluation report where the config
+    asks for it. User errors -> one line, exit 2."""
     relaunch()
     try:  # config_flags applies --config.* overrides while defining the flag
         config_flag = config_flags.DEFINE_config_file(
@@ -183,7 +185,7 @@ def run_main(default_config: str | None = None, runner=None, show=None) -> None:
 
         try:  # the config file is loaded lazily: its errors surface on first use
             config = config_flag.value
-            workdir = _WORKDIR.value or default_workdir(config, flags.FLAGS["config"].config_filename)
+            workdir = _WORKDIR.value or (workdir_of or default_workdir)(config, flags.FLAGS["config"].config_filename)
         except Exception as e:  # noqa: BLE001 - the config file failed to load
             _fail(e, default_config)
         try:
@@ -207,7 +209,7 @@ def run_main(default_config: str | None = None, runner=None, show=None) -> None:
         else:
             print(train.format_table(summary))
             print(f"summary: {os.path.join(workdir, 'cv.json' if config.dataset.get('folds') else 'summary.json')}")
-        if config.get("log", {}).get("report", True) and not config.dataset.get("folds"):
+        if report and config.get("log", {}).get("report", True) and not config.dataset.get("folds"):
             _report(workdir)
 
     app.run(main, flags_parser=parse_flags)

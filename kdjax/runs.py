@@ -110,10 +110,10 @@ def run_identity(config) -> dict:
     return {k: v for k, v in flatten_dict(config).items() if kept(k)}
 
 
-def prepare_workdir(config, workdir: str, overwrite: bool) -> None:
+def prepare_workdir(config, workdir: str, overwrite: bool, identity=run_identity) -> None:
     """Creates `workdir` or checks that it holds a run of this very config (then it resumes).
 
-    Configs are compared by `run_identity`. A field that exists on one side only (added to or
+    Configs are compared by `identity` (`run_identity`: an image run's). A field that exists on one side only (added to or
     removed from kdjax since the run started) does not block a resume; it is logged. A workdir
     holding another config is refused; with `overwrite` it is renamed aside to
     `<workdir>.replaced-<time>` (never deleted) and a fresh run starts.
@@ -124,7 +124,7 @@ def prepare_workdir(config, workdir: str, overwrite: bool) -> None:
     saved = read_json(path)
     agree("answers to 'is there a run (config.json)?'", saved is not None, workdir)
     if saved is not None:
-        old, new = run_identity(saved), run_identity(resolved)
+        old, new = identity(saved), identity(resolved)
         changed = sorted(k for k in set(old) & set(new) if old[k] != new[k])
         if changed and not overwrite:
             raise ValueError(
