@@ -243,3 +243,73 @@ def test_preprocessing_spec():
     want = (128 / 255 - np.array(spec.mean)) / np.array(spec.std)
     np.testing.assert_allclose(np.asarray(x)[0, 100, 100], want, rtol=1e-5)
     assert "centre crop 224" in spec.describe()
+
+
+# ---------------------------------------------------------------- config.<role>.weights, end to end
+
+def _cifar_like(n_train=32, n_test=16, classes=10):
+    from kdjax import data as kdata
+    rng = np.random.RandomState(3)
+    split = lambda n: kdata.Split(rng.randint(0, 256, (n, 32, 32, 3)).astype(np.uint8),  # noqa: E731
+                                  (np.arange(n) % classes).astype(np.int32))
+    return kdata.Dataset("cifar10", split(n_train), None, split(n_test), classes, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
+
+
+def test_weights_start_the_teacher_and_the_student(weights_dir, tmp_path, monkeypatch):
+    """teacher.weights with teacher.epochs=0: the imported 10-class torchvision ResNet-18 is the
+    teacher as it is (its test accuracy is torch's on the same normalised images; no teacher stage);
+    student.weights: the student starts from the 1000-class ResNet-18 weights with a new 10-class head,
+    here with its body frozen (optimizer.freeze), so after training it still holds them exactly."""
+    from kdjax import optim, train
+    from tests.test_train import final_params, tiny_digits_config
+
+    torch.manual_seed(5)
+    teacher = torchvision.models.resnet18(num_classes=10).eval()
+    teacher_path = str(tmp_path / "teacher10.safetensors")
+    safetensors_torch.save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, teacher_path)
+    student_path = _save("torchvision/resnet18", weights_dir)
+    ds = _cifar_like()
+    monkeypatch.setattr(train, "load_dataset", lambda ds_cfg, seed: ds)
+    config = tiny_digits_config(**{
+        "dataset.name": "cifar10", "stages": "teacher,student", "batch_size": 16,
+        "teacher.model": "resnet18_imagenet", "teacher.weights": teacher_path, "teacher.epochs": 0,
+        "student.model": "resnet18_imagenet", "student.weights": student_path, "optimizer.freeze": "^(?!fc/)"})
+    workdir = str(tmp_path / "run")
+    summary = train.run(config, workdir)
+
+    t = summary["teacher"]
+    assert t["weights_arch"] == "torchvision/resnet18" and "centre crop 224" in t["weights_preprocess"]
+    assert not os.path.exists(os.path.join(workdir, "teacher"))  # no teacher stage ran
+    x = (ds.test.images / 255.0 - np.array(ds.mean)) / np.array(ds.std)
+    with torch.no_grad():
+        torch_pred = teacher(torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float32))).argmax(-1).numpy()
+    assert t["test_accuracy"] == pytest.approx(np.mean(torch_pred == ds.test.labels))
+
+    _, params = final_params(workdir, "student")
+    _, imported = pretrained.load(student_path)
+    flat_new = optim.flat_paths({"params": params["student"]})
+    flat_src = optim.flat_paths({"params": imported["params"]})
+    assert flat_new["params/fc/kernel"].shape == (512, 10)
+    for path, value in flat_new.items():
+        if not path.startswith("params/fc/"):
+            np.testing.assert_array_equal(value, flat_src[path], err_msg=path)
+    assert summary["student"]["epochs"] == 1
+
+
+def test_weights_config_errors_are_one_line(weights_dir, tmp_path):
+    from kdjax import config as kconfig
+    from tests.test_train import tiny_digits_config
+
+    path = _save("torchvision/resnet18", weights_dir)
+    cases = [
+        ({"teacher.weights": path}, r"holds torchvision/resnet18 weights, which load into kdjax's 'resnet18_imagenet'; "
+                                    r"set config.teacher.model=resnet18_imagenet"),
+        ({"teacher.model": "resnet18_imagenet", "teacher.weights": path, "teacher.checkpoint": str(tmp_path)},
+         "config.teacher.weights and config.teacher.checkpoint both give the teacher"),
+        ({"teacher.epochs": 0}, r"config.teacher.epochs must be > 0, got 0 \(0 only with config.teacher.weights"),
+        ({"student.model": "resnet18_imagenet", "student.weights": str(tmp_path / "nope.pth")}, "no weights file"),
+    ]
+    for overrides, match in cases:
+        with pytest.raises(ValueError, match=match) as e:
+            kconfig.validate(tiny_digits_config(**overrides))
+        assert "\n" not in str(e.value)

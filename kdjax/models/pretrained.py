@@ -249,6 +249,8 @@ def _vit_table() -> Table:
 TABLES: dict[str, Callable[[], Table]] = {"resnet": _resnet_table, "mobilenet_v2": _mobilenet_v2_table,
                                           "vit": _vit_table}
 HEADS = {"resnet": "fc.weight", "mobilenet_v2": "classifier.1.weight", "vit": "head.weight"}
+# The kdjax variables of the classifiers above (and DeiT's second head), by path below params/batch_stats
+HEADS_REGEX = r"^(fc|head|head_dist)/"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,6 +272,12 @@ class _Storage:
 
 
 def _rebuild_tensor(storage, offset, size, stride, *_):
+    size, stride = tuple(int(n) for n in size), tuple(int(n) for n in stride)
+    if (offset < 0 or len(size) != len(stride) or any(n < 0 for n in size) or any(s < 0 for s in stride)
+            or (0 not in size and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= len(storage))):
+        raise ValueError(f"a tensor of size {size}, stride {stride} at offset {offset} outside its storage")
+    if 0 in size:
+        return np.zeros(size, storage.dtype)
     if not size:
         return np.array(storage[offset])
     item = storage.itemsize
