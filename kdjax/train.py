@@ -430,6 +430,10 @@ class Stage:
                                                              self.ds.mean, self.ds.std, batch=self.config.throughput_batch),
             "terms": {t.name: t.weight for t in self.terms},
         }
+        heads = inference.head_accuracies(self.model, best_vars, self.ds.test.images, self.ds.test.labels,
+                                          self.ds.mean, self.ds.std, self.config.eval_batch_size)
+        if heads:  # a distilled ViT: each head alone and both (the selected model)
+            result.update(heads)
         if self.ds.val is not None:
             result["val_accuracy"] = hist[-1]["val_accuracy"]
             result["selected_val_accuracy"] = best["val_accuracy"]

@@ -19,6 +19,8 @@ from kdjax import distill, runs
 
 # config -> (default workdir name, sha256[:12] of its run identity)
 PINNED = {
+    "cifar100_resnet32x4_deit_tiny": ("cifar100_resnet32x4_deit_tiny-deit-s0-0e9c409c", "e4527a5cba65"),
+    "cifar100_vit_tiny_resnet8x4": ("cifar100_vit_tiny_resnet8x4-kd-s0-2d3a48a2", "8188f446fc9b"),
     "cifar100_resnet32x4_mobilenetv2_half": ("cifar100_resnet32x4_mobilenetv2_half-kd-s0-a1352424", "98b0cb7afc6e"),
     "cifar100_resnet32x4_resnet8x4": ("cifar100_resnet32x4_resnet8x4-kd-s0-4ef0dbbb", "130fcc742dfd"),
     "cifar100_resnet32x4_shufflev1": ("cifar100_resnet32x4_shufflev1-kd-s0-486a30fa", "6754178f8c82"),
@@ -45,6 +47,7 @@ DIGITS_METHODS = {
     "vid": "1388925d", "reviewkd": "1388925d", "kdsvd": "07005106", "fsp": "fb33107b", "ab": "9610a502",
     "ft": "cf00f91f", "rkd": "c35795b4", "pkt": "c35795b4", "cc": "c35795b4", "crd": "c35795b4",
     "adv": "c35795b4", "ce": "c35795b4",
+    "deit": "55c3baf4",  # a small distilled ViT student (Method.vit_student)
 }
 
 

@@ -192,7 +192,8 @@ SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
 
 
 def vit(size: str, patch_size: int = 16, image_size: int = 224, distilled: bool = False, **kw) -> ViT:
-    """ViT-Ti / S / B (``size`` 'tiny', 'small', 'base'), depth 12."""
+    """ViT-Ti / S / B (``size`` 'tiny', 'small', 'base'), depth 12; kwargs (embed_dim, depth,
+    num_heads, ...) override them (config.<role>.kwargs: e.g. a smaller ViT for a quick run)."""
     d, h = SIZES[size]
-    return ViT(patch_size=patch_size, image_size=image_size, embed_dim=d, depth=12, num_heads=h,
-               distilled=distilled, **kw)
+    kw = {"embed_dim": d, "depth": 12, "num_heads": h, **kw}
+    return ViT(patch_size=patch_size, image_size=image_size, distilled=distilled, **kw)
