@@ -430,6 +430,11 @@ class Stage:
                                                              self.ds.mean, self.ds.std, batch=self.config.throughput_batch),
             "terms": {t.name: t.weight for t in self.terms},
         }
+        if self.weights:  # the torchvision / timm weights the stage started from, and their preprocessing
+            from kdjax.models import pretrained
+            arch = pretrained.arch_of(self.weights, self.config[self.kind.model].get("weights_arch") or None)
+            result.update(weights=paths.absolute(self.weights), weights_arch=arch.name,
+                          weights_preprocess=arch.preprocess.describe())
         heads = inference.head_accuracies(self.model, best_vars, self.ds.test.images, self.ds.test.labels,
                                           self.ds.mean, self.ds.std, self.config.eval_batch_size)
         if heads:  # a distilled ViT: each head alone and both (the selected model)

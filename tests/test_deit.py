@@ -37,6 +37,10 @@ def test_deit_hard_distillation_trains_a_two_head_vit(tmp_path):
     assert all(0.0 <= v <= 1.0 for v in heads.values())
     # the model's logits are the mean of the two heads': its selected-epoch accuracy is that one
     assert s["selected_test_accuracy"] == pytest.approx(heads["test_accuracy_heads_logit_mean"])
+    from kdjax import evaluate  # the evaluation report shows them too
+    rep = evaluate.report(workdir, latency_calls=20, plots=False)
+    assert next(r for r in rep["models"] if r["name"] == "student")["heads"] == heads
+    assert "Two heads (DeiT): test accuracy of the class head" in open(f"{workdir}/report.md").read()
     rows = read_metrics(workdir, "student")
     values = [r["loss/deit"] for r in rows if "loss/deit" in r]
     assert values and np.all(np.isfinite(values)) and np.mean(values[-3:]) < np.mean(values[:3])  # it learns
@@ -71,3 +75,31 @@ def test_vit_pair_smoke_runs(name, tmp_path):
         assert "test_accuracy_dist" in summary["student"] and "test_accuracy_cls" in summary["student_scratch"]
     else:
         assert summary["student"]["terms"] == {"ce": 0.1, "kd": 0.9}
+
+
+def test_deit_term_soft_mixup_and_dkd_on_the_distillation_head():
+    """The deit term is losses.deit on (logits_cls, logits_dist) vs the teacher's logits, with the
+    configured label smoothing; under mixup the class head's CE is split between the two labels;
+    another logit method can read the distillation head (dkd.student=logits_dist)."""
+    import jax
+    from kdjax import losses
+    rng = np.random.default_rng(0)
+    s = {k: 3 * rng.standard_normal((6, 10)).astype(np.float32) for k in ("logits", "logits_cls", "logits_dist")}
+    t = {"logits": 3 * rng.standard_normal((6, 10)).astype(np.float32)}
+    y = rng.integers(0, 10, 6).astype(np.int32)
+    cfg = _config("soft", **{"distill.deit.tau": 2.0}).distill.to_dict()
+    terms = distill.build_terms(cfg, label_smoothing=0.1)
+    d = distill.Distiller(terms)
+    ctx = distill.Context(labels=y, train=False, indices=np.arange(6, dtype=np.int32), rng=jax.random.key(0))
+    got = d.apply({}, s, t, ctx)["deit"]
+    want = losses.deit(s["logits_cls"], s["logits_dist"], t["logits"], y, "soft", 0.5, 2.0, 0.1)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    perm, lam = np.array([1, 0, 3, 2, 5, 4]), np.float32(0.3)
+    mixed = d.apply({}, s, t, distill.Context(labels=y, train=False, indices=np.arange(6, dtype=np.int32),
+                                               rng=jax.random.key(0), mix_perm=perm, mix_lam=lam))["deit"]
+    np.testing.assert_allclose(mixed, lam * want + (1 - lam) * losses.deit(
+        s["logits_cls"], s["logits_dist"], t["logits"], y[perm], "soft", 0.5, 2.0, 0.1), rtol=1e-6)
+    both = distill.build_terms(_config("hard", **{"distill.method": "deit+dkd",
+                                                  "distill.dkd.student": "logits_dist"}).distill.to_dict())
+    assert [(x.name, x.student) for x in both] == [("ce", ("logits",)), ("deit", ("logits_cls", "logits_dist")),
+                                                  ("dkd", ("logits_dist",))]

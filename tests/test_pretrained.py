@@ -294,6 +294,7 @@ def test_weights_start_the_teacher_and_the_student(weights_dir, tmp_path, monkey
         if not path.startswith("params/fc/"):
             np.testing.assert_array_equal(value, flat_src[path], err_msg=path)
     assert summary["student"]["epochs"] == 1
+    assert summary["student"]["weights_arch"] == "torchvision/resnet18"
 
 
 def test_weights_config_errors_are_one_line(weights_dir, tmp_path):
