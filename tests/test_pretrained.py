@@ -314,3 +314,17 @@ def test_weights_config_errors_are_one_line(weights_dir, tmp_path):
         with pytest.raises(ValueError, match=match) as e:
             kconfig.validate(tiny_digits_config(**overrides))
         assert "\n" not in str(e.value)
+
+
+def test_imported_teacher_of_other_classes_is_refused(weights_dir, tmp_path, monkeypatch):
+    """A teacher used as it is must classify the data set's classes (1000 ImageNet classes here, 10
+    in the data): one line, before the workdir is touched."""
+    from kdjax import train
+    from tests.test_train import tiny_digits_config
+
+    monkeypatch.setattr(train, "load_dataset", lambda ds_cfg, seed: _cifar_like())
+    config = tiny_digits_config(**{"dataset.name": "cifar10", "teacher.model": "resnet18_imagenet",
+                                   "teacher.weights": _save("torchvision/resnet18", weights_dir), "teacher.epochs": 0})
+    with pytest.raises(ValueError, match="classifies 1000 classes and cifar10 has 10: a teacher used as it is") as e:
+        train.run(config, str(tmp_path / "run"))
+    assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "run")
