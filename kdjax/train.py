@@ -2,7 +2,8 @@
 
 A run has up to three stages, each one model trained to completion (`config.stages`):
 
-    teacher          the teacher from labels (or loaded from `config.teacher.checkpoint`)
+    teacher          the teacher from labels (or loaded from `config.teacher.checkpoint`, or
+                     `config.teacher.weights` with teacher.epochs=0: imported weights as they are)
     student          the student distilled from the teacher (`config.distill`)
     student_scratch  the same student from labels only: the baseline
 
@@ -636,7 +637,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, on_ep
         teachers.insert(0, model)
         teacher_vars.insert(0, variables)
     elif kconfig.imported_teacher(config):  # torchvision / timm weights used as they are: no teacher stage
-        model, variables, reused["teacher"] = imported_teacher(config, dataset, dtype)
+        model, variables, reused["teacher"] = load_imported_teacher(config, dataset, dtype)
         teachers.insert(0, model)
         teacher_vars.insert(0, variables)
     loaded_teacher = bool(config.teacher.checkpoint) or kconfig.imported_teacher(config)
@@ -681,7 +682,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, on_ep
     return summary
 
 
-def imported_teacher(config, dataset: kdata.Dataset, dtype) -> tuple[Any, dict, dict]:
+def load_imported_teacher(config, dataset: kdata.Dataset, dtype) -> tuple[Any, dict, dict]:
     """config.teacher.weights as the teacher, untrained (teacher.epochs=0): (Linen model, variables,
     result). The weights' classifier must fit the data set's classes (a one-line ValueError
     otherwise). The result has the model, the weights' file and architecture, the preprocessing

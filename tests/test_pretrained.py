@@ -180,6 +180,13 @@ def test_bad_files_stop_with_one_line(weights_dir, tmp_path):
     tpth = tmp_path / "truncated.pth"
     tpth.write_bytes(open(pth, "rb").read()[:100_000])
     _one_line_error("truncated or corrupt", str(tpth))
+    import zipfile  # an intact zip whose pickle stream is cut short: corrupt, not "needs pickle"
+    cut = tmp_path / "cut_pickle.pth"
+    with zipfile.ZipFile(pth) as src, zipfile.ZipFile(cut, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            dst.writestr(info, data[: len(data) // 2] if info.filename.endswith("data.pkl") else data)
+    _one_line_error("truncated or corrupt torch file", str(cut))
 
     # a .pth that needs pickle: an argparse.Namespace beside the weights (and a whole pickled module)
     sd = _torch_model("torchvision/resnet18").state_dict()

@@ -4,8 +4,8 @@
     module, variables = kdjax.models.pretrained.load("deit_s.pth", "timm/deit_small_patch16_224")
     logits = module.apply(variables, images, train=False)   # images: ARCHS[arch].preprocess(...)
 
-Files: ``.safetensors`` (the ``safetensors`` package, ``kdjax[pretrained]``), or ``.pth`` / ``.pt``
-as ``torch.save`` writes them (a zip holding a pickle), read WITHOUT torch by a weights-only
+Files: ``.safetensors`` (the ``safetensors`` package, ``kdjax[pretrained]``), or ``.pth`` / ``.pt`` /
+``.bin`` as ``torch.save`` writes them (a zip holding a pickle), read WITHOUT torch by a weights-only
 unpickler (`read_pth`): like ``torch.load(weights_only=True)`` it rebuilds tensors, dicts, lists
 and numbers and refuses every other object, so no pickled code runs. A checkpoint that wraps the
 state dict (``{'model': ...}``, ``{'state_dict': ...}``) or prefixes it (``module.``) is unwrapped.
@@ -288,13 +288,17 @@ def _rebuild_parameter(data, *_):
     return data
 
 
+class _Refused(pickle.UnpicklingError):
+    """A pickle names an object that is not a tensor, a dict, a list or a number."""
+
+
 class _StateDict(dict):
     """collections.OrderedDict as torch pickles a state dict (with a ``_metadata`` attribute)."""
 
 
 class _WeightsOnlyUnpickler(pickle.Unpickler):
     """Rebuilds tensors (as numpy arrays), dicts, lists, tuples, strings and numbers; any other
-    class or function the pickle names is refused (an UnpicklingError), so no pickled code runs."""
+    class or function the pickle names is refused (`_Refused`), so no pickled code runs."""
     ALLOWED = {("collections", "OrderedDict"): _StateDict, ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
                ("torch._utils", "_rebuild_parameter"): _rebuild_parameter}
 
@@ -307,12 +311,12 @@ class _WeightsOnlyUnpickler(pickle.Unpickler):
             return self.ALLOWED[(module, name)]
         if module == "torch" and name in _Storage.DTYPES:
             return _Storage(name)
-        raise pickle.UnpicklingError(f"{module}.{name}")
+        raise _Refused(f"{module}.{name}")
 
     def persistent_load(self, pid):
         kind, storage_type, key, _location, numel = pid
         if kind != "storage" or not isinstance(storage_type, _Storage):
-            raise pickle.UnpicklingError(f"persistent id {kind!r}")
+            raise _Refused(f"persistent id {kind!r}")
         if key not in self.storages:
             raw = self.zf.read(f"{self.prefix}data/{key}")
             self.storages[key] = np.frombuffer(raw, storage_type.dtype, count=numel)
@@ -339,11 +343,12 @@ def read_pth(path: str) -> dict[str, np.ndarray]:
             pass
         try:
             obj = _WeightsOnlyUnpickler(io.BytesIO(zf.read(pkl[0])), zf, prefix).load()
-        except pickle.UnpicklingError as e:
+        except _Refused as e:
             raise ValueError(f"{path}: needs pickle to load (it holds the Python object {e}, not only tensors); kdjax "
                              "reads .pth files weights-only: save model.state_dict() or a .safetensors file") from None
-        except (zipfile.BadZipFile, EOFError, KeyError, ValueError, OSError) as e:
-            raise ValueError(f"{path}: truncated or corrupt torch file ({type(e).__name__}: {e})") from None
+        except Exception as e:  # noqa: BLE001 - whatever a damaged or hostile pickle raises: one line
+            raise ValueError(f"{path}: truncated or corrupt torch file ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
     return obj
 
 
@@ -371,9 +376,10 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     elif ext in (".pth", ".pt", ".bin"):
         sd = read_pth(path)
     else:
-        raise ValueError(f"{path}: unknown weights file type {ext!r}; use .safetensors, .pth or .pt")
+        raise ValueError(f"{path}: unknown weights file type {ext!r}; use .safetensors, .pth, .pt or .bin "
+                         "(a torch.save file)")
     for wrapper in ("model", "state_dict", "module"):
-        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict) and not isinstance(sd.get(wrapper), np.ndarray):
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
             break
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, np.ndarray) for v in sd.values()):
