@@ -90,7 +90,7 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
         m = ml_collections.ConfigDict()
         m.model = ""  # a kdjax.models.MODELS name, e.g. cnn_small, resnet18, mobilenetv2
         m.kwargs = ml_collections.ConfigDict()  # extra constructor arguments of the model
-        m.dropout = 0.0  # dropout rate, for the models that have it (mlp, cnn_small, cnn_tiny, wrn_*)
+        m.dropout = 0.0  # dropout rate, for the models that have it (mlp, cnn_small, cnn_tiny, wrn_*, mobilenetv2*, the ViTs)
         m.epochs = 1  # this stage's training epochs (student: also student_scratch's)
         # This stage's (peak) learning rate = optimizer.learning_rate x this scale, so a changed
         # optimizer or optimizer.learning_rate reaches every stage and keeps their ratio.
@@ -364,7 +364,7 @@ def validate(config) -> None:
             raise ValueError(f"config.{role}.dropout must be in [0, 1), got {rate}")
         if rate and "dropout" not in {f.name for f in dataclasses.fields(models.get_model(config[role].model, 2))}:
             raise ValueError(f"config.{role}.dropout={rate}: model {config[role].model!r} has no dropout; models with "
-                             f"dropout: mlp, cnn_small, cnn_tiny, wrn_*")
+                             f"dropout: mlp, cnn_small, cnn_tiny, wrn_*, mobilenetv2*, vit_* / deit_*")
         if config[role].epochs <= 0 and not (role == "teacher" and imported_teacher(config)):
             raise ValueError(f"config.{role}.epochs must be > 0, got {config[role].epochs}"
                              + (" (0 only with config.teacher.weights: the imported teacher used as it is)"
