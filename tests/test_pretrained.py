@@ -92,7 +92,8 @@ def _kdjax_logits(module, variables, x_nchw):
 @pytest.mark.parametrize("arch", list(BUILD))
 def test_logits_match_torch(arch, weights_dir):
     """Eval-mode logits of the loaded model equal torch's: rtol 1e-4 in float32 (and atol 1e-5 of the
-    largest logit, for the logits near 0: float32 sums in another order differ by that), batch 2. The torchvision ResNet-18 goes through a .pth file, the rest through
+    largest logit, for the logits near 0: float32 sums in another order differ by that), batch 2.
+    The torchvision ResNet-18 goes through a .pth file (kdjax's weights-only reader), the rest through
     .safetensors; the architecture is inferred from the keys except for timm's resnet50 (torchvision's
     keys), which is named."""
     path = _save(arch, weights_dir, "pth" if arch == "torchvision/resnet18" else "safetensors")
