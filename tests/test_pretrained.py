@@ -336,3 +336,16 @@ def test_imported_teacher_of_other_classes_is_refused(weights_dir, tmp_path, mon
     with pytest.raises(ValueError, match="classifies 1000 classes and cifar10 has 10: a teacher used as it is") as e:
         train.run(config, str(tmp_path / "run"))
     assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "run")
+
+
+def test_half_precision_files_load_as_float32(weights_dir, tmp_path):
+    """bfloat16 (.pth, .safetensors) and float16 weights are read and converted to float32."""
+    sd = _torch_model("torchvision/mobilenet_v2").state_dict()
+    half = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    safetensors_torch.save_file(half, str(tmp_path / "bf16.safetensors"))
+    torch.save({k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}, tmp_path / "fp16.pth")
+    _, full = pretrained.load(_save("torchvision/mobilenet_v2", weights_dir))
+    for path, dtype in ((tmp_path / "bf16.safetensors", jnp.bfloat16), (tmp_path / "fp16.pth", jnp.float16)):
+        _, variables = pretrained.load(str(path))
+        assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(variables))
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b.astype(dtype).astype(jnp.float32)), variables, full)
