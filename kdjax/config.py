@@ -90,11 +90,18 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
         m = ml_collections.ConfigDict()
         m.model = ""  # a kdjax.models.MODELS name, e.g. cnn_small, resnet18, mobilenetv2
         m.kwargs = ml_collections.ConfigDict()  # extra constructor arguments of the model
-        m.dropout = 0.0  # dropout rate, for the models that have it (mlp, cnn_small, cnn_tiny, wrn_*)
+        m.dropout = 0.0  # dropout rate, for the models that have it (mlp, cnn_small, cnn_tiny, wrn_*, mobilenetv2*, the ViTs)
         m.epochs = 1  # this stage's training epochs (student: also student_scratch's)
         # This stage's (peak) learning rate = optimizer.learning_rate x this scale, so a changed
         # optimizer or optimizer.learning_rate reaches every stage and keeps their ratio.
         m.learning_rate_scale = 1.0
+        # A torchvision / timm weights file (.safetensors, .pth, .pt; kdjax.models.pretrained,
+        # docs/pretrained.md) the role starts from: `model` must be the kdjax model its architecture
+        # loads into (e.g. resnet50_imagenet). The teacher with epochs=0 is used as it is (no teacher
+        # stage); otherwise the stage (student: also student_scratch) trains from it, with a new head
+        # where the data set's class count differs from the weights'.
+        m.weights = config_dict.placeholder(str)
+        m.weights_arch = ""  # the weights' kdjax.models.pretrained.ARCHS name ('' = inferred from the keys)
         c[role] = m
     # Where the student's teacher comes from:
     #   'trained': the 'teacher' stage, or the model of an earlier run (teacher.checkpoint = that
@@ -271,6 +278,32 @@ def _one_line(what: str, path: str, error: BaseException) -> ValueError:
 DTYPES = ("float32", "bfloat16")  # config.dtype
 
 
+def imported_teacher(config) -> bool:
+    """The teacher is config.teacher.weights used as they are (teacher.epochs=0): no teacher stage runs."""
+    return bool(config.teacher.get("weights")) and config.teacher.epochs == 0
+
+
+def check_weights(config, role: str) -> None:
+    """One-line errors for config.<role>.weights: a file kdjax.models.pretrained cannot read or
+    place, a model that is not the one its architecture loads into, or a second source for the
+    same role's initial weights."""
+    from kdjax.models import pretrained
+
+    c = config[role]
+    arch = pretrained.arch_of(c.weights, c.get("weights_arch") or None)
+    if c.model != arch.model:
+        raise ValueError(f"config.{role}.weights={c.weights} holds {arch.name} weights, which load into kdjax's "
+                         f"{arch.model!r}; set config.{role}.model={arch.model} (it is {c.model!r})")
+    if role == "teacher" and config.teacher.checkpoint:
+        raise ValueError("config.teacher.weights and config.teacher.checkpoint both give the teacher; set one")
+    init = config.get("init")
+    stages_from_run = [r.strip() for r in str(init.stages).split(",")] if init is not None and init.from_run else []
+    clash = [s for s in stages_from_run if s in ((role,) if role == "teacher" else ("student", "student_scratch"))]
+    if clash:
+        raise ValueError(f"config.{role}.weights and config.init.from_run (init.stages={init.stages}) both initialise "
+                         f"stage {clash[0]!r}; set one")
+
+
 def planned_stages(config) -> list[str]:
     """The stages `config.stages` lists, in order, checked against each other (one-line ValueErrors)."""
     from kdjax.stages import FINE_TUNES, ROLES
@@ -283,10 +316,12 @@ def planned_stages(config) -> list[str]:
         raise ValueError(f"unknown config.teacher.source {source!r}; choose one of: trained, ema")
     if source == "ema" and "teacher" in listed:
         raise ValueError("config.teacher.source='ema' (Mean Teacher) trains no teacher: remove 'teacher' from config.stages")
-    has_teacher = "teacher" in listed or config.teacher.checkpoint or config.teacher.ensemble or source == "ema"
+    has_teacher = ("teacher" in listed or config.teacher.checkpoint or config.teacher.ensemble or source == "ema"
+                   or imported_teacher(config))
     if "student" in listed and not has_teacher:
         raise ValueError("stage 'student' needs a teacher: add 'teacher' to config.stages, or set "
-                         "config.teacher.checkpoint, config.teacher.ensemble or config.teacher.source='ema'")
+                         "config.teacher.checkpoint, config.teacher.weights (with teacher.epochs=0), "
+                         "config.teacher.ensemble or config.teacher.source='ema'")
     init = config.get("init")
     from_run = [r.strip() for r in str(init.stages).split(",")] if init is not None and init.from_run else []
     for role in FINE_TUNES:
@@ -329,9 +364,13 @@ def validate(config) -> None:
             raise ValueError(f"config.{role}.dropout must be in [0, 1), got {rate}")
         if rate and "dropout" not in {f.name for f in dataclasses.fields(models.get_model(config[role].model, 2))}:
             raise ValueError(f"config.{role}.dropout={rate}: model {config[role].model!r} has no dropout; models with "
-                             f"dropout: mlp, cnn_small, cnn_tiny, wrn_*")
-        if config[role].epochs <= 0:
-            raise ValueError(f"config.{role}.epochs must be > 0, got {config[role].epochs}")
+                             f"dropout: mlp, cnn_small, cnn_tiny, wrn_*, mobilenetv2*, vit_* / deit_*")
+        if config[role].epochs <= 0 and not (role == "teacher" and imported_teacher(config)):
+            raise ValueError(f"config.{role}.epochs must be > 0, got {config[role].epochs}"
+                             + (" (0 only with config.teacher.weights: the imported teacher used as it is)"
+                                if role == "teacher" else ""))
+        if config[role].get("weights"):
+            check_weights(config, role)
     parse_classes(config.dataset.get("classes", ""))
     p = config.get("prune")
     if p is not None:  # its values even where no stage reads them: experiments.compress's variants start from them
@@ -365,7 +404,7 @@ def validate(config) -> None:
         opt.name, 0.1, momentum=opt.momentum, nesterov=opt.nesterov, weight_decay=opt.weight_decay,
         grad_clip_norm=opt.grad_clip_norm, decay_all=opt.decay_all, b1=opt.b1, b2=opt.b2, eps=opt.eps,
         rmsprop_decay=opt.rmsprop_decay, adadelta_rho=opt.adadelta_rho, dot_delta=opt.get("dot_delta", 0.075))
-    for role in ("teacher", "student"):
+    for role in ("student",) if imported_teacher(config) else ("teacher", "student"):
         lr = optim.resolve_learning_rate(opt.name, opt.learning_rate, config[role].learning_rate_scale,
                                          opt.tuned_learning_rates)
         optim.make_schedule(opt.schedule, base_lr=lr, total_steps=config[role].epochs, steps_per_epoch=1,
@@ -376,7 +415,7 @@ def validate(config) -> None:
         raise ValueError(f"config.augment.mixup_alpha={aug.mixup_alpha} and cutmix_alpha={aug.cutmix_alpha} are both "
                          "> 0, but each batch gets mixup or cutmix, not both (cutmix would be ignored): set one to 0")
     if config.teacher.source == "ema":
-        for field in ("checkpoint", "ensemble"):
+        for field in ("checkpoint", "ensemble", "weights"):
             if config.teacher[field]:
                 raise ValueError(f"config.teacher.source='ema' (Mean Teacher) makes the student's moving average the "
                                  f"teacher, so config.teacher.{field} would be ignored: unset one of the two")

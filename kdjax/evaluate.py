@@ -67,6 +67,8 @@ ECE_BINS = 15
 TOP_K = 5
 LATENCY_CALLS = 30
 MIN_LATENCY_CALLS = 20
+HEAD_ACCURACIES = ("test_accuracy_cls", "test_accuracy_dist", "test_accuracy_heads_logit_mean",
+                   "test_accuracy_heads_softmax_mean")
 MAX_MATRIX_CLASSES = 20  # confusion matrices larger than this: json and PNG only, not in report.md
 
 # Class names of the data sets (kdjax.data has ids only); a run's dataset.classes picks and orders them.
@@ -405,6 +407,8 @@ def report(workdir: str, *, latency_calls: int = LATENCY_CALLS, plots: bool = Tr
             "latency_ms_batch1": perf.get("latency_ms_batch1"),
             "latency_ms_eval_batch": perf.get("latency_ms_eval_batch"),
             "performance_error": perf_error,
+            # a distilled ViT (DeiT): the test accuracy of each head and of both (kdjax.inference.head_accuracies)
+            "heads": {k: result[k] for k in HEAD_ACCURACIES if k in result} or None,
             **m, "training_curves": curves,
         })
     if not rows:
@@ -510,8 +514,14 @@ def format_markdown(rep: dict) -> str:
                   + (f", variant {r['variant']}" if r["variant"] else "") + ")", "",
                   f"Logits: `{r['logits_source']}`; selected epoch {r['selected_epoch']} ({r['selected_by']}). "
                   f"Top-1 {_fmt(r['top1_accuracy'], '.4f')}, NLL {_fmt(r['nll'], '.4f')}, ECE {_fmt(r['ece'], '.4f')}, "
-                  f"mean confidence {_fmt(r['mean_confidence'], '.4f')}.", "",
-                  "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+                  f"mean confidence {_fmt(r['mean_confidence'], '.4f')}.", ""]
+        if r.get("heads"):
+            h = r["heads"]
+            lines += [f"Two heads (DeiT): test accuracy of the class head {_fmt(h.get('test_accuracy_cls'), '.4f')}, "
+                      f"the distillation head {_fmt(h.get('test_accuracy_dist'), '.4f')}, both: mean of their logits "
+                      f"(the model's output) {_fmt(h.get('test_accuracy_heads_logit_mean'), '.4f')}, mean of their "
+                      f"softmax {_fmt(h.get('test_accuracy_heads_softmax_mean'), '.4f')}.", ""]
+        lines += ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
         for k, pc in enumerate(r["per_class"]):
             lines.append(f"| {names[k] if k < c else k} | {_fmt(pc['precision'], '.4f')} | {_fmt(pc['recall'], '.4f')} | "
                          f"{_fmt(pc['f1'], '.4f')} | {pc['support']} |")

@@ -44,6 +44,29 @@ def predict_logits(model, variables, images, mean, std, batch: int = 512) -> np.
                            for i in range(0, len(images), batch)])
 
 
+def head_accuracies(model, variables, images, labels, mean, std, batch: int = 512) -> dict | None:
+    """A model with two heads (a distilled ViT: features ``logits_cls`` and ``logits_dist``) -> the
+    test accuracy of each head alone and of the two together, both ways DeiT's work combines them:
+    ``test_accuracy_cls``, ``test_accuracy_dist``, ``test_accuracy_heads_logit_mean`` (the argmax of
+    the mean of the two heads' logits: the model's ``logits``, what facebookresearch/deit's and timm's
+    models return at inference) and ``test_accuracy_heads_softmax_mean`` (of the mean of their
+    softmax outputs, as the DeiT paper describes its evaluation). None for a one-head model."""
+    if not getattr(model, "distilled", False):
+        return None
+    fwd = jax.jit(lambda v, x: {k: f for k, f in models.apply_model(model, v, kdata.normalize(x, mean, std),
+                                                                    train=False)[1].items()
+                                if k in ("logits_cls", "logits_dist")})
+    outs = [jax.device_get(fwd(variables, images[i:i + batch])) for i in range(0, len(images), batch)]
+    cls = np.concatenate([o["logits_cls"] for o in outs]).astype(np.float32)
+    dist = np.concatenate([o["logits_dist"] for o in outs]).astype(np.float32)
+    labels = np.asarray(labels)
+    soft = lambda z: np.exp(z - z.max(-1, keepdims=True)) / np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)  # noqa: E731
+    acc = lambda z: float(np.mean(np.argmax(z, -1) == labels))  # noqa: E731
+    return {"test_accuracy_cls": acc(cls), "test_accuracy_dist": acc(dist),
+            "test_accuracy_heads_logit_mean": acc((cls + dist) / 2),
+            "test_accuracy_heads_softmax_mean": acc(soft(cls) + soft(dist))}
+
+
 def inference_throughput(model, variables, image_shape, mean, std, batch: int = 256, seconds: float = 1.0) -> float:
     """Images per second of the jitted eval-mode forward pass on one device.
 

@@ -2,7 +2,8 @@
 
 A run has up to three stages, each one model trained to completion (`config.stages`):
 
-    teacher          the teacher from labels (or loaded from `config.teacher.checkpoint`)
+    teacher          the teacher from labels (or loaded from `config.teacher.checkpoint`, or
+                     `config.teacher.weights` with teacher.epochs=0: imported weights as they are)
     student          the student distilled from the teacher (`config.distill`)
     student_scratch  the same student from labels only: the baseline
 
@@ -173,6 +174,7 @@ class Stage:
         init = config.get("init")
         from_run = [r.strip() for r in str(init.stages).split(",")] if init is not None and init.from_run else []
         self.transfer = (init.from_run, init.role, init.reinit) if role in from_run else None
+        self.weights = model_cfg.get("weights") or None  # torchvision / timm weights the stage starts from
         self.surgery = None  # channel pruning: (smaller model fields, its variables, unpruned parameter count)
         self.select_from_epoch = 0  # checkpoints of earlier epochs are never selected (gradual pruning)
         self.float_model = self.model
@@ -235,6 +237,8 @@ class Stage:
             variables = dict(jax.tree.map(jnp.asarray, self.surgery[1]))
             params = dict(state.params, student=variables.pop("params"))
             return state.replace(params=params, model_state=dict(state.model_state, student=variables))
+        if transfer and self.weights:
+            return self._from_weights(state)
         if not (transfer and self.transfer):
             return state
         run_dir, role, reinit = self.transfer
@@ -243,6 +247,24 @@ class Stage:
         variables = runs.transfer_variables(fresh, source, reinit, where=f"the {role} of {run_dir}")
         logging.info("[%s] initialised from the %s of %s (re-initialised: %s)", self.role, role, run_dir,
                      reinit or "nothing")
+        params = dict(state.params, student=variables.pop("params"))
+        return state.replace(params=params, model_state=dict(state.model_state, student=variables))
+
+    def _from_weights(self, state):
+        """`state` with the model's variables from the torchvision / timm weights of config.<model>.weights
+        (kdjax.models.pretrained), matched by path; the classifier (pretrained.HEADS_REGEX) stays freshly
+        initialised when the data set's class count is not the weights'."""
+        from kdjax.models import pretrained
+
+        model_cfg = self.config[self.kind.model]
+        arch = pretrained.arch_of(self.weights, model_cfg.get("weights_arch") or None)
+        imported, source = pretrained.load(self.weights, arch.name)
+        reinit = pretrained.HEADS_REGEX if imported.num_classes != self.ds.num_classes else ""
+        fresh = jax.device_get(self.variables_of(state))
+        variables = runs.transfer_variables(fresh, jax.device_get(source), reinit, where=f"{self.weights}")
+        logging.info("[%s] initialised from %s weights %s (%s)%s", self.role, arch.name, self.weights,
+                     arch.preprocess.describe(),
+                     f"; new head for {self.ds.num_classes} classes (the weights' has {imported.num_classes})" if reinit else "")
         params = dict(state.params, student=variables.pop("params"))
         return state.replace(params=params, model_state=dict(state.model_state, student=variables))
 
@@ -409,6 +431,15 @@ class Stage:
                                                              self.ds.mean, self.ds.std, batch=self.config.throughput_batch),
             "terms": {t.name: t.weight for t in self.terms},
         }
+        if self.weights:  # the torchvision / timm weights the stage started from, and their preprocessing
+            from kdjax.models import pretrained
+            arch = pretrained.arch_of(self.weights, self.config[self.kind.model].get("weights_arch") or None)
+            result.update(weights=paths.absolute(self.weights), weights_arch=arch.name,
+                          weights_preprocess=arch.preprocess.describe())
+        heads = inference.head_accuracies(self.model, best_vars, self.ds.test.images, self.ds.test.labels,
+                                          self.ds.mean, self.ds.std, self.config.eval_batch_size)
+        if heads:  # a distilled ViT: each head alone and both (the selected model)
+            result.update(heads)
         if self.ds.val is not None:
             result["val_accuracy"] = hist[-1]["val_accuracy"]
             result["selected_val_accuracy"] = best["val_accuracy"]
@@ -601,14 +632,20 @@ def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, on_ep
             config.teacher.checkpoint, config.teacher.checkpoint_role, dataset, dtype)
         teachers.insert(0, model)
         teacher_vars.insert(0, variables)
+    elif kconfig.imported_teacher(config):  # torchvision / timm weights used as they are: no teacher stage
+        model, variables, reused["teacher"] = load_imported_teacher(config, dataset, dtype)
+        teachers.insert(0, model)
+        teacher_vars.insert(0, variables)
+    loaded_teacher = bool(config.teacher.checkpoint) or kconfig.imported_teacher(config)
     # Pre-flight: trace every stage's models and terms (no compute) so that a missing feature or
     # shapes a method cannot reconcile fail now, not after hours of teacher training.
     planned = kconfig.planned_stages(config)
     teacher_models = list(teachers)
-    if "teacher" in planned and not config.teacher.checkpoint:
+    if "teacher" in planned and not loaded_teacher:
         teacher_models.insert(0, Stage("teacher", config, dataset, par, workdir).model)
     for role in planned:
-        Stage(role, config, dataset, par, workdir).preflight(teacher_models)
+        if not (role == "teacher" and loaded_teacher):
+            Stage(role, config, dataset, par, workdir).preflight(teacher_models)
     # Only now is the workdir touched: a config that cannot run leaves nothing behind.
     runs.prepare_workdir(config, workdir, overwrite)
     summary_path = os.path.join(workdir, "summary.json")
@@ -616,7 +653,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, on_ep
 
     selected = {}  # role -> selected host TrainState of a finished stage that a later one starts from
     for role in planned:
-        if role == "teacher" and config.teacher.checkpoint:
+        if role == "teacher" and loaded_teacher:
             continue  # loaded above
         stage = Stage(role, config, dataset, par, workdir, teachers=teachers, teacher_vars=teacher_vars,
                       init_from=selected.get(stages.KINDS[role].starts_from),
@@ -639,6 +676,34 @@ def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, on_ep
         runs.write_json(summary_path, summary)
     logging.info("summary written to %s", summary_path)
     return summary
+
+
+def load_imported_teacher(config, dataset: kdata.Dataset, dtype) -> tuple[Any, dict, dict]:
+    """config.teacher.weights as the teacher, untrained (teacher.epochs=0): (Linen model, variables,
+    result). The weights' classifier must fit the data set's classes (a one-line ValueError
+    otherwise). The result has the model, the weights' file and architecture, the preprocessing
+    they were trained with, and the test accuracy kdjax measures for them here (inputs normalised
+    with the data set's mean and std, as every stage's)."""
+    from kdjax.models import pretrained
+
+    c = config.teacher
+    arch = pretrained.arch_of(c.weights, c.weights_arch or None)
+    model, variables = pretrained.load(c.weights, arch.name, dtype=dtype, bn_axis_name=kstep.AXIS,
+                                       **dict(c.get("kwargs") or {}))
+    if model.num_classes != dataset.num_classes:
+        raise ValueError(f"config.teacher.weights={c.weights} classifies {model.num_classes} classes and {dataset.name} "
+                         f"has {dataset.num_classes}: a teacher used as it is (teacher.epochs=0) needs the same classes; "
+                         "set teacher.epochs > 0 to fine-tune it with a new head")
+    logits = inference.predict_logits(model, variables, dataset.test.images, dataset.mean, dataset.std,
+                                      config.eval_batch_size)
+    accuracy = float(np.mean(np.argmax(logits, -1) == np.asarray(dataset.test.labels)))
+    logging.info("teacher: %s weights from %s, used as they are: test accuracy %.4f (their preprocessing: %s; the "
+                 "step normalises with %s's mean and std)", arch.name, c.weights, accuracy, arch.preprocess.describe(),
+                 dataset.name)
+    result = {"model": c.model, "num_params": models.num_params(variables["params"]), "test_accuracy": accuracy,
+              "weights": paths.absolute(c.weights), "weights_arch": arch.name,
+              "weights_preprocess": arch.preprocess.describe()}
+    return model, variables, result
 
 
 def format_table(summary: dict) -> str:

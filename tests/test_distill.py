@@ -32,6 +32,9 @@ def _features(rng, stages, emb, batch=B):
          for i, s in enumerate(stages)}
     f["embedding"] = rng.standard_normal((batch, emb)).astype(np.float32)
     f["logits"] = 3.0 * rng.standard_normal((batch, K)).astype(np.float32)
+    # a distilled ViT's two heads (deit)
+    f["logits_cls"] = 3.0 * rng.standard_normal((batch, K)).astype(np.float32)
+    f["logits_dist"] = 3.0 * rng.standard_normal((batch, K)).astype(np.float32)
     # The models' on-request features (kdjax.models.EXTRA_FEATURES): pre-ReLU maps with their
     # (negative) OFD margins, and a class map at the last stage's resolution.
     for i, s in enumerate(stages):
@@ -57,8 +60,13 @@ def _inputs(case, seed=0, batch=B):
     return s, t, rng.integers(0, K, batch).astype(np.int32)
 
 
-def _all_terms():
-    cfg = distill.get_config("+".join(ALL)).to_dict()
+# deit reads a distilled ViT's two heads (Method.vit_student): not features of the CNN pairs below
+# (tests/test_deit.py runs it with its ViT student).
+CNN_ALL = [m for m in ALL if not distill.METHODS[m].vit_student]
+
+
+def _all_terms(methods=ALL):
+    cfg = distill.get_config("+".join(methods)).to_dict()
     return distill.build_terms(cfg, num_data=N, dataset_labels=LABELS)
 
 
@@ -141,6 +149,7 @@ def _direct_losses(s, t, labels):
                           labels, "kd", T),
         "mse_logits": losses.mse_logits(s["logits"], t["logits"]),
         "fm": losses.kd(s["logits"], t["logits"], 1.0),
+        "deit": losses.deit(s["logits_cls"], s["logits_dist"], t["logits"], labels),
         "at": sum(losses.attention_transfer(s[k], t[k]) for k in ("stage1", "stage2")),
         "sp": losses.similarity_preserving(s["stage2"], t["stage2"]),
         "nst": sum(losses.nst(s[k], t[k]) for k in ("stage1", "stage2")),
@@ -200,7 +209,7 @@ def test_defaults_fit_real_model_pairs(student, teacher, image):
         assert [shapes["student"][f"stage{i + 1}"][1:] for i in range(2)] == list(s_stages)
         assert [shapes["teacher"][f"stage{i + 1}"][1:] for i in range(2)] == list(t_stages)
         assert (shapes["student"]["embedding"][1], shapes["teacher"]["embedding"][1]) == (s_emb, t_emb)
-    terms = _all_terms()
+    terms = _all_terms(CNN_ALL)
     distill.check_features(terms, shapes["student"], shapes["teacher"])
     sds = lambda d: {k: jax.ShapeDtypeStruct((2, *v[1:]), jnp.float32) for k, v in d.items()}
     s, t = (distill.with_strong_view(d, d) for d in (sds(shapes["student"]), sds(shapes["teacher"])))  # mlkd's

@@ -163,7 +163,7 @@ def test_cli_bad_input_is_one_line(args, message, tmp_path):
 
 CONFIG_FILE_CASES = {
     "missing": (None, "error: config file {path} not found; configs live in experiments/configs/: "
-                      "cifar100_resnet32x4_mobilenetv2_half.py, "),
+                      "cifar100_resnet32x4_deit_tiny.py, cifar100_resnet32x4_mobilenetv2_half.py, "),
     "raises on import": ("import no_such_module_kdjax\n",
                          "error: config file {path}: ModuleNotFoundError: No module named 'no_such_module_kdjax'"),
     "get_config raises": ("def get_config(arg=None):\n    raise KeyError('student')\n",

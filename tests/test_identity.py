@@ -19,22 +19,24 @@ from kdjax import distill, runs
 
 # config -> (default workdir name, sha256[:12] of its run identity)
 PINNED = {
-    "cifar100_resnet32x4_mobilenetv2_half": ("cifar100_resnet32x4_mobilenetv2_half-kd-s0-a1352424", "24c56fedbe14"),
-    "cifar100_resnet32x4_resnet8x4": ("cifar100_resnet32x4_resnet8x4-kd-s0-4ef0dbbb", "4292734f4e7d"),
-    "cifar100_resnet32x4_shufflev1": ("cifar100_resnet32x4_shufflev1-kd-s0-486a30fa", "09206a242e5a"),
-    "cifar100_resnet32x4_shufflev2": ("cifar100_resnet32x4_shufflev2-kd-s0-4419c81c", "4a4b2dd33e40"),
-    "cifar100_resnet50_mobilenetv2_half": ("cifar100_resnet50_mobilenetv2_half-kd-s0-4c4c90f6", "35f936272f50"),
-    "cifar100_resnet50_vgg8": ("cifar100_resnet50_vgg8-kd-s0-9366a18b", "b208d6a2baf3"),
-    "cifar100_vgg13_mobilenetv2_half": ("cifar100_vgg13_mobilenetv2_half-kd-s0-e33f0252", "c06f20d3c4c8"),
-    "cifar100_vgg13_vgg8": ("cifar100_vgg13_vgg8-kd-s0-6adbbb3e", "58dc68464ebe"),
-    "cifar100_wrn_40_2_shufflev1": ("cifar100_wrn_40_2_shufflev1-kd-s0-f4bfaaec", "e81766625ebf"),
-    "cifar100_wrn_40_2_wrn_16_2": ("cifar100_wrn_40_2_wrn_16_2-kd-s0-477a13fc", "1a2a6783c051"),
-    "cifar10_resnet18_mobilenetv2": ("cifar10_resnet18_mobilenetv2-kd-s0-2128baa6", "1527482ba4ab"),
-    "compress_cifar10_resnet18_mobilenetv2": ("compress_cifar10_resnet18_mobilenetv2-kd-s0-8cf49c58", "c4778f397526"),
-    "compress_digits": ("compress_digits-kd-s0-d6ef9e91", "1cfb80a3c0e6"),
-    "digits": ("digits-kd-s0-c35795b4", "1b3f7114b450"),
-    "digits_transfer": ("digits_transfer-ce-s0-de13ca35", "32fe5a7cba35"),
-    "fashion_mnist": ("fashion_mnist-kd-s0-22026656", "53b2236718ec"),
+    "cifar100_resnet32x4_deit_tiny": ("cifar100_resnet32x4_deit_tiny-deit-s0-0e9c409c", "e4527a5cba65"),
+    "cifar100_vit_tiny_resnet8x4": ("cifar100_vit_tiny_resnet8x4-kd-s0-2d3a48a2", "8188f446fc9b"),
+    "cifar100_resnet32x4_mobilenetv2_half": ("cifar100_resnet32x4_mobilenetv2_half-kd-s0-a1352424", "98b0cb7afc6e"),
+    "cifar100_resnet32x4_resnet8x4": ("cifar100_resnet32x4_resnet8x4-kd-s0-4ef0dbbb", "130fcc742dfd"),
+    "cifar100_resnet32x4_shufflev1": ("cifar100_resnet32x4_shufflev1-kd-s0-486a30fa", "6754178f8c82"),
+    "cifar100_resnet32x4_shufflev2": ("cifar100_resnet32x4_shufflev2-kd-s0-4419c81c", "0c020cd20d5a"),
+    "cifar100_resnet50_mobilenetv2_half": ("cifar100_resnet50_mobilenetv2_half-kd-s0-4c4c90f6", "b28173a4e695"),
+    "cifar100_resnet50_vgg8": ("cifar100_resnet50_vgg8-kd-s0-9366a18b", "80f2a581dbfe"),
+    "cifar100_vgg13_mobilenetv2_half": ("cifar100_vgg13_mobilenetv2_half-kd-s0-e33f0252", "a22c5b0ab6f7"),
+    "cifar100_vgg13_vgg8": ("cifar100_vgg13_vgg8-kd-s0-6adbbb3e", "a8354a2b4268"),
+    "cifar100_wrn_40_2_shufflev1": ("cifar100_wrn_40_2_shufflev1-kd-s0-f4bfaaec", "f51125332b75"),
+    "cifar100_wrn_40_2_wrn_16_2": ("cifar100_wrn_40_2_wrn_16_2-kd-s0-477a13fc", "7d6c7b59bd69"),
+    "cifar10_resnet18_mobilenetv2": ("cifar10_resnet18_mobilenetv2-kd-s0-2128baa6", "154b0b2e2ed2"),
+    "compress_cifar10_resnet18_mobilenetv2": ("compress_cifar10_resnet18_mobilenetv2-kd-s0-8cf49c58", "4154f4597de2"),
+    "compress_digits": ("compress_digits-kd-s0-d6ef9e91", "99280f784ff7"),
+    "digits": ("digits-kd-s0-c35795b4", "d7ffb8351045"),
+    "digits_transfer": ("digits_transfer-ce-s0-de13ca35", "fea27c38e3b7"),
+    "fashion_mnist": ("fashion_mnist-kd-s0-22026656", "b2387eec49f2"),
 }
 
 # experiments/configs/digits.py:method=<m> -> its default workdir's hash
@@ -45,6 +47,7 @@ DIGITS_METHODS = {
     "vid": "1388925d", "reviewkd": "1388925d", "kdsvd": "07005106", "fsp": "fb33107b", "ab": "9610a502",
     "ft": "cf00f91f", "rkd": "c35795b4", "pkt": "c35795b4", "cc": "c35795b4", "crd": "c35795b4",
     "adv": "c35795b4", "ce": "c35795b4",
+    "deit": "55c3baf4",  # a small distilled ViT student (Method.vit_student)
 }
 
 

@@ -698,3 +698,53 @@ def test_import_needs_neither_flax_nor_the_config():
             "print('flax' in sys.modules, 'ml_collections' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def _np_log_softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def _np_deit(cls, dist, teacher, labels, mode, alpha, tau, smoothing):
+    """facebookresearch/deit losses.py DistillationLoss, restated in numpy: base criterion
+    CrossEntropy(label_smoothing) on the class head; 'soft': kl_div(log_softmax(s/T),
+    log_softmax(t/T), reduction='sum', log_target=True) * T * T / outputs_kd.numel(); 'hard':
+    cross_entropy(outputs_kd, teacher.argmax(1)); base * (1 - alpha) + distillation * alpha."""
+    b, k = cls.shape
+    target = (1 - smoothing) * np.eye(k)[labels] + smoothing / k
+    base = -(target * _np_log_softmax(cls)).sum(axis=1).mean()
+    if mode == "soft":
+        lt, ls = _np_log_softmax(teacher / tau), _np_log_softmax(dist / tau)
+        d = (np.exp(lt) * (lt - ls)).sum() * tau * tau / dist.size
+    else:
+        d = -_np_log_softmax(dist)[np.arange(b), teacher.argmax(axis=1)].mean()
+    return base * (1 - alpha) + d * alpha
+
+
+@pytest.mark.parametrize("mode,alpha,tau,smoothing", [("hard", 0.5, 1.0, 0.0), ("hard", 0.3, 1.0, 0.1),
+                                                      ("soft", 0.5, 1.0, 0.0), ("soft", 0.7, 3.0, 0.1)])
+def test_deit_matches_distillation_loss(mode, alpha, tau, smoothing):
+    rng = np.random.default_rng(7)
+    cls, dist, teacher = (3 * rng.standard_normal((6, 5)).astype(np.float32) for _ in range(3))
+    labels = rng.integers(0, 5, 6)
+    got = L.deit(cls, dist, teacher, labels, mode, alpha, tau, smoothing)
+    np.testing.assert_allclose(got, _np_deit(cls, dist, teacher, labels, mode, alpha, tau, smoothing), rtol=1e-5)
+    # per-example values and padding: a padded row changes nothing
+    per = L.deit(cls, dist, teacher, labels, mode, alpha, tau, smoothing, reduction="none")
+    np.testing.assert_allclose(per.mean(), got, rtol=1e-6)
+    where = np.arange(6) < 4
+    masked = L.deit(cls, dist, np.where(where[:, None], teacher, np.nan), labels, mode, alpha, tau, smoothing,
+                    where=where)
+    np.testing.assert_allclose(masked, _np_deit(cls[:4], dist[:4], teacher[:4], labels[:4], mode, alpha, tau,
+                                                smoothing), rtol=1e-5)
+
+
+def test_deit_hand_values():
+    """Hard mode, alpha 1/2: 1/2 CE(cls, y) + 1/2 CE(dist, argmax t). Two classes, logits (0, 0):
+    each CE is log 2, whatever the labels; soft mode at equal distributions: the KL part is 0."""
+    z = np.zeros((1, 2), np.float32)
+    t = np.array([[0.0, 5.0]], np.float32)
+    np.testing.assert_allclose(L.deit(z, z, t, np.array([0])), math.log(2), rtol=1e-6)
+    np.testing.assert_allclose(L.deit(z, t, t, np.array([0]), "soft", alpha=0.5), 0.5 * math.log(2), rtol=1e-6)
+    with pytest.raises(ValueError, match="deit: mode must be 'hard' or 'soft'"):
+        L.deit(z, z, t, np.array([0]), "medium")

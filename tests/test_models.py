@@ -49,7 +49,11 @@ def test_registry_names_and_error():
     expected = {"mlp", "cnn_small", "cnn_tiny", "resnet8", "resnet14", "resnet20", "resnet32", "resnet44",
                 "resnet56", "resnet110", "resnet8x4", "resnet32x4", "resnet18", "resnet34", "mobilenetv2",
                 "mobilenetv2_half", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg11", "vgg13",
-                "vgg16", "vgg19", "resnet50", "shufflev1", "shufflev2"}
+                "vgg16", "vgg19", "resnet50", "shufflev1", "shufflev2",
+                # ImageNet layouts and ViTs (tests/test_pretrained.py checks them against torchvision / timm)
+                "resnet18_imagenet", "resnet34_imagenet", "resnet50_imagenet", "mobilenetv2_imagenet",
+                "vit_tiny_patch16", "vit_small_patch16", "vit_base_patch16", "deit_tiny_distilled_patch16",
+                "deit_small_distilled_patch16", "vit_tiny_patch4_32", "deit_tiny_distilled_patch4_32"}
     assert set(MODELS) == expected
     for name in MODELS:
         m = get_model(name, 7)

@@ -6,8 +6,9 @@
 
 Trains the teacher, distils the student, trains the same student from scratch, and prints the
 comparison table. Methods that match feature maps (``Method.feature_maps``: fitnet, ofd, at, sp,
-nst, vid, reviewkd, sdd, kdsvd, fsp, ab, ft) need a convolutional student: choose the method with
-the config-string argument (`:method=at`), which also switches the student to `cnn_tiny`, or add
+nst, vid, reviewkd, sdd, kdsvd, fsp, ab, ft) need a convolutional student, and deit
+(``Method.vit_student``) a distilled ViT (`DIGITS_VIT`): choose the method with
+the config-string argument (`:method=at`), which also switches the student (to `cnn_tiny`), or add
 `--config.student.model=cnn_tiny`. kdsvd and fsp compare maps channel by channel
 (``Method.same_widths``), so their cnn_tiny is as wide as the teacher (channels 32, 64;
 RepDistiller's FSP refuses unequal widths too). The
@@ -32,6 +33,10 @@ from kdjax import distill
 # convolutional student), and it compares maps channel by channel (the teacher's widths).
 FEATURE_MAP_METHODS = frozenset(n for n, m in distill.METHODS.items() if m.feature_maps)
 SAME_WIDTH_METHODS = frozenset(n for n, m in distill.METHODS.items() if m.same_widths)
+# ... and it reads a distilled ViT's two heads (DeiT): a small distilled ViT on the 8x8 digits
+# (patch 2: 16 tokens + 2; width 64, 2 blocks of 2 heads).
+VIT_STUDENT_METHODS = frozenset(n for n, m in distill.METHODS.items() if m.vit_student)
+DIGITS_VIT = {"patch_size": 2, "image_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
 INIT_EPOCHS = 8  # the student_init stage of the two-stage methods: 60 / 8, RepDistiller's 240 / 30
 
 
@@ -49,6 +54,10 @@ def get_config(arg=None):
     c.student.model = "cnn_tiny" if set(a.method.split("+")) & FEATURE_MAP_METHODS else "mlp"
     if set(a.method.split("+")) & SAME_WIDTH_METHODS:
         c.student.kwargs.channels = (32, 64)  # cnn_small's widths, cnn_tiny's depth
+    if set(a.method.split("+")) & VIT_STUDENT_METHODS:
+        c.student.model = "deit_tiny_distilled_patch4_32"
+        for key, value in DIGITS_VIT.items():
+            c.student.kwargs[key] = value
     if distill.init_terms(a.method):
         c.stages = "teacher,student_init,student,student_scratch"
         c.student_init.epochs = INIT_EPOCHS

@@ -13,6 +13,7 @@ A *method* is a ready-made list of terms with the weights the reference code use
     contrastive.py  crd (+ the CRD head and its memory bank)
     adversarial.py  adv (+ the discriminator)
     build.py        'ce' (labels only), get_config, build_terms and the checks on the terms
+    transformer.py  deit (a distilled ViT student's two heads; imported after 'ce' is registered)
 
 and beside them: core.py (`Term`, `Context`, `Distiller`, feature names, the global batch),
 registry.py (`Method`, `METHODS`, `register` and a builder's toolkit), ensemble.py (several
@@ -20,7 +21,7 @@ teachers), layers.py (adapter building blocks), ctkd.py (the learned temperature
 is one loss function in `kdjax.losses` (when the loss is new) plus one registered builder
 (`@register(...)`, docs/adding-a-method.md); nothing else changes. What configs and tests need to
 know about a method (it softens with a temperature, reads the strong view, is batch-level, reads
-feature maps, needs equal widths) are fields of its `Method`.
+feature maps, needs equal widths, needs a distilled ViT student) are fields of its `Method`.
 
 Config (``config.distill``, built by `get_config`)::
 

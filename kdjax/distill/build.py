@@ -32,6 +32,10 @@ def _ce(h, temperature, data):
     return []
 
 
+# Families registered after 'ce' (new methods are appended to METHODS, whose order is a contract).
+from kdjax.distill import transformer  # noqa: E402,F401,I001
+
+
 def check_views(terms: Sequence["Term"], views) -> bool:
     """``config.augment.views`` -> whether the strong view is on; one-line ValueErrors for an
     unknown value, for terms that read the strong view without it, and for views no term reads."""
@@ -123,7 +127,7 @@ def build_terms(distill: Mapping[str, Any], *, label_smoothing: float = 0.0,
     if ce_weight is None:
         ce_weight = max(METHODS[n].ce_weight for n in names)
     ce_weight = check_weight("distill.ce_weight", ce_weight)
-    data = {"num_data": num_data, "dataset_labels": dataset_labels}
+    data = {"num_data": num_data, "dataset_labels": dataset_labels, "label_smoothing": label_smoothing}
     standardize = distill.get("logit_standardize", False)
     if not isinstance(standardize, (bool, np.bool_)):
         raise ValueError(f"distill.logit_standardize must be True or False, got {standardize!r}")

@@ -49,6 +49,8 @@ class Method:
     class map), so it needs a convolutional student (the digits configs switch to cnn_tiny).
     `same_widths`: its paired student and teacher maps must have the same channel count.
     `loss`: the name of the `kdjax.losses` function its term computes (None: none).
+    `vit_student`: it reads a distilled ViT's two heads (``logits_cls``, ``logits_dist``: DeiT), so
+    it needs such a student (the digits configs switch to a small distilled ViT).
     """
 
     paper: str
@@ -61,6 +63,7 @@ class Method:
     feature_maps: bool = False
     same_widths: bool = False
     loss: str | None = None
+    vit_student: bool = False
 
 
 METHODS: dict[str, Method] = {}
@@ -68,7 +71,7 @@ METHODS: dict[str, Method] = {}
 
 def register(name: str, *, paper: str, ce_weight: float, defaults: Mapping[str, Any], loss: str | None = None,
              temperature: bool = False, views: bool = False, global_batch: bool = False,
-             feature_maps: bool = False, same_widths: bool = False):
+             feature_maps: bool = False, same_widths: bool = False, vit_student: bool = False):
     """Decorator: registers `build` as method `name` (``distill.method=name``) with these `Method`
     fields; returns `build` unchanged."""
 
@@ -77,7 +80,8 @@ def register(name: str, *, paper: str, ce_weight: float, defaults: Mapping[str, 
             raise ValueError(f"distillation method {name!r} is registered twice")
         METHODS[name] = Method(paper=paper, ce_weight=ce_weight, defaults=dict(defaults), build=build,
                                temperature=temperature, views=views, global_batch=global_batch,
-                               feature_maps=feature_maps, same_widths=same_widths, loss=loss)
+                               feature_maps=feature_maps, same_widths=same_widths, loss=loss,
+                               vit_student=vit_student)
         return build
 
     return add

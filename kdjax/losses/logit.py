@@ -622,3 +622,48 @@ def mse_logits(student_logits, teacher_logits, *, where=None,
                              where=where, reduction=reduction)
     d = _masked(student_logits, where) - _masked(teacher_logits, where)
     return _reduce(jnp.sum(d * d, axis=-1), where, reduction)
+
+
+def deit(cls_logits, dist_logits, teacher_logits, labels, mode: str = "hard", alpha: float = 0.5,
+         temperature: float = 1.0, label_smoothing: float = 0.0, *, where=None,
+         reduction: str = "mean") -> jax.Array:
+    """DeiT's distillation loss: the class head learns the labels, the distillation head the teacher.
+
+    loss = (1 - alpha) * CE(cls_logits, y) + alpha * D, per position, with
+      hard: D = CE(dist_logits, argmax_k teacher_logits_k)       (no smoothing on the teacher's label)
+      soft: D = T^2 / K * KL( softmax(t/T) || softmax(dist_logits/T) )
+    CE(., y) is `cross_entropy` with `label_smoothing` (DeiT's base criterion smooths, 0.1 in its
+    recipe). The soft term is the reference's ``kl_div(log_softmax(s/T), log_softmax(t/T),
+    reduction='sum', log_target=True) * T^2 / outputs_kd.numel()``: the summed KL divided by B * K,
+    i.e. per example the KL over the K classes divided by K. The paper's hard distillation is
+    alpha = 0.5 (1/2 CE + 1/2 CE on the teacher's argmax); its soft distillation is written
+    (1 - lambda) CE + lambda tau^2 KL, alpha = lambda here.
+
+    Reduction over classes as above, then the mean over positions (the batch). Paper: Touvron,
+    Cord, Douze, Massa, Sablayrolles, Jegou, "Training data-efficient image transformers &
+    distillation through attention", ICML 2021; facebookresearch/deit ``losses.py``
+    (``DistillationLoss``, distillation_type 'hard' / 'soft', alpha 0.5, tau 1.0 by default).
+
+    Args:
+      cls_logits, dist_logits: (..., K) the student's class-token and distillation-token heads.
+      teacher_logits: (..., K) the teacher's logits (no gradient is stopped here).
+      labels: (...) integer class ids.
+      mode: 'hard' or 'soft'.
+      alpha: the distillation head's share, in [0, 1].
+      temperature: T of the soft mode (unused by 'hard').
+      label_smoothing: eps of the class head's cross-entropy.
+      where, reduction: the padding mask and the reduction ("Padding and reduction" in
+        `kdjax.losses.logit`).
+    """
+    if mode not in ("hard", "soft"):
+        raise ValueError(f"deit: mode must be 'hard' or 'soft', got {mode!r}")
+    where, labels = _check_logits("deit", {"cls_logits": cls_logits, "dist_logits": dist_logits,
+                                           "teacher_logits": teacher_logits}, labels=labels,
+                                  where=where, reduction=reduction)
+    base = cross_entropy(cls_logits, labels, label_smoothing, where=where, reduction="none")
+    s, t = _masked(dist_logits, where), _masked(teacher_logits, where)
+    if mode == "hard":
+        distill = optax.losses.softmax_cross_entropy_with_integer_labels(s, jnp.argmax(t, axis=-1))
+    else:
+        distill = _kl_logits(t / temperature, s / temperature) * temperature**2 / s.shape[-1]
+    return _reduce((1.0 - alpha) * base + alpha * distill, where, reduction)

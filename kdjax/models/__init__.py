@@ -20,10 +20,11 @@ import flax.linen as nn
 
 from .digits import MLP, SmallCNN
 from .layers import EXTRA_FEATURES, DepthwiseConv, batch_norm, conv, sow_feature
-from .mobilenetv2 import MobileNetV2, mobilenetv2, mobilenetv2_half
-from .resnet import ResNet, cifar_resnet, resnet18, resnet34, resnet50
+from .mobilenetv2 import MobileNetV2, mobilenetv2, mobilenetv2_half, mobilenetv2_imagenet
+from .resnet import ResNet, cifar_resnet, imagenet_resnet, resnet18, resnet34, resnet50
 from .shufflenet import ShuffleNetV1, ShuffleNetV2
 from .vgg import CFGS as VGG_CFGS, VGG
+from .vit import ViT, vit
 from .wrn import WideResNet
 
 _p = functools.partial
@@ -49,6 +50,16 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     # RepDistiller ShuffleV1 / ShuffleV2 (1x1 stem, CIFAR)
     "shufflev1": ShuffleNetV1,
     "shufflev2": ShuffleNetV2,
+    # torchvision's ImageNet layouts (7x7 stride-2 stem + max-pool; stride-2 MobileNetV2 with ReLU6):
+    # what kdjax.models.pretrained loads torchvision / timm weights into
+    **{f"resnet{d}_imagenet": _p(imagenet_resnet, d) for d in (18, 34, 50)},
+    "mobilenetv2_imagenet": mobilenetv2_imagenet,
+    # timm's ViT-Ti/S/B patch 16 at 224 and DeiT's distilled Ti/S (distillation token, second head)
+    **{f"vit_{s}_patch16": _p(vit, s) for s in ("tiny", "small", "base")},
+    **{f"deit_{s}_distilled_patch16": _p(vit, s, distilled=True) for s in ("tiny", "small")},
+    # CIFAR-sized ViT-Ti: patch 4 on 32x32 (64 patches)
+    "vit_tiny_patch4_32": _p(vit, "tiny", patch_size=4, image_size=32),
+    "deit_tiny_distilled_patch4_32": _p(vit, "tiny", patch_size=4, image_size=32, distilled=True),
 }
 
 
@@ -174,5 +185,6 @@ __all__ = [
     "MODELS", "CLASSIFIER", "EXTRA_FEATURES", "get_model", "apply_model", "requested_extras", "feature_names", "feature_shapes", "num_params",
     "init_model", "param_shapes", "MLP", "SmallCNN", "ResNet", "MobileNetV2", "WideResNet", "VGG",
     "DepthwiseConv", "batch_norm", "conv", "sow_feature", "cifar_resnet", "resnet18", "resnet34",
-    "mobilenetv2", "mobilenetv2_half", "resnet50", "ShuffleNetV1", "ShuffleNetV2",
+    "mobilenetv2", "mobilenetv2_half", "resnet50", "ShuffleNetV1", "ShuffleNetV2", "ViT", "vit",
+    "imagenet_resnet", "mobilenetv2_imagenet",
 ]

@@ -1,6 +1,8 @@
 """ResNets for 32x32 inputs: RepDistiller's CIFAR ResNets (depth 6n+2, 3 stages) and the
 kuangliu ResNet-18/34/50 (4 stages, 64..512 channels; ResNet-50 with bottleneck blocks, 4x wider
-outputs: RepDistiller's CIFAR ``ResNet50``). 3x3 stride-1 stem, no max-pool."""
+outputs: RepDistiller's CIFAR ``ResNet50``), 3x3 stride-1 stem, no max-pool; and torchvision's
+ImageNet ResNet-18/34/50 (``stem='imagenet'``: 7x7 stride-2 stem with torch's padding 3, then
+max-pool 3 stride 2 pad 1), the layout `kdjax.models.pretrained` loads torchvision / timm weights into."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -74,8 +76,13 @@ class ResNet(nn.Module):
     `kdjax.models.layers.EXTRA_FEATURES`): ``preact_stage<N>`` (the last block's sum before its
     ReLU) with ``preact_margin<N>`` from that block's last BN (bn2; bn3 in a bottleneck), as OFD's
     ``get_bn_before_relu``, and
-    ``class_map`` (``fc`` at every position of the last stage's map)."""
+    ``class_map`` (``fc`` at every position of the last stage's map).
+
+    ``stem``: 'cifar' (the conv3x3 stride-1 stem above) or 'imagenet' (torchvision's stem:
+    conv7x7 stride 2, padding 3 on every side -> BN -> ReLU -> max-pool 3x3 stride 2, padding 1
+    with -inf as torch pads; stage maps then are 1/4 .. 1/32 of the input)."""
     num_classes: int
+    stem: str = "cifar"
     stem_channels: int = 16
     stage_channels: Sequence[int] = (16, 32, 64)
     blocks: Sequence[int] = (3, 3, 3)
@@ -85,8 +92,13 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False, extra_features: tuple[str, ...] = ()):
-        x = conv(self.stem_channels, 3, 1, dtype=self.dtype, name="conv1")(x)
+        if self.stem not in ("cifar", "imagenet"):
+            raise ValueError(f"ResNet stem must be 'cifar' or 'imagenet', got {self.stem!r}")
+        imagenet = self.stem == "imagenet"
+        x = conv(self.stem_channels, 7 if imagenet else 3, 2 if imagenet else 1, dtype=self.dtype, name="conv1")(x)
         x = nn.relu(batch_norm(train, self.bn_axis_name, self.dtype, name="bn1")(x))
+        if imagenet:
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for s, (c, n) in enumerate(zip(self.stage_channels, self.blocks)):
             for b in range(n):
                 stride = 2 if (s > 0 and b == 0) else 1
@@ -122,3 +134,13 @@ def resnet50(**kw) -> ResNet:
     """kuangliu / RepDistiller ``ResNet50`` (bottleneck blocks 3-4-6-3, 2048-d embedding;
     23.71M params for 100 classes)."""
     return ResNet(stem_channels=64, stage_channels=(64, 128, 256, 512), blocks=(3, 4, 6, 3), block="bottleneck", **kw)
+
+
+def imagenet_resnet(depth: int, **kw) -> ResNet:
+    """torchvision ``resnet18`` / ``resnet34`` / ``resnet50`` (also timm's ``resnet50``): the
+    ImageNet stem (``stem='imagenet'``), 64..512 channels, blocks 2-2-2-2 / 3-4-6-3 (basic) or
+    3-4-6-3 (bottleneck, v1.5: stride on the 3x3)."""
+    blocks, block = {18: ((2, 2, 2, 2), "basic"), 34: ((3, 4, 6, 3), "basic"),
+                     50: ((3, 4, 6, 3), "bottleneck")}[depth]
+    return ResNet(stem="imagenet", stem_channels=64, stage_channels=(64, 128, 256, 512), blocks=blocks,
+                  block=block, **kw)
