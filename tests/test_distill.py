@@ -104,11 +104,12 @@ def test_all_methods_finite_values_and_gradients():
 
     def total(params, s, state, t, labels):
         values = distiller.apply({"params": params, **state}, s, t, _ctx(labels))
-        return sum(values.values()), values
+        return sum(values[x.name] for x in terms), values
 
     grad_fn = jax.jit(jax.value_and_grad(total, argnums=(0, 1), has_aux=True))
     (_, values), (g_params, g_feats) = grad_fn(params, s, state, t, labels)
-    assert set(values) == {t.name for t in terms}
+    # every term, and the parts of the terms that have some (mlkd's levels, for logging)
+    assert set(values) == {t.name for t in terms} | {f"mlkd/{k}" for k in ("instance", "class", "batch")}
     values, g_params, g_feats = jax.device_get((values, g_params, g_feats))
     for name, v in values.items():
         assert v.shape == () and np.isfinite(v), (name, v)
@@ -208,7 +209,8 @@ def test_defaults_fit_real_model_pairs(student, teacher, image):
     distiller = distill.Distiller(terms)
     variables = jax.eval_shape(lambda s, t, y: distiller.init(jax.random.key(0), s, t, _ctx(y)), s, t, labels)
     values = jax.eval_shape(lambda v, s, t, y: distiller.apply(v, s, t, _ctx(y)), variables, s, t, labels)
-    assert all(v.shape == () for v in values.values()) and len(values) == len(terms)
+    assert all(v.shape == () for v in values.values())
+    assert set(values) == {t.name for t in terms} | {f"mlkd/{k}" for k in ("instance", "class", "batch")}
     with pytest.raises(ValueError, match="student model does not have"):  # the digits MLP student
         distill.check_features(distill.build_terms(distill.get_config("at").to_dict()),
                                ["hidden1", "embedding", "logits"], shapes["teacher"])

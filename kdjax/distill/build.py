@@ -123,10 +123,10 @@ def build_terms(distill: Mapping[str, Any], *, label_smoothing: float = 0.0,
     if ce_weight is None:
         ce_weight = max(METHODS[n].ce_weight for n in names)
     ce_weight = check_weight("distill.ce_weight", ce_weight)
-    data = {"num_data": num_data, "dataset_labels": dataset_labels}
     standardize = distill.get("logit_standardize", False)
     if not isinstance(standardize, (bool, np.bool_)):
         raise ValueError(f"distill.logit_standardize must be True or False, got {standardize!r}")
+    data = {"num_data": num_data, "dataset_labels": dataset_labels, "logit_standardize": bool(standardize)}
     ctkd = dict(distill.get("ctkd") or {})
     _check_keys("distill.ctkd", ctkd, CTKD_DEFAULTS)
     ctkd = {**CTKD_DEFAULTS, **ctkd}
