@@ -100,7 +100,7 @@ def test_all_methods_finite_values_and_gradients():
     terms = _all_terms()
     distiller = distill.Distiller(terms)
     params, state = _split(_init(distiller, s, t, labels))
-    assert set(state) == {"batch_stats", "crd_memory"}
+    assert set(state) == {"batch_stats", "crd_memory", "taid"}
 
     def total(params, s, state, t, labels):
         values = distiller.apply({"params": params, **state}, s, t, _ctx(labels))
@@ -142,6 +142,13 @@ def _direct_losses(s, t, labels):
                           labels, "kd", T),
         "mse_logits": losses.mse_logits(s["logits"], t["logits"]),
         "fm": losses.kd(s["logits"], t["logits"], 1.0),
+        "reverse_kl": losses.reverse_kl(s["logits"], t["logits"], T),
+        "generalized_jsd": losses.generalized_jsd(s["logits"], t["logits"], 0.5, 1.0),
+        "skew_kl": losses.skew_kl(s["logits"], t["logits"], 0.1),
+        "skew_reverse_kl": losses.skew_reverse_kl(s["logits"], t["logits"], 0.1),
+        "taid": losses.taid(s["logits"], t["logits"], 0.4),  # the schedule's t_start (init, eval mode)
+        "ab_divergence": losses.ab_divergence(s["logits"], t["logits"], 0.8, 0.3, T),
+        "topk_kd": losses.topk_kd(s["logits"], *jax.lax.top_k(t["logits"], 5), T),
         "at": sum(losses.attention_transfer(s[k], t[k]) for k in ("stage1", "stage2")),
         "sp": losses.similarity_preserving(s["stage2"], t["stage2"]),
         "nst": sum(losses.nst(s[k], t[k]) for k in ("stage1", "stage2")),

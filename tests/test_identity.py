@@ -45,6 +45,9 @@ DIGITS_METHODS = {
     "vid": "1388925d", "reviewkd": "1388925d", "kdsvd": "07005106", "fsp": "fb33107b", "ab": "9610a502",
     "ft": "cf00f91f", "rkd": "c35795b4", "pkt": "c35795b4", "cc": "c35795b4", "crd": "c35795b4",
     "adv": "c35795b4", "ce": "c35795b4",
+    # appended after 'ce' (issue 24): the language-model divergences
+    "reverse_kl": "c35795b4", "generalized_jsd": "c35795b4", "skew_kl": "c35795b4", "skew_reverse_kl": "c35795b4",
+    "taid": "c35795b4", "ab_divergence": "c35795b4", "topk_kd": "c35795b4",
 }
 
 

@@ -13,6 +13,8 @@ A *method* is a ready-made list of terms with the weights the reference code use
     contrastive.py  crd (+ the CRD head and its memory bank)
     adversarial.py  adv (+ the discriminator)
     build.py        'ce' (labels only), get_config, build_terms and the checks on the terms
+    sequence.py     reverse_kl, generalized_jsd, skew_kl, skew_reverse_kl, taid, ab_divergence,
+                    topk_kd (the language-model divergences; appended after 'ce')
 
 and beside them: core.py (`Term`, `Context`, `Distiller`, feature names, the global batch),
 registry.py (`Method`, `METHODS`, `register` and a builder's toolkit), ensemble.py (several
