@@ -57,7 +57,7 @@ big_vision (google-research/big_vision @0127fb6,
 big_vision/evaluators/proj/distill/distance.py), WTTM (zkxufo/TTM @fe457b3), NKD
 (yzd-v/cls_KD @1e5d48f), CTKD (zhengli97/CTKD @7d52522), DistiLLM (jongwooko/distillm @17c0f98),
 TAID (SakanaAI/TAID @a062892), ABKD (ghwang-s/abkd @a0fb144), DistillKit (arcee-ai/DistillKit
-@361c7ac), TRL's GKD (trl/trainer/gkd_trainer.py ``generalized_jsd_loss``).
+@361c7ac), ICKD (ADLab-AutoDrive/ICKD @04e1d3e), TRL's GKD (trl/trainer/gkd_trainer.py ``generalized_jsd_loss``).
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ from kdjax.losses.feature import (
     fitnet,
     fsp,
     hcl,
+    ickd,
     kdsvd,
     nst,
     ofd,
@@ -166,6 +167,7 @@ __all__ = [
     "fsp",
     "activation_boundary",
     "factor_transfer",
+    "ickd",
     # embeddings / relations
     "rkd",
     "pkt",
