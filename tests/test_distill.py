@@ -23,6 +23,8 @@ B, K, N = 8, 10, 64  # batch, classes, data-set size (CRD memory rows)
 SAME_WIDTH = {n for n, m in distill.METHODS.items() if m.same_widths}
 ALL = [m for m in distill.METHODS if m != "ce" and m not in SAME_WIDTH]
 LABELS = np.arange(N) % K  # training labels of the toy data set
+# the parts that terms of several parts return beside their value (logged as loss/<term>/<part>)
+PARTS = {f"mlkd/{k}" for k in ("instance", "class", "batch")} | {"skd/instance", "skd/direction"}
 
 
 def _features(rng, stages, emb, batch=B):
@@ -109,7 +111,7 @@ def test_all_methods_finite_values_and_gradients():
     grad_fn = jax.jit(jax.value_and_grad(total, argnums=(0, 1), has_aux=True))
     (_, values), (g_params, g_feats) = grad_fn(params, s, state, t, labels)
     # every term, and the parts of the terms that have some (mlkd's levels, for logging)
-    assert set(values) == {t.name for t in terms} | {f"mlkd/{k}" for k in ("instance", "class", "batch")}
+    assert set(values) == {t.name for t in terms} | PARTS
     values, g_params, g_feats = jax.device_get((values, g_params, g_feats))
     for name, v in values.items():
         assert v.shape == () and np.isfinite(v), (name, v)
@@ -218,7 +220,7 @@ def test_defaults_fit_real_model_pairs(student, teacher, image):
     variables = jax.eval_shape(lambda s, t, y: distiller.init(jax.random.key(0), s, t, _ctx(y)), s, t, labels)
     values = jax.eval_shape(lambda v, s, t, y: distiller.apply(v, s, t, _ctx(y)), variables, s, t, labels)
     assert all(v.shape == () for v in values.values())
-    assert set(values) == {t.name for t in terms} | {f"mlkd/{k}" for k in ("instance", "class", "batch")}
+    assert set(values) == {t.name for t in terms} | PARTS
     with pytest.raises(ValueError, match="student model does not have"):  # the digits MLP student
         distill.check_features(distill.build_terms(distill.get_config("at").to_dict()),
                                ["hidden1", "embedding", "logits"], shapes["teacher"])

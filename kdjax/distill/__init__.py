@@ -15,7 +15,7 @@ A *method* is a ready-made list of terms with the weights the reference code use
     build.py        'ce' (labels only), get_config, build_terms and the checks on the terms
     sequence.py     reverse_kl, generalized_jsd, skew_kl, skew_reverse_kl, taid, ab_divergence,
                     topk_kd (the language-model divergences; appended after 'ce')
-    channel.py      ickd (+ its embedding; appended after sequence.py's)
+    gram.py         ickd (+ its embedding), skd (Gram-matrix methods; appended after sequence.py's)
 
 and beside them: core.py (`Term`, `Context`, `Distiller`, feature names, the global batch),
 registry.py (`Method`, `METHODS`, `register` and a builder's toolkit), ensemble.py (several

@@ -77,6 +77,7 @@ from kdjax.losses.logit import (
     multiscale_logits,
     nkd,
     sdd,
+    skd,
     soft_cross_entropy,
     wttm,
 )
@@ -139,6 +140,7 @@ __all__ = [
     "nkd",
     "multiscale_logits",
     "sdd",
+    "skd",
     "mse_logits",
     # language-model distillation (kdjax.losses.sequence; any (..., V) logits)
     "reverse_kl",
