@@ -121,7 +121,7 @@ def test_all_methods_finite_values_and_gradients():
         assert np.abs(g_feats[f]).sum() > 0, f
     # Every adapter is trained (each belongs to one term, named after it).
     assert {m.split("_")[0] for m in params} == {"fitnet", "ofd", "vid", "reviewkd", "cc", "crd", "adv", "ab", "ft",
-                                                 "ickd"}
+                                                 "ickd", "srd"}
     for module, g in g_params.items():
         assert all(np.abs(x).sum() > 0 for x in jax.tree.leaves(g)), module
 

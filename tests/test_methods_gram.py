@@ -1,7 +1,8 @@
 """The Gram-matrix methods (kdjax/distill/gram.py): ICKD (Liu et al. ICCV 2021) against a numpy
 statement of the official ICKDLoss (ADLab-AutoDrive/ICKD Cifar100/distiller_zoo/ICKD.py), embedding
-included, and SKD (Jeong et al. CVPR 2026) against torchdistill's SKDInstanceLoss/SKDDirectionLoss;
-both trained end to end."""
+included, SKD (Jeong et al. CVPR 2026) against torchdistill's SKDInstanceLoss/SKDDirectionLoss and
+SRD (Miles, Mikolajczyk AAAI 2024, kdjax/distill/projector.py) against torchdistill's SRDLoss on
+SRDModelWrapper's features; all three trained end to end."""
 
 import jax
 import numpy as np
@@ -50,18 +51,19 @@ def test_ickd_loss_and_method_match_the_reference():
         losses.ickd(s, t)
 
 
-def test_ickd_and_skd_train_end_to_end(tmp_path):
+def test_ickd_skd_and_srd_train_end_to_end(tmp_path):
     from tests.test_train import read_metrics, tiny_digits_config
     from kdjax import train
 
     workdir = str(tmp_path / "run")
     summary = train.run(tiny_digits_config(**{"stages": "student", "teacher.source": "ema", "student.model": "cnn_tiny",
-                                              "teacher.model": "cnn_tiny", "distill.method": "ickd+skd"}), workdir)
-    assert summary["student"]["terms"] == {"ce": 1.0, "ickd": 2.5, "skd": 1.0}
+                                              "teacher.model": "cnn_tiny", "distill.method": "ickd+skd+srd"}), workdir)
+    assert summary["student"]["terms"] == {"ce": 1.0, "ickd": 2.5, "skd": 1.0, "srd": 1.0}
     rows = read_metrics(workdir, "student")
-    assert rows and all(np.isfinite(r[k]) for r in rows for k in ("loss/ickd", "loss/skd", "loss/skd/direction"))
-    np.testing.assert_allclose(rows[0]["loss"], rows[0]["loss/ce"] + 2.5 * rows[0]["loss/ickd"] + rows[0]["loss/skd"],
-                               rtol=1e-5)
+    keys = ("loss/ickd", "loss/skd", "loss/skd/direction", "loss/srd")
+    assert rows and all(np.isfinite(r[k]) for r in rows for k in keys)
+    r = rows[0]
+    np.testing.assert_allclose(r["loss"], r["loss/ce"] + 2.5 * r["loss/ickd"] + r["loss/skd"] + r["loss/srd"], rtol=1e-5)
 
 
 def np_torchdistill_skd(s, t, T=4.0, tikhonov=0.1):
@@ -106,3 +108,43 @@ def test_skd_loss_and_method_match_torchdistill():
     assert np.all(np.isfinite(np.asarray(g)))
     with pytest.raises(ValueError, match=r"^distill.skd.tikhonov must be > 0"):
         distill.build_terms({"method": "skd", "skd": {"tikhonov": 0.0}})
+
+
+def np_torchdistill_srd(f_s, f_t, s, t, exponent=4.0, T=1.0):
+    """torchdistill SRDLoss.forward (mid_level.py @3e4373c) as written there, on the wrapper's
+    normalised features: 2 * log(|f_s - f_t|^p summed) + KLDivLoss(batchmean) at T."""
+    f_s, f_t, s, t = (np.asarray(a, np.float64) for a in (f_s, f_t, s, t))
+
+    def lsm(z):
+        z = z / T - (z / T).max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+    feat = np.log((np.abs(f_s - f_t) ** exponent).sum())
+    kl = (np.exp(lsm(t)) * (lsm(t) - lsm(s))).sum() / s.shape[0]
+    return 2 * feat + kl
+
+
+def np_batch_norm_train(x, eps=1e-4):  # BatchNorm1d(affine=False) in train mode: batch statistics
+    return (x - x.mean(0)) / np.sqrt(x.var(0) + eps)
+
+
+def test_srd_loss_and_method_match_torchdistill():
+    rng = np.random.default_rng(2)
+    e_s, e_t = rng.standard_normal((8, 6)).astype(np.float32), rng.standard_normal((8, 4)).astype(np.float32)
+    s, t = (2.0 * rng.standard_normal((8, 5))).astype(np.float32), (3.0 * rng.standard_normal((8, 5))).astype(np.float32)
+    w = (0.5 * rng.standard_normal((6, 4))).astype(np.float32)
+    f_s, f_t = np_batch_norm_train(e_s @ w), np_batch_norm_train(e_t)  # the wrapper in train mode
+    got = jax.jit(lambda *a: losses.srd(*a))(f_s.astype(np.float32), f_t.astype(np.float32), s, t)
+    np.testing.assert_allclose(got, np_torchdistill_srd(f_s, f_t, s, t), rtol=1e-5)
+
+    terms = distill.build_terms(distill.get_config("srd").to_dict())
+    assert [(x.name, x.weight, x.global_batch) for x in terms] == [("ce", 1.0, False), ("srd", 1.0, True)]
+    d = distill.Distiller(terms[1:])
+    sf, tf = {"embedding": e_s, "logits": s}, {"embedding": e_t, "logits": t}
+    ctx = distill.Context(labels=np.zeros(8, np.int32), train=False)
+    variables = jax.jit(lambda k, a, b: d.init(k, a, b, ctx))(jax.random.key(0, impl="rbg"), sf, tf)
+    values = jax.jit(lambda v, a, b: d.apply(v, a, b, ctx))(variables, sf, tf)
+    lin = variables["params"]["srd_student_norm"]["linear"]
+    scale = np.sqrt(1.0 + 1e-4)  # eval mode: the running statistics at their initial values
+    proj = (e_s @ np.asarray(lin["kernel"]) + np.asarray(lin["bias"])) / scale
+    np.testing.assert_allclose(values["srd"], np_torchdistill_srd(proj, e_t / scale, s, t), rtol=1e-4)

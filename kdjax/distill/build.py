@@ -34,9 +34,9 @@ def _ce(h, temperature, data):
 
 # Families added since: the registry's order is a contract (tests/test_identity.py pins it), so
 # their methods are appended after 'ce'.
-from kdjax.distill import sequence, gram  # noqa: E402,I001
+from kdjax.distill import sequence, gram, projector  # noqa: E402,I001
 
-_FAMILIES = _FAMILIES + (sequence, gram)
+_FAMILIES = _FAMILIES + (sequence, gram, projector)
 
 
 def check_views(terms: Sequence["Term"], views) -> bool:

@@ -113,6 +113,7 @@ from kdjax.losses.relation import (
     discriminator_bce,
     pkt,
     rkd,
+    srd,
 )
 from kdjax.losses.contrastive import (
     crd_contrast_loss,
@@ -176,6 +177,7 @@ __all__ = [
     "correlation_congruence",
     "cosine_distance",
     "discriminator_bce",
+    "srd",
     # CRD
     "crd_init_memory",
     "crd_sample_negatives",
