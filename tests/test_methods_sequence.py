@@ -2,11 +2,13 @@
 end through the real trainer in one run, and TAID's interpolation t carried in the checkpointed
 distiller state, step by step as SakanaAI/TAID's update_t (restated in tests/test_losses_sequence.py)."""
 
+import os
+
 import numpy as np
 import pytest
 
-from kdjax import distill, train
 from kdjax import checkpoint as kckpt
+from kdjax import distill, train
 from tests.test_losses_sequence import np_taid_update_t
 from tests.test_train import read_metrics, tiny_digits_config
 
@@ -14,8 +16,6 @@ NEW = ("taid", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "a
 
 
 def test_lm_divergence_methods_train_end_to_end_and_taid_carries_its_t(tmp_path):
-    import os
-
     workdir = str(tmp_path / "run")
     summary = train.run(tiny_digits_config(**{"stages": "student", "teacher.source": "ema",
                                               "distill.method": "+".join(NEW)}), workdir)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax.losses._common import _check_logits, _f32, _masked, _reduce
+from kdjax.losses._common import _check_logits, _masked, _reduce
 
 
 def _lsm(z, temperature=1.0):
