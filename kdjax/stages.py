@@ -24,6 +24,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from kdjax import data as kdata
 from kdjax import distill
 from kdjax import models
 from kdjax import optim
@@ -181,8 +182,9 @@ def objective(role: str, config, train, planned: list[str]) -> tuple[distill.Ter
     kind = KINDS[role].objective
     if kind == "labels":
         return distill.build_terms({"method": "ce", "ce_weight": 1.0}, label_smoothing=smoothing)
+    num_steps = int(config[KINDS[role].epochs].epochs) * kdata.steps_per_epoch(len(train.labels), config.batch_size)
     terms = distill.build_terms(config.distill.to_dict(), label_smoothing=smoothing,
-                                num_data=len(train.labels), dataset_labels=train.labels)
+                                num_data=len(train.labels), dataset_labels=train.labels, num_steps=num_steps)
     wanted = [n.strip() for n in config.student_init.terms.split(",") if n.strip()]
     if "student_init" not in planned:
         wanted = []

@@ -23,6 +23,8 @@ B, K, N = 8, 10, 64  # batch, classes, data-set size (CRD memory rows)
 SAME_WIDTH = {n for n, m in distill.METHODS.items() if m.same_widths}
 ALL = [m for m in distill.METHODS if m != "ce" and m not in SAME_WIDTH]
 LABELS = np.arange(N) % K  # training labels of the toy data set
+# the parts that terms of several parts return beside their value (logged as loss/<term>/<part>)
+PARTS = {f"mlkd/{k}" for k in ("instance", "class", "batch")} | {"skd/instance", "skd/direction"}
 
 
 def _features(rng, stages, emb, batch=B):
@@ -108,15 +110,16 @@ def test_all_methods_finite_values_and_gradients():
     terms = _all_terms()
     distiller = distill.Distiller(terms)
     params, state = _split(_init(distiller, s, t, labels))
-    assert set(state) == {"batch_stats", "crd_memory"}
+    assert set(state) == {"batch_stats", "crd_memory", "taid"}
 
     def total(params, s, state, t, labels):
         values = distiller.apply({"params": params, **state}, s, t, _ctx(labels))
-        return sum(values.values()), values
+        return sum(values[x.name] for x in terms), values
 
     grad_fn = jax.jit(jax.value_and_grad(total, argnums=(0, 1), has_aux=True))
     (_, values), (g_params, g_feats) = grad_fn(params, s, state, t, labels)
-    assert set(values) == {t.name for t in terms}
+    # every term, and the parts of the terms that have some (mlkd's levels, for logging)
+    assert set(values) == {t.name for t in terms} | PARTS
     values, g_params, g_feats = jax.device_get((values, g_params, g_feats))
     for name, v in values.items():
         assert v.shape == () and np.isfinite(v), (name, v)
@@ -125,7 +128,8 @@ def test_all_methods_finite_values_and_gradients():
     for f in ("stage1", "stage2", "embedding", "logits"):
         assert np.abs(g_feats[f]).sum() > 0, f
     # Every adapter is trained (each belongs to one term, named after it).
-    assert {m.split("_")[0] for m in params} == {"fitnet", "ofd", "vid", "reviewkd", "cc", "crd", "adv", "ab", "ft"}
+    assert {m.split("_")[0] for m in params} == {"fitnet", "ofd", "vid", "reviewkd", "cc", "crd", "adv", "ab", "ft",
+                                                 "ickd", "srd"}
     for module, g in g_params.items():
         assert all(np.abs(x).sum() > 0 for x in jax.tree.leaves(g)), module
 
@@ -150,6 +154,13 @@ def _direct_losses(s, t, labels):
         "mse_logits": losses.mse_logits(s["logits"], t["logits"]),
         "fm": losses.kd(s["logits"], t["logits"], 1.0),
         "deit": losses.deit(s["logits_cls"], s["logits_dist"], t["logits"], labels),
+        "reverse_kl": losses.reverse_kl(s["logits"], t["logits"], T),
+        "generalized_jsd": losses.generalized_jsd(s["logits"], t["logits"], 0.5, 1.0),
+        "skew_kl": losses.skew_kl(s["logits"], t["logits"], 0.1),
+        "skew_reverse_kl": losses.skew_reverse_kl(s["logits"], t["logits"], 0.1),
+        "taid": losses.taid(s["logits"], t["logits"], 0.4),  # the schedule's t_start (init, eval mode)
+        "ab_divergence": losses.ab_divergence(s["logits"], t["logits"], 0.8, 0.3, T),
+        "topk_kd": losses.topk_kd(s["logits"], *jax.lax.top_k(t["logits"], 5), T),
         "at": sum(losses.attention_transfer(s[k], t[k]) for k in ("stage1", "stage2")),
         "sp": losses.similarity_preserving(s["stage2"], t["stage2"]),
         "nst": sum(losses.nst(s[k], t[k]) for k in ("stage1", "stage2")),
@@ -217,7 +228,8 @@ def test_defaults_fit_real_model_pairs(student, teacher, image):
     distiller = distill.Distiller(terms)
     variables = jax.eval_shape(lambda s, t, y: distiller.init(jax.random.key(0), s, t, _ctx(y)), s, t, labels)
     values = jax.eval_shape(lambda v, s, t, y: distiller.apply(v, s, t, _ctx(y)), variables, s, t, labels)
-    assert all(v.shape == () for v in values.values()) and len(values) == len(terms)
+    assert all(v.shape == () for v in values.values())
+    assert set(values) == {t.name for t in terms} | PARTS
     with pytest.raises(ValueError, match="student model does not have"):  # the digits MLP student
         distill.check_features(distill.build_terms(distill.get_config("at").to_dict()),
                                ["hidden1", "embedding", "logits"], shapes["teacher"])

@@ -5,9 +5,9 @@ The measurements run in a child process with 8 host CPU devices (tests/conftest.
 process 2, and the device count is fixed once JAX has started); it writes them to an .npz that
 the tests compare. Two harnesses:
 
-- per term: each batch-level term alone (RKD, PKT, CC, SP, DIST, CRD, MLKD), its value and its gradient
+- per term: each batch-level term alone (RKD, PKT, CC, SP, DIST, CRD, MLKD, SKD, SRD), its value and its gradient
   with respect to a linear "student" that makes the features from the inputs, and to the term's
-  adapters (CC's and CRD's embeddings), with kdjax.step's convention (gradients w.r.t. a
+  adapters (CC's and CRD's embeddings, SRD's projector), with kdjax.step's convention (gradients w.r.t. a
   per-device view of the replicated parameters, then pmean);
 - the real step: kdjax.step.make_train_step wrapped by DataParallel (jit on 1, 2, 8 devices and
   pmap on 8) with an MLP student and teacher and all six terms: logged term values, gradient norm
@@ -24,8 +24,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, K, N, D_IN = 16, 5, 64, 12  # global batch, classes, data-set size (CRD memory), input width
-TERMS = ("rkd", "pkt", "cc", "sp", "dist", "crd", "mlkd")
-STEP_TERMS = TERMS[:-1]  # the real step's
+TERMS = ("rkd", "pkt", "cc", "sp", "dist", "crd", "mlkd", "skd", "srd")
+STEP_TERMS = ("rkd", "pkt", "cc", "sp", "dist", "crd")  # the real step's
 DEVICES = (1, 2, 8)
 
 
@@ -120,6 +120,7 @@ def _per_term(out):
         "sp": losses.similarity_preserving(student(w, x)["stage2"], t["stage2"]),
         "dist": losses.dist(student(w, x)["logits"], t["logits"], 1.0, 1.0, 4.0),
         "mlkd": losses.mlkd(student(w, x)["logits"], student(w, x)["strong/logits"], t["logits"], t["strong/logits"]),
+        "skd": losses.skd(student(w, x)["logits"], t["logits"]),
     })(w, x, teacher, y)
     for name, v in jax.device_get(direct).items():
         out[f"direct/{name}"] = np.asarray(v)

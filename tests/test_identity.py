@@ -48,6 +48,10 @@ DIGITS_METHODS = {
     "ft": "cf00f91f", "rkd": "c35795b4", "pkt": "c35795b4", "cc": "c35795b4", "crd": "c35795b4",
     "adv": "c35795b4", "ce": "c35795b4",
     "deit": "55c3baf4",  # a small distilled ViT student (Method.vit_student)
+    # appended after 'ce' (issue 24): the language-model divergences
+    "reverse_kl": "c35795b4", "generalized_jsd": "c35795b4", "skew_kl": "c35795b4", "skew_reverse_kl": "c35795b4",
+    "taid": "c35795b4", "ab_divergence": "c35795b4", "topk_kd": "c35795b4", "ickd": "1388925d",
+    "skd": "c35795b4", "srd": "c35795b4",
 }
 
 

@@ -54,6 +54,23 @@ def np_spp(x, scales=(1, 2, 4)):
     return np.concatenate([np_pool(finest, s).reshape(x.shape[0], s * s, -1) for s in scales], axis=1)
 
 
+def _np_log_softmax(z):
+    z = np.asarray(z, np.float64)
+    z = z - z.max()
+    return z - np.log(np.exp(z).sum())
+
+
+def np_sdd_nkd_row(s, t, label, temp, gamma):
+    """SDD-CVPR2024 SDD_nkd.py nkd_loss for one row, as written there: the target term at T = 1,
+    then `mask = ones_like(logit_s).scatter_(1, label, 1).bool()` -- a mask of ones, so every
+    class is kept -- and the soft CE of the kept logits at `temp`, times gamma * temp^2."""
+    loss_t = -np.exp(_np_log_softmax(t))[label] * _np_log_softmax(s)[label]
+    mask = np.ones_like(s, bool)
+    mask[label] = True  # scatter_(1, label, 1) into ones
+    S, T_ = _np_log_softmax(s[mask] / temp), np.exp(_np_log_softmax(t[mask] / temp))
+    return loss_t - gamma * temp**2 * (T_ * S).sum()
+
+
 def np_sdd(s, t, y, base, T, alpha=1.0, beta=8.0):
     """shicaiwei123/SDD-CVPR2024 sdd_kd_loss / multi_dkd: the four masks, weights 1 and 2."""
     b, r, _ = s.shape
@@ -63,6 +80,8 @@ def np_sdd(s, t, y, base, T, alpha=1.0, beta=8.0):
         for j in range(r):
             if base == "kd":
                 loss = np_kd(s[i, j][None], t[i, j][None], T)
+            elif base == "nkd":
+                loss = np_sdd_nkd_row(s[i, j], t[i, j], y[i], T, beta)
             else:
                 loss = np_dkd(s[i, j][None], t[i, j][None], y[i:i + 1], alpha, beta, T)
             local_right = np.argmax(t[i, j]) == y[i]
@@ -141,16 +160,21 @@ def test_multiscale_logits_and_sdd_match_the_reference():
     def run(cmap_s, cmap_t, ms, mt, y):
         term = terms[1].fn(cmap_s, cmap_t, distill.Context(labels=y, train=False))  # both class maps
         return (losses.multiscale_logits(cmap_s), losses.multiscale_logits(cmap_s, (1, 2)), term,
-                {b: losses.sdd(ms, mt, y, base=b, temperature=4.0) for b in ("kd", "dkd")})
+                {b: losses.sdd(ms, mt, y, base=b, temperature=4.0) for b in ("kd", "dkd", "nkd")})
 
     pooled, pooled12, term, values = run(cmap_s, cmap_t, ms.astype(np.float32), mt.astype(np.float32), y)
     np.testing.assert_allclose(pooled, ms, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(pooled12, np_spp(cmap_s, (1, 2)), rtol=1e-5, atol=1e-6)
-    for base in ("kd", "dkd"):
+    for base in ("kd", "dkd", "nkd"):
         np.testing.assert_allclose(values[base], np_sdd(ms, mt, y, base, 4.0), rtol=1e-5, err_msg=base)
+    # distill.sdd.base=nkd reaches the loss, with beta as NKD's gamma (the reference's DKD.BETA)
+    nkd_terms = distill.build_terms({"method": "sdd", "sdd": {"base": "nkd", "beta": 2.0}})
+    nkd_term = jax.jit(lambda a, b, y: nkd_terms[1].fn(a, b, distill.Context(labels=y, train=False)))(
+        cmap_s, cmap_t, y)
+    np.testing.assert_allclose(nkd_term, np_sdd(ms, np_spp(cmap_t), y, "nkd", 4.0, beta=2.0), rtol=1e-5)
     np.testing.assert_allclose(term, np_sdd(ms, np_spp(cmap_t), y, "kd", 4.0), rtol=1e-5)
     for bad, message in (({"scales": "1,x"}, "distill.sdd.scales must be positive integers"),
-                         ({"base": "nkd"}, "distill.sdd.base must be 'kd' or 'dkd'")):
+                         ({"base": "ce"}, "distill.sdd.base must be 'kd', 'dkd' or 'nkd', got 'ce'")):
         with pytest.raises(ValueError, match=message):
             distill.build_terms({"method": "sdd", "sdd": bad})
 

@@ -118,4 +118,7 @@ def test_mlkd_on_two_views_end_to_end(tmp_path):
         assert all(np.isfinite(r[k]) for k in ("loss", "loss/mlkd", "loss/mlkd_ce_strong")), r
         np.testing.assert_allclose(r["loss"], 0.1 * r["loss/ce"] + 0.9 * r["loss/mlkd"] + 0.1 * r["loss/mlkd_ce_strong"],
                                    rtol=1e-5)
+        # its three levels are logged beside it and add up to it (not in the total)
+        np.testing.assert_allclose(sum(r[f"loss/mlkd/{k}"] for k in ("instance", "class", "batch")), r["loss/mlkd"],
+                                   rtol=1e-5)
     assert rows[0]["loss/mlkd_ce_strong"] != pytest.approx(rows[0]["loss/ce"], rel=1e-3)  # another view

@@ -14,6 +14,10 @@ A *method* is a ready-made list of terms with the weights the reference code use
     adversarial.py  adv (+ the discriminator)
     build.py        'ce' (labels only), get_config, build_terms and the checks on the terms
     transformer.py  deit (a distilled ViT student's two heads; imported after 'ce' is registered)
+    sequence.py     reverse_kl, generalized_jsd, skew_kl, skew_reverse_kl, taid, ab_divergence,
+                    topk_kd (the language-model divergences; appended after 'ce')
+    gram.py         ickd (+ its embedding), skd (Gram-matrix methods; appended after sequence.py's)
+    projector.py    srd (+ its projector and normalisation; appended after gram.py's)
 
 and beside them: core.py (`Term`, `Context`, `Distiller`, feature names, the global batch),
 registry.py (`Method`, `METHODS`, `register` and a builder's toolkit), ensemble.py (several

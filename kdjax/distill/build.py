@@ -26,14 +26,17 @@ from kdjax.distill.registry import METHODS, ce_term, check_weight, logit_term, l
 _FAMILIES = (logit, feature, relation, contrastive, adversarial)
 
 
-# Labels only: the teacher / from-scratch objective. Registered after every family: the last key.
+# Labels only: the teacher / from-scratch objective. Registered after the first five families.
 @register("ce", paper="(no distillation)", ce_weight=1.0, defaults={})
 def _ce(h, temperature, data):
     return []
 
 
-# Families registered after 'ce' (new methods are appended to METHODS, whose order is a contract).
-from kdjax.distill import transformer  # noqa: E402,F401,I001
+# Families added since: the registry's order is a contract (tests/test_identity.py pins it), so
+# their methods are appended after 'ce'.
+from kdjax.distill import transformer, sequence, gram, projector  # noqa: E402,I001
+
+_FAMILIES = _FAMILIES + (transformer, sequence, gram, projector)
 
 
 def check_views(terms: Sequence["Term"], views) -> bool:
@@ -113,12 +116,12 @@ def _check_keys(where: str, given, allowed) -> None:
 
 
 def build_terms(distill: Mapping[str, Any], *, label_smoothing: float = 0.0,
-                num_data: int | None = None, dataset_labels=None) -> tuple[Term, ...]:
+                num_data: int | None = None, dataset_labels=None, num_steps: int | None = None) -> tuple[Term, ...]:
     """Turns the `config.distill` block (as a plain dict) into the tuple of terms to optimise.
 
     `num_data` (training-set size) and `dataset_labels` ((num_data,) training labels) are only
     used by CRD (memory rows; negatives from other classes); distill.crd.num_data overrides
-    `num_data`."""
+    `num_data`. `num_steps` (the stage's training steps) is the length of TAID's schedule."""
     temperature = float(distill.get("temperature", 4.0))
     if temperature <= 0:
         raise ValueError(f"distill.temperature must be > 0, got {temperature}")
@@ -127,10 +130,11 @@ def build_terms(distill: Mapping[str, Any], *, label_smoothing: float = 0.0,
     if ce_weight is None:
         ce_weight = max(METHODS[n].ce_weight for n in names)
     ce_weight = check_weight("distill.ce_weight", ce_weight)
-    data = {"num_data": num_data, "dataset_labels": dataset_labels, "label_smoothing": label_smoothing}
     standardize = distill.get("logit_standardize", False)
     if not isinstance(standardize, (bool, np.bool_)):
         raise ValueError(f"distill.logit_standardize must be True or False, got {standardize!r}")
+    data = {"num_data": num_data, "dataset_labels": dataset_labels, "label_smoothing": label_smoothing,
+            "logit_standardize": bool(standardize), "num_steps": num_steps}
     ctkd = dict(distill.get("ctkd") or {})
     _check_keys("distill.ctkd", ctkd, CTKD_DEFAULTS)
     ctkd = {**CTKD_DEFAULTS, **ctkd}

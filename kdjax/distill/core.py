@@ -48,6 +48,9 @@ class Term:
     `provides_temperature`: fn(None, None, ctx) returns the learned temperature (CTKD) instead of
     a loss; the Distiller evaluates it first, hands it to the other terms as ctx.temperature and
     reports it (gradient stopped) as this term's value, which enters the total with weight 0.
+    `fn` may return a dict of named parts instead of a scalar (mlkd: its instance, class and batch
+    levels): the term's value is their sum, and the Distiller also returns each part, gradient
+    stopped, as '<term>/<part>' (logged as 'loss/<term>/<part>'; not in the total).
     `global_batch`: a batch-level term (it relates the examples of a batch to each other); inside
     the data-parallel step (ctx.train) it is evaluated on the all-gathered global batch, on every
     device (see the module docstring for why the gradients come out right).
@@ -232,4 +235,11 @@ class Distiller(nn.Module):
                 values[t.name] = t.fn(global_batch(student, ctx), global_batch(teacher, ctx), global_ctx)
             else:
                 values[t.name] = t.fn(student, teacher, ctx)
-        return {t.name: values[t.name] for t in self.terms}
+        out, parts = {}, {}
+        for t in self.terms:
+            value = values[t.name]
+            if isinstance(value, Mapping):  # a term of several parts: its value is their sum
+                parts.update({f"{t.name}/{k}": jax.lax.stop_gradient(v) for k, v in value.items()})
+                value = sum(value.values())
+            out[t.name] = value
+        return {**out, **parts}

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from kdjax import losses
 from kdjax.distill.core import STRONG, Term, _pairs
 from kdjax.distill.ensemble import _teacher_logits
+from kdjax.losses.logit import MLKD_STANDARDIZED_TEMPERATURES, MLKD_TEMPERATURES, mlkd_strong_flags
 from kdjax.distill.registry import (
     as_floats,
     ce_term,
@@ -104,29 +105,62 @@ def _wttm(h, temperature, data):
 # method's 'ce' term is the weak view's, its 'mlkd_ce_strong' term (weight strong_ce_weight) the
 # strong view's. A batch-level term (medians, the B x B and K x K correlations): global batch.
 def _mlkd_fn(student, teacher, ctx, *, temperatures, strong_temperatures, standardize=False):
+    """The mlkd term: its value is the sum of its three levels, which the Distiller logs as
+    'mlkd/instance', 'mlkd/class' and 'mlkd/batch' (a dict of parts, see `Term`)."""
     (sw, tw), (ss, ts) = _pairs("mlkd", student, teacher)  # (weak pair), (strong pair)
+    if temperatures is None:  # 'auto': the reference's list for this standardisation
+        temperatures = MLKD_STANDARDIZED_TEMPERATURES if standardize else MLKD_TEMPERATURES
+    if strong_temperatures is None:
+        strong_temperatures = tuple(temperatures)[:3]
     if jnp.ndim(tw) == jnp.ndim(sw):  # one teacher
-        return losses.mlkd(sw, ss, tw, ts, temperatures, strong_temperatures, standardize=standardize)
+        return losses.mlkd(sw, ss, tw, ts, temperatures, strong_temperatures, standardize=standardize, parts=True)
     # an ensemble: its teachers combined at each temperature; the masks from their T = 1 average
     # (with standardize, the combined logits are z-scored for the instance level)
     conf = _teacher_logits(sw, tw, ctx, 1.0)
-    return sum(losses.mlkd(sw, ss, _teacher_logits(sw, tw, ctx, t), _teacher_logits(ss, ts, ctx, t), (t,),
-                           tuple(x for x in strong_temperatures if float(x) == float(t)),
-                           confidence_logits=conf, standardize=standardize) for t in temperatures)
+    levels = {}
+    for t, on_strong in zip(temperatures, mlkd_strong_flags(temperatures, strong_temperatures)):
+        one = losses.mlkd(sw, ss, _teacher_logits(sw, tw, ctx, t), _teacher_logits(ss, ts, ctx, t), (t,),
+                          (t,) if on_strong else (), confidence_logits=conf, standardize=standardize, parts=True)
+        levels = {k: levels.get(k, 0.0) + v for k, v in one.items()}
+    return levels
+
+
+def _mlkd_temperatures(h, key):
+    """distill.mlkd.<key>: 'auto' -> None (the reference's, see _mlkd_fn), else a tuple of floats."""
+    value = h[key]
+    if isinstance(value, str) and value.strip() == "auto":
+        return None
+    try:
+        temps = tuple(float(t) for t in as_floats(value))
+    except (TypeError, ValueError):
+        temps = ()
+    if not temps and key == "temperatures" or any(t <= 0 for t in temps):
+        raise ValueError(f"distill.mlkd.{key} must be 'auto' or temperatures > 0, e.g. '2,3,5,2,6', "
+                         f"got {value!r}")
+    return temps
 
 
 @register("mlkd", paper="Jin, Wang, Lin. Multi-Level Logit Distillation (CVPR 2023)", ce_weight=0.1,
-          defaults=defaults(0.9, "logits,strong/logits", "logits,strong/logits", temperatures="4,3,5,2,6",
-                            strong_temperatures="4,3,5", strong_ce_weight=0.1),
+          defaults=defaults(0.9, "logits,strong/logits", "logits,strong/logits", temperatures="auto",
+                            strong_temperatures="auto", strong_ce_weight=0.1),
           loss="mlkd", views=True, global_batch=True)
 def _mlkd(h, temperature, data):
-    kw = {"temperatures": tuple(float(t) for t in as_floats(h["temperatures"])),
-          "strong_temperatures": tuple(float(t) for t in as_floats(h["strong_temperatures"]))}
-    if not kw["temperatures"] or min(kw["temperatures"]) <= 0:
-        raise ValueError(f"distill.mlkd.temperatures must be temperatures > 0, got {h['temperatures']!r}")
-    if not set(kw["strong_temperatures"]) <= set(kw["temperatures"]):
-        raise ValueError(f"distill.mlkd.strong_temperatures={h['strong_temperatures']!r} must be among "
-                         f"distill.mlkd.temperatures={h['temperatures']!r}")
+    # temperatures 'auto': the reference's 4,3,5,2,6 (KD_ours, cfg.KD.TEMPERATURE 4), and with
+    # distill.logit_standardize 2,3,5,2,6 (logit-standardization-KD: --logit-stand sets
+    # cfg.KD.TEMPERATURE = --base-temp 2); strong_temperatures 'auto': the first three entries.
+    kw = {"temperatures": _mlkd_temperatures(h, "temperatures"),
+          "strong_temperatures": _mlkd_temperatures(h, "strong_temperatures")}
+    # refuse strong temperatures that the list in use lacks, in one line
+    standardize = bool(data.get("logit_standardize", False))
+    temps = kw["temperatures"] or (MLKD_STANDARDIZED_TEMPERATURES if standardize else MLKD_TEMPERATURES)
+    strong = temps[:3] if kw["strong_temperatures"] is None else kw["strong_temperatures"]
+    try:
+        mlkd_strong_flags(temps, strong)
+    except ValueError:
+        raise ValueError(
+            f"distill.mlkd.strong_temperatures={h['strong_temperatures']!r} must be among distill.mlkd.temperatures="
+            f"{h['temperatures']!r} ({','.join(f'{t:g}' for t in temps)}), each value at most as often as there"
+        ) from None
     fn = functools.partial(_mlkd_fn, **kw)
     ce = functools.partial(ce_term, label_smoothing=0.0)
     return [Term("mlkd_ce_strong", ce, check_weight("distill.mlkd.strong_ce_weight", h["strong_ce_weight"]),
@@ -155,7 +189,9 @@ def _nkd(h, temperature, data):
 # 0.9, T 4; no warm-up, distillers/KD.py ``SDD_KD``), complementary regions weighted 2. base='dkd'
 # is SD-DKD (distillers/SDD_DKD.py: DKD's CE 1, alpha 1, beta 8, T 4, linear warm-up over
 # tools/train_origin.py's --warm_up 30 epochs): set distill.sdd.weight=1, warmup_epochs=30 and
-# distill.ce_weight=1 with it. Reads both models' 'class_map' (the on-request class activation
+# distill.ce_weight=1 with it. base='nkd' is SDD's NKD (distillers/SDD_nkd.py ``SDD_NKDLoss``: the
+# same DKD block, CE 1, T = DKD.T, NKD's gamma = DKD.BETA, warm-up DKD.WARMUP; see losses.sdd).
+# Reads both models' 'class_map' (the on-request class activation
 # map; `losses.multiscale_logits` pools it into the cells' logits).
 def _sdd_fn(student, teacher, ctx, **kw):
     scales = kw.pop("scales")
@@ -177,8 +213,8 @@ def _sdd(h, temperature, data):
         scales = ()
     if not scales or min(scales) < 1:
         raise ValueError(f"distill.sdd.scales must be positive integers, e.g. (1, 2, 4), got {h['scales']!r}")
-    if h["base"] not in ("kd", "dkd"):
-        raise ValueError(f"distill.sdd.base must be 'kd' or 'dkd', got {h['base']!r}")
+    if h["base"] not in ("kd", "dkd", "nkd"):
+        raise ValueError(f"distill.sdd.base must be 'kd', 'dkd' or 'nkd', got {h['base']!r}")
     fn = functools.partial(_sdd_fn, scales=scales, base=h["base"], temperature=own_temperature(h, temperature),
                            alpha=float(h["alpha"]), beta=float(h["beta"]),
                            complementary_weight=float(h["complementary_weight"]))

@@ -34,7 +34,9 @@ class Method:
     `build(h, temperature, data)` returns the method's terms (without the hard-label CE term, which
     the trainer adds with weight `ce_weight`). `h` is the method's sub-dict of the config merged
     over `defaults` (its keys are the only ones allowed); `temperature` the shared temperature;
-    `data` = {'num_data': int | None, 'dataset_labels': array | None} from the trainer.
+    `data` = {'num_data': int | None, 'dataset_labels': array | None} from the trainer, and
+    'logit_standardize' (bool: whether ``distill.logit_standardize`` is on; mlkd's 'auto' lists)
+    and 'num_steps' (int | None: the stage's training steps; TAID's schedule).
 
     The facts (all False / None unless the method says otherwise):
 

@@ -10,6 +10,9 @@ reduction and the paper. The functions live in one module per family, all re-exp
   for classifiers, ``(B, T, V)`` for sequence models, as optax's losses. The padding mask
   ``where`` and the ``reduction`` that every logit loss takes are described once there
   ("Padding and reduction"). Also CTKD's learnable temperature.
+* `kdjax.losses.sequence`: the divergences of language-model distillation (reverse KL, GKD's
+  generalized JSD, DistiLLM's skewed KLs, TAID with its schedule, ABKD's alpha-beta divergence,
+  KD from top-k teacher logits), on the same ``(..., V)`` logits with ``where`` and ``reduction``.
 * `kdjax.losses.feature`: feature maps NHWC ``(B, H, W, C)`` (and lists of them).
 * `kdjax.losses.relation`: embeddings ``(B, D)`` (those documented as flattening accept
   ``(B, ...)``) and the relations between the rows of a batch.
@@ -52,7 +55,9 @@ RepDistiller (HobbitLong/RepDistiller @1e2f816), mdistiller
 logit standardisation (sunshangquan/logit-standardization-KD @f6e5aa5),
 big_vision (google-research/big_vision @0127fb6,
 big_vision/evaluators/proj/distill/distance.py), WTTM (zkxufo/TTM @fe457b3), NKD
-(yzd-v/cls_KD @1e5d48f), CTKD (zhengli97/CTKD @7d52522).
+(yzd-v/cls_KD @1e5d48f), CTKD (zhengli97/CTKD @7d52522), DistiLLM (jongwooko/distillm @17c0f98),
+TAID (SakanaAI/TAID @a062892), ABKD (ghwang-s/abkd @a0fb144), DistillKit (arcee-ai/DistillKit
+@361c7ac), ICKD (ADLab-AutoDrive/ICKD @04e1d3e), TRL's GKD (trl/trainer/gkd_trainer.py ``generalized_jsd_loss``).
 """
 
 from __future__ import annotations
@@ -73,8 +78,20 @@ from kdjax.losses.logit import (
     multiscale_logits,
     nkd,
     sdd,
+    skd,
     soft_cross_entropy,
     wttm,
+)
+from kdjax.losses.sequence import (
+    ab_divergence,
+    generalized_jsd,
+    reverse_kl,
+    skew_kl,
+    skew_reverse_kl,
+    taid,
+    taid_init,
+    taid_update,
+    topk_kd,
 )
 from kdjax.losses.feature import (
     activation_boundary,
@@ -83,6 +100,7 @@ from kdjax.losses.feature import (
     fitnet,
     fsp,
     hcl,
+    ickd,
     kdsvd,
     nst,
     ofd,
@@ -96,6 +114,7 @@ from kdjax.losses.relation import (
     discriminator_bce,
     pkt,
     rkd,
+    srd,
 )
 from kdjax.losses.contrastive import (
     crd_contrast_loss,
@@ -124,7 +143,18 @@ __all__ = [
     "deit",
     "multiscale_logits",
     "sdd",
+    "skd",
     "mse_logits",
+    # language-model distillation (kdjax.losses.sequence; any (..., V) logits)
+    "reverse_kl",
+    "generalized_jsd",
+    "skew_kl",
+    "skew_reverse_kl",
+    "taid",
+    "taid_init",
+    "taid_update",
+    "ab_divergence",
+    "topk_kd",
     # learnable temperature (CTKD)
     "gradient_reversal",
     "ctkd_lambda",
@@ -142,12 +172,14 @@ __all__ = [
     "fsp",
     "activation_boundary",
     "factor_transfer",
+    "ickd",
     # embeddings / relations
     "rkd",
     "pkt",
     "correlation_congruence",
     "cosine_distance",
     "discriminator_bce",
+    "srd",
     # CRD
     "crd_init_memory",
     "crd_sample_negatives",

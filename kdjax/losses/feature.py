@@ -526,3 +526,30 @@ def factor_transfer(student_factor, teacher_factor, p1: float = 2.0, p2: float =
     factor = lambda f: _l2_normalize(_flat(jnp.mean(f**p1, axis=-1)))
     d = factor(fs) - factor(ft)
     return jnp.mean(jnp.abs(d)) if p2 == 1 else jnp.mean(d**p2)
+
+
+def ickd(student_feat, teacher_feat) -> jax.Array:
+    """Inter-channel correlation KD: match the row-normalised channel Gram matrices per example.
+
+    With F the (HW, C) map of one example, G = normalize_rows(F^T F) (the C x C inter-channel
+    correlation, each row scaled to unit l2 norm, eps 1e-12, as ``F.normalize(dim=2)``):
+      loss = sum_{b, i, j} (G_s - G_t)_{b,ij}^2 / (C B)
+    Reduction: summed over the C x C entries and the batch, divided by C B (a per-example value
+    averaged over the batch, so no cross-example relation). The spatial sizes may differ (the Gram
+    is over HW); the channel counts must match: the method maps the student's channels to the
+    teacher's with its 1x1 conv + BatchNorm embedding first (kdjax.distill).
+
+    Paper: Liu, Chen, Liu, Li, Liu, Gao, Ding, "Exploring Inter-Channel Correlation for
+    Diversity-preserved Knowledge Distillation", ICCV 2021. Reproduces ADLab-AutoDrive/ICKD
+    ``ICKDLoss.batch_loss`` (Cifar100/distiller_zoo/ICKD.py @04e1d3e) after its ``embed_s``.
+
+    Args:
+      student_feat, teacher_feat: (B, H, W, C) NHWC maps, the same B and C.
+    """
+    _check("ickd", {"student_feat": student_feat, "teacher_feat": teacher_feat}, ndim=4,
+           layout="(B, H, W, C)", match="batch")
+    _check("ickd", {"student_feat": student_feat, "teacher_feat": teacher_feat}, match="last")
+    b, c = np.shape(student_feat)[0], np.shape(student_feat)[-1]
+    gs, gt = _l2_normalize(_gram(_f32(student_feat))), _l2_normalize(_gram(_f32(teacher_feat)))
+    d = gs - gt
+    return jnp.sum(d * d) / (c * b)

@@ -345,10 +345,32 @@ def _median_fraction(values: jax.Array) -> jax.Array:
     return jnp.mean((values <= jnp.median(values)).astype(jnp.float32))
 
 
+MLKD_TEMPERATURES = (4.0, 3.0, 5.0, 2.0, 6.0)  # KD_ours / MLKD.py: cfg.KD.TEMPERATURE (4), 3, 5, 2, 6
+MLKD_STANDARDIZED_TEMPERATURES = (2.0, 3.0, 5.0, 2.0, 6.0)  # the same with --logit-stand (--base-temp 2)
+
+
+def mlkd_strong_flags(temperatures: Sequence[float], strong_temperatures: Sequence[float]) -> tuple[bool, ...]:
+    """Which entries of MLKD's `temperatures` the strong-view KD reads from the strong view.
+
+    `strong_temperatures` is a list counted with multiplicity (a sub-multiset of `temperatures`):
+    each of its entries claims the first unclaimed equal entry of `temperatures`, so with
+    temperatures (2, 3, 5, 2, 6) and strong_temperatures (2, 3, 5) the first 2 reads the strong view
+    and the second 2 the weak one, as the reference's five calls written out one by one. Raises a
+    one-line ValueError for an entry that `temperatures` does not have (often enough)."""
+    temps = [float(t) for t in temperatures]
+    flags = [False] * len(temps)
+    for x in strong_temperatures:
+        i = next((i for i, t in enumerate(temps) if t == float(x) and not flags[i]), None)
+        if i is None:
+            raise ValueError(f"mlkd: strong_temperatures {tuple(float(v) for v in strong_temperatures)} must be "
+                             f"among temperatures {tuple(temps)}, each value at most as often as there")
+        flags[i] = True
+    return tuple(flags)
+
+
 def mlkd(student_weak, student_strong, teacher_weak, teacher_strong,
-         temperatures: Sequence[float] = (4.0, 3.0, 5.0, 2.0, 6.0),
-         strong_temperatures: Sequence[float] = (4.0, 3.0, 5.0), *, confidence_logits=None,
-         standardize: bool = False) -> jax.Array:
+         temperatures: Sequence[float] | None = None, strong_temperatures: Sequence[float] | None = None, *,
+         confidence_logits=None, standardize: bool = False, parts: bool = False):
     """Multi-level logit distillation (MLKD) on a weakly and a strongly augmented view.
 
     With P = softmax(z / T) row-wise ((B, K) for a batch of B examples, K classes) and the
@@ -359,39 +381,59 @@ def mlkd(student_weak, student_strong, teacher_weak, teacher_strong,
       BC_T(s, t) = || P_s P_s^T - P_t P_t^T ||_F^2 / B               (batch level, B x B)
       m_s = mean_b [max_k p_bk <= median_b(max_k p_bk)]              (sample-confidence mask)
       m_c = mean_k [sum_b p_bk <= median_k(sum_b p_bk)]              (class-confidence mask)
-      loss = sum_{T in temperatures} ( m_s KD_T(w) + V_T + m_c CC_T(w) + m_s BC_T(w) ),
-      V_T  = KD_T(strong) if T in strong_temperatures else KD_T(w),
-    where (w) is (student_weak, teacher_weak) and (strong) the strong view's pair.
+      instance = sum_i ( m_s KD_{T_i}(w) + V_i ),  V_i = KD_{T_i}(strong) if entry i is strong
+                                                          else KD_{T_i}(w)
+      class    = sum_i m_c CC_{T_i}(w),   batch = sum_i m_s BC_{T_i}(w)
+      loss     = instance + class + batch
+    over the entries T_i of the list `temperatures` (repeats count), where (w) is (student_weak,
+    teacher_weak) and (strong) the strong view's pair. The strong entries are given by
+    `strong_temperatures`, a list counted with multiplicity (`mlkd_strong_flags`): each of its
+    values marks one equal entry of `temperatures`, the first not yet marked.
 
     Reduction: KD batch mean; CC and BC sums over their K x K / B x B entries divided by K / B; a
     scalar. The masks depend on the whole batch (medians), as do CC and BC: a batch-level loss.
     Paper: Jin, Wang, Lin, "Multi-Level Logit Distillation", CVPR 2023. Reproduces the official
     Jin-Ying/Multi-Level-Logit-Distillation ``KD_ours`` (mdistiller/distillers/KD_ours.py @5ee473f)
-    with its cfg.KD.TEMPERATURE = 4 and the extra temperatures 3, 5, 2, 6; where paper and code
-    differ this follows the code:
+    with its cfg.KD.TEMPERATURE = 4 and the extra temperatures 3, 5, 2, 6, and
+    sunshangquan/logit-standardization-KD ``MLKD`` (mdistiller/distillers/MLKD.py @f6e5aa5) with
+    ``--logit-stand``, whose tools/train.py sets cfg.KD.TEMPERATURE to ``--base-temp`` (2): the list
+    (2, 3, 5, 2, 6). Where paper and code differ this follows the code:
       * the confidence masks multiply batch-mean losses (``(kd_loss(...) * mask).mean()`` with
         ``reduce=True``), so they scale each loss by the masked fraction (about 1/2), m_s / m_c
         above, instead of selecting examples or classes;
-      * its strong-view KD reads the strong view at T = 4, 3, 5 but the weak view at T = 2, 6
-        (`strong_temperatures`; set it to `temperatures` for the strong view at every T);
+      * its strong-view KD is five calls: the strong view at cfg.KD.TEMPERATURE, 3, 5 and the weak
+        view at 2, 6 (strong_temperatures = the first three entries; with base temperature 2 the
+        first 2 reads the strong view and the second 2 the weak one). Set strong_temperatures =
+        temperatures for the strong view at every entry (the paper's reading);
       * its class- and batch-level losses of the strong view are computed but left out of the
         objective, so only the weak view's enter here.
     The hard-label CE on the strong view (the reference's CE is on both views) is a separate term
     of the method (kdjax.distill). ``standardize`` z-scores the logits of the instance-level KD
-    only (`logit_standardize`), as sunshangquan/logit-standardization-KD's MLKD.py does with
-    ``--logit-stand``; the masks and the class and batch levels read the raw logits.
+    only (`logit_standardize`), as MLKD.py does with ``--logit-stand``; the masks and the class and
+    batch levels read the raw logits.
 
     Args:
       student_weak, student_strong, teacher_weak, teacher_strong: (B, K) logits.
-      temperatures: the temperatures of every level (the reference's 4, 3, 5, 2, 6).
-      strong_temperatures: those at which the strong-view KD reads the strong view.
+      temperatures: the list of temperatures of every level; None: the reference's,
+        (4, 3, 5, 2, 6), or (2, 3, 5, 2, 6) with ``standardize`` (MLKD_TEMPERATURES,
+        MLKD_STANDARDIZED_TEMPERATURES).
+      strong_temperatures: the entries at which the strong-view KD reads the strong view, with
+        multiplicity; None: the first three entries of `temperatures` (the reference's structure).
       confidence_logits: (B, K) teacher logits the masks are computed from (default
         teacher_weak; kdjax.distill passes an ensemble's teachers combined at T = 1).
       standardize: z-score the instance-level KD's logits (logit standardisation).
+      parts: return the three levels, {'instance', 'class', 'batch'} (the reference's loss_kd,
+        loss_cc and loss_bc), instead of their sum; the loss is exactly their sum.
     """
     views = {"student_weak": student_weak, "student_strong": student_strong,
              "teacher_weak": teacher_weak, "teacher_strong": teacher_strong}
     _check("mlkd", views, ndim=2, layout="(B, K)", match="shape")
+    if temperatures is None:
+        temperatures = MLKD_STANDARDIZED_TEMPERATURES if standardize else MLKD_TEMPERATURES
+    temperatures = tuple(temperatures)
+    if strong_temperatures is None:
+        strong_temperatures = temperatures[:3]
+    strong = mlkd_strong_flags(temperatures, strong_temperatures)
     sw, ss, tw, ts = (_f32(v) for v in views.values())
     conf = jax.nn.softmax(jax.lax.stop_gradient(tw if confidence_logits is None else _f32(confidence_logits)), -1)
     m_s, m_c = _median_fraction(jnp.max(conf, -1)), _median_fraction(jnp.sum(conf, 0))
@@ -403,13 +445,16 @@ def mlkd(student_weak, student_strong, teacher_weak, teacher_strong,
         g = jnp.einsum(eq, ps, ps, precision=_HI) - jnp.einsum(eq, pt, pt, precision=_HI)
         return jnp.sum(g * g) / s.shape[1 - axis]
 
-    strong = {float(x) for x in strong_temperatures}
-    loss = jnp.zeros((), jnp.float32)
-    for temp in temperatures:
+    levels = {"instance": jnp.zeros((), jnp.float32), "class": jnp.zeros((), jnp.float32),
+              "batch": jnp.zeros((), jnp.float32)}
+    for temp, on_strong in zip(temperatures, strong):
         kd_w = inst(sw, tw, temp)
-        loss += m_s * kd_w + (inst(ss, ts, temp) if float(temp) in strong else kd_w)
-        loss += m_c * gram_gap(sw, tw, temp, 0) + m_s * gram_gap(sw, tw, temp, 1)
-    return loss
+        levels["instance"] += m_s * kd_w + (inst(ss, ts, temp) if on_strong else kd_w)
+        levels["class"] += m_c * gram_gap(sw, tw, temp, 0)
+        levels["batch"] += m_s * gram_gap(sw, tw, temp, 1)
+    if parts:
+        return levels
+    return levels["instance"] + levels["class"] + levels["batch"]
 
 
 def nkd(student_logits, teacher_logits, labels, gamma: float = 1.5,
@@ -492,7 +537,9 @@ def sdd(student_logits, teacher_logits, labels, base: str = "kd", temperature: f
 
     Inputs are (B, R, K) multi-scale logits (`multiscale_logits`; region 0 = the global logits).
     With l_{b,r} the per-example loss of region r (base 'kd': T^2 KL(p_t || p_s) at temperature
-    T, `kd`; base 'dkd': alpha TCKD + beta NCKD, `dkd`, with the example's label) and
+    T, `kd`; base 'dkd': alpha TCKD + beta NCKD, `dkd`, with the example's label; base 'nkd':
+    -softmax(t)_y log softmax(s)_y - beta T^2 sum_k softmax(t/T)_k log softmax(s/T)_k, the
+    reference's NKD, see below) and
     c_{b,r} = [argmax t_{b,r} == y_b] whether the teacher classifies region r correctly:
       w_{b,r} = complementary_weight  if c_{b,r} != c_{b,0}  (complementary: the region and the
                                        global prediction disagree on being right)
@@ -504,20 +551,26 @@ def sdd(student_logits, teacher_logits, labels, base: str = "kd", temperature: f
     shicaiwei123/SDD-CVPR2024 ``sdd_kd_loss`` (mdistiller/distillers/KD.py) and ``multi_dkd``
     (SDD_DKD.py): the four masks gt_lt, gw_lw (weight 1) and gt_lw, gw_lt (weight 2) there are
     the two cases above. The reference's kd variant sets NaN entries to 0; here the KL is
-    computed from log-softmaxes and has none.
+    computed from log-softmaxes and has none. Base 'nkd' reproduces ``multi_nkd_loss`` and
+    ``nkd_loss`` (SDD_nkd.py @4e4da31): NKD's target term at T = 1 plus gamma T^2 times the soft
+    cross-entropy of the "non-target" classes, with gamma = its cfg.DKD.BETA (here `beta`) and T =
+    cfg.DKD.T. Its mask of the non-target classes is ``ones_like(...).scatter_(1, label, 1)``, which
+    keeps every class, so that cross-entropy runs over all K classes, target included (unlike
+    `nkd`, which leaves the target out as the NKD paper and yzd-v/cls_KD do); this follows the code.
 
     Args:
       student_logits, teacher_logits: (B, R, K) multi-scale logits, the same shape.
       labels: (B,) integer classes.
-      base: 'kd' or 'dkd', the per-region loss.
+      base: 'kd', 'dkd' or 'nkd', the per-region loss.
       temperature: T.
-      alpha, beta: DKD's TCKD / NCKD weights (base 'dkd' only).
+      alpha, beta: DKD's TCKD / NCKD weights (base 'dkd'); beta is NKD's gamma (base 'nkd');
+        both unused by base 'kd'.
       complementary_weight: the weight of the complementary regions (2 in the reference).
     """
     _check("sdd", {"student_logits": student_logits, "teacher_logits": teacher_logits},
            ndim=3, layout="(B, R, K)", match="shape")
-    if base not in ("kd", "dkd"):
-        raise ValueError(f"sdd: base must be 'kd' or 'dkd', got {base!r}")
+    if base not in ("kd", "dkd", "nkd"):
+        raise ValueError(f"sdd: base must be 'kd', 'dkd' or 'nkd', got {base!r}")
     b, r, _ = np.shape(student_logits)
     labels = jnp.asarray(labels, jnp.int32)
     if labels.shape != (b,):
@@ -526,6 +579,12 @@ def sdd(student_logits, teacher_logits, labels, base: str = "kd", temperature: f
     region_labels = jnp.broadcast_to(labels[:, None], (b, r))
     if base == "kd":
         per = kd(zs, zt, temperature, reduction="none")
+    elif base == "nkd":
+        y = region_labels[..., None]
+        target = -(jnp.take_along_axis(jax.nn.softmax(zt, -1), y, -1)
+                   * jnp.take_along_axis(jax.nn.log_softmax(zs, -1), y, -1))[..., 0]
+        soft = optax.losses.softmax_cross_entropy(zs / temperature, jax.nn.softmax(zt / temperature, -1))
+        per = target + beta * temperature**2 * soft
     else:
         per = dkd(zs, zt, region_labels, alpha, beta, temperature, reduction="none")
     right = jnp.argmax(zt, axis=-1) == region_labels
@@ -667,3 +726,53 @@ def deit(cls_logits, dist_logits, teacher_logits, labels, mode: str = "hard", al
     else:
         distill = _kl_logits(t / temperature, s / temperature) * temperature**2 / s.shape[-1]
     return _reduce((1.0 - alpha) * base + alpha * distill, where, reduction)
+
+
+def skd(student_logits, teacher_logits, temperature: float = 4.0, tikhonov: float = 0.1,
+        direction_weight: float = 1.0, *, parts: bool = False):
+    """Streamlined knowledge distillation (SKD): an instance term plus a direction term.
+
+    With P = softmax(z / T) and, over the B examples of the batch, the Gram matrices of the
+    l2-normalised logits G = n(z) n(z)^T (B x B, n = row-wise l2 normalisation, eps 1e-12):
+      instance  = mean_b KL( P_t,b || P_s,b )                    (no T^2 factor)
+      D         = G_s - G_t,  Sigma = cov(D) + tikhonov I        (B x B: the covariance of D's
+                  columns over its rows, unbiased, as ``torch.cov(D.t())``)
+      direction = mean_b sqrt( D_b Sigma^-1 D_b^T )               (the Mahalanobis norm of row b)
+      loss      = instance + direction_weight * direction
+    A batch-level loss (the Gram matrices and the covariance relate the examples of the batch);
+    a scalar. ``parts`` returns {'instance', 'direction'} (direction unweighted) instead.
+
+    Paper: Jeong, Lee, Choi, "Streamlined Knowledge Distillation", CVPR 2026. Reproduces
+    torchdistill ``SKDInstanceLoss`` and ``SKDDirectionLoss`` (torchdistill/losses/mid_level.py
+    @3e4373c; temperature 4 and tikhonov 0.1 as there, from the paper's public code), weighted
+    1 and 1 as its sample config (configs/sample/ilsvrc2012/skd). torchdistill inverts Sigma by
+    its Cholesky factor; here a linear solve, the same value.
+
+    Args:
+      student_logits, teacher_logits: (B, K), the same shape, B >= 2.
+      temperature: T > 0 of the instance term.
+      tikhonov: lambda > 0 added to the covariance's diagonal.
+      direction_weight: the direction term's weight.
+      parts: return the two terms instead of their weighted sum.
+    """
+    _check("skd", {"student_logits": student_logits, "teacher_logits": teacher_logits}, ndim=2,
+           layout="(B, K)", match="shape")
+    if np.shape(student_logits)[0] < 2:
+        raise ValueError(f"skd: needs a batch of at least 2 examples (a covariance over the batch), got "
+                         f"{np.shape(student_logits)[0]}")
+    s, t = _f32(student_logits), _f32(teacher_logits)
+    instance = kd(s, t, temperature) / temperature**2
+
+    def gram(z):
+        n = z / jnp.maximum(_norm(z, -1), 1e-12)
+        return jnp.matmul(n, n.T, precision=_HI)
+
+    d = gram(s) - gram(t)
+    b = d.shape[0]
+    centred = d - jnp.mean(d, axis=0, keepdims=True)
+    cov = jnp.matmul(centred.T, centred, precision=_HI) / (b - 1) + tikhonov * jnp.eye(b, dtype=jnp.float32)
+    solved = jnp.linalg.solve(cov, d.T)  # Sigma^-1 D^T, column b = Sigma^-1 D_b
+    direction = jnp.mean(_safe_sqrt(jnp.sum(d * solved.T, axis=-1)))
+    if parts:
+        return {"instance": instance, "direction": direction}
+    return instance + direction_weight * direction
