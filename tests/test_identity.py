@@ -19,22 +19,22 @@ from kdjax import distill, runs
 
 # config -> (default workdir name, sha256[:12] of its run identity)
 PINNED = {
-    "cifar100_resnet32x4_mobilenetv2_half": ("cifar100_resnet32x4_mobilenetv2_half-kd-s0-a1352424", "24c56fedbe14"),
-    "cifar100_resnet32x4_resnet8x4": ("cifar100_resnet32x4_resnet8x4-kd-s0-4ef0dbbb", "4292734f4e7d"),
-    "cifar100_resnet32x4_shufflev1": ("cifar100_resnet32x4_shufflev1-kd-s0-486a30fa", "09206a242e5a"),
-    "cifar100_resnet32x4_shufflev2": ("cifar100_resnet32x4_shufflev2-kd-s0-4419c81c", "4a4b2dd33e40"),
-    "cifar100_resnet50_mobilenetv2_half": ("cifar100_resnet50_mobilenetv2_half-kd-s0-4c4c90f6", "35f936272f50"),
-    "cifar100_resnet50_vgg8": ("cifar100_resnet50_vgg8-kd-s0-9366a18b", "b208d6a2baf3"),
-    "cifar100_vgg13_mobilenetv2_half": ("cifar100_vgg13_mobilenetv2_half-kd-s0-e33f0252", "c06f20d3c4c8"),
-    "cifar100_vgg13_vgg8": ("cifar100_vgg13_vgg8-kd-s0-6adbbb3e", "58dc68464ebe"),
-    "cifar100_wrn_40_2_shufflev1": ("cifar100_wrn_40_2_shufflev1-kd-s0-f4bfaaec", "e81766625ebf"),
-    "cifar100_wrn_40_2_wrn_16_2": ("cifar100_wrn_40_2_wrn_16_2-kd-s0-477a13fc", "1a2a6783c051"),
-    "cifar10_resnet18_mobilenetv2": ("cifar10_resnet18_mobilenetv2-kd-s0-2128baa6", "1527482ba4ab"),
-    "compress_cifar10_resnet18_mobilenetv2": ("compress_cifar10_resnet18_mobilenetv2-kd-s0-8cf49c58", "c4778f397526"),
-    "compress_digits": ("compress_digits-kd-s0-d6ef9e91", "1cfb80a3c0e6"),
-    "digits": ("digits-kd-s0-c35795b4", "1b3f7114b450"),
-    "digits_transfer": ("digits_transfer-ce-s0-de13ca35", "32fe5a7cba35"),
-    "fashion_mnist": ("fashion_mnist-kd-s0-22026656", "53b2236718ec"),
+    "cifar100_resnet32x4_mobilenetv2_half": ("cifar100_resnet32x4_mobilenetv2_half-kd-s0-a1352424", "36030dd0a25a"),
+    "cifar100_resnet32x4_resnet8x4": ("cifar100_resnet32x4_resnet8x4-kd-s0-4ef0dbbb", "bedae24eebb7"),
+    "cifar100_resnet32x4_shufflev1": ("cifar100_resnet32x4_shufflev1-kd-s0-486a30fa", "47c21144da77"),
+    "cifar100_resnet32x4_shufflev2": ("cifar100_resnet32x4_shufflev2-kd-s0-4419c81c", "59baaae68c20"),
+    "cifar100_resnet50_mobilenetv2_half": ("cifar100_resnet50_mobilenetv2_half-kd-s0-4c4c90f6", "f47ebeac2d5f"),
+    "cifar100_resnet50_vgg8": ("cifar100_resnet50_vgg8-kd-s0-9366a18b", "8c7f15c40486"),
+    "cifar100_vgg13_mobilenetv2_half": ("cifar100_vgg13_mobilenetv2_half-kd-s0-e33f0252", "2d1c8adca982"),
+    "cifar100_vgg13_vgg8": ("cifar100_vgg13_vgg8-kd-s0-6adbbb3e", "d8b45a701715"),
+    "cifar100_wrn_40_2_shufflev1": ("cifar100_wrn_40_2_shufflev1-kd-s0-f4bfaaec", "55f8a7cb2fda"),
+    "cifar100_wrn_40_2_wrn_16_2": ("cifar100_wrn_40_2_wrn_16_2-kd-s0-477a13fc", "ef6e83e8f932"),
+    "cifar10_resnet18_mobilenetv2": ("cifar10_resnet18_mobilenetv2-kd-s0-2128baa6", "e84e783ca086"),
+    "compress_cifar10_resnet18_mobilenetv2": ("compress_cifar10_resnet18_mobilenetv2-kd-s0-8cf49c58", "5103238e9d11"),
+    "compress_digits": ("compress_digits-kd-s0-d6ef9e91", "2415d2a19824"),
+    "digits": ("digits-kd-s0-c35795b4", "3862037e65b6"),
+    "digits_transfer": ("digits_transfer-ce-s0-de13ca35", "451e8708c87c"),
+    "fashion_mnist": ("fashion_mnist-kd-s0-22026656", "d377fd45c227"),
 }
 
 # experiments/configs/digits.py:method=<m> -> its default workdir's hash
