@@ -301,3 +301,29 @@ def test_cli_refuses_a_missing_data_dir_in_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "does not exist or is not a folder" in proc.stderr and "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_two_processes_match_one_process_with_two_devices(tmp_path, folder):
+    """Two processes of one jax.distributed job, each decoding only its half of every global batch,
+    train the same models as one process with two devices (tests/test_multihost.py's setup)."""
+    from tests.test_multihost import _final_state, _flatten, _free_port, _read, _start, _summary, _wait_all
+
+    multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
+    data = [f"--config.dataset.data_dir={folder}", "--config.dataset.name=folder", "--config.dataset.image_size=16",
+            "--config.dataset.loader_workers=0", "--config.augment.flip=True", "--config.batch_size=32",
+            "--config.eval_batch_size=64"]
+    dist = [f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2", f"--workdir={multi}"]
+    jobs = [_start("process0", data + dist + ["--process_id=0"], 1, str(tmp_path)),
+            _start("process1", data + dist + ["--process_id=1"], 1, str(tmp_path)),
+            _start("single", data + [f"--workdir={single}"], 2, str(tmp_path))]
+    _wait_all(jobs, 300)
+    assert "Connecting to JAX distributed service" in _read(jobs[1], "out") + _read(jobs[1], "err")
+    sum_m, sum_s = _summary(multi), _summary(single)
+    for role in ("teacher", "student"):
+        np.testing.assert_allclose(sum_m[role]["test_accuracy"], sum_s[role]["test_accuracy"], rtol=1e-4)
+        step_m, state_m, _ = _final_state(multi, role)
+        step_s, state_s, _ = _final_state(single, role)
+        assert step_m == step_s == 6  # 210 images, batch 32
+        flat_m, flat_s = dict(_flatten(state_m["params"])), dict(_flatten(state_s["params"]))
+        for path in flat_s:
+            np.testing.assert_allclose(flat_m[path], flat_s[path], rtol=1e-4, atol=1e-6, err_msg=f"{role} {path}")
