@@ -34,6 +34,7 @@ PINNED = {
     "compress_digits": ("compress_digits-kd-s0-d6ef9e91", "2415d2a19824"),
     "digits": ("digits-kd-s0-c35795b4", "3862037e65b6"),
     "digits_transfer": ("digits_transfer-ce-s0-de13ca35", "451e8708c87c"),
+    "imagenet_resnet34_resnet18": ("imagenet_resnet34_resnet18-kd-s0-dd03c7d3", "32aed544a96a"),
     "fashion_mnist": ("fashion_mnist-kd-s0-22026656", "d377fd45c227"),
 }
 

@@ -49,7 +49,8 @@ def test_registry_names_and_error():
     expected = {"mlp", "cnn_small", "cnn_tiny", "resnet8", "resnet14", "resnet20", "resnet32", "resnet44",
                 "resnet56", "resnet110", "resnet8x4", "resnet32x4", "resnet18", "resnet34", "mobilenetv2",
                 "mobilenetv2_half", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg11", "vgg13",
-                "vgg16", "vgg19", "resnet50", "shufflev1", "shufflev2"}
+                "vgg16", "vgg19", "resnet50", "shufflev1", "shufflev2", "resnet18_imagenet",
+                "resnet34_imagenet"}
     assert set(MODELS) == expected
     for name in MODELS:
         m = get_model(name, 7)
@@ -104,6 +105,17 @@ def test_param_count_and_feature_shapes(name):
     assert feats["embedding"].shape == (2, emb)
     assert feats["logits"].shape == (2, nc)
     assert jax.tree.structure(stats) == jax.tree.structure(v["batch_stats"])
+
+
+@pytest.mark.parametrize("name,n_params", [("resnet18_imagenet", 11_689_512), ("resnet34_imagenet", 21_797_672)])
+def test_imagenet_resnets_match_torchvision(name, n_params):
+    """torchvision.models.resnet18() / resnet34() (1000 classes) have these parameter counts
+    (torchvision 0.29.1, counted with sum(p.numel() for p in m.parameters())); the 7x7 stride-2
+    stem and the max-pool make the stage maps of a 224x224 input 56, 28, 14, 7."""
+    fs = feature_shapes(get_model(name, 1000), (224, 224, 3))
+    assert [fs[f"stage{i}"][1] for i in range(1, 5)] == [56, 28, 14, 7]
+    v = jax.eval_shape(lambda x: get_model(name, 1000).init(jax.random.key(0), x), jnp.zeros((1, 224, 224, 3)))
+    assert num_params(v["params"]) == n_params
 
 
 def test_feature_helpers_and_other_sizes():

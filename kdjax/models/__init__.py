@@ -49,6 +49,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     # RepDistiller ShuffleV1 / ShuffleV2 (1x1 stem, CIFAR)
     "shufflev1": ShuffleNetV1,
     "shufflev2": ShuffleNetV2,
+    # torchvision ImageNet layouts (7x7 stride-2 stem + max-pool): the streamed ImageNet recipes
+    "resnet18_imagenet": _p(resnet18, stem="imagenet"),
+    "resnet34_imagenet": _p(resnet34, stem="imagenet"),
 }
 
 

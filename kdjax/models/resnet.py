@@ -74,8 +74,13 @@ class ResNet(nn.Module):
     `kdjax.models.layers.EXTRA_FEATURES`): ``preact_stage<N>`` (the last block's sum before its
     ReLU) with ``preact_margin<N>`` from that block's last BN (bn2; bn3 in a bottleneck), as OFD's
     ``get_bn_before_relu``, and
-    ``class_map`` (``fc`` at every position of the last stage's map)."""
+    ``class_map`` (``fc`` at every position of the last stage's map).
+
+    ``stem``: 'cifar' (conv3x3 stride 1, the CIFAR layouts) or 'imagenet' (torchvision's
+    ``resnet18/34/50``: conv7x7 stride 2 -> BN -> ReLU -> 3x3 max-pool stride 2, padding 1; for
+    224x224 inputs the stage maps are 56, 28, 14, 7)."""
     num_classes: int
+    stem: str = "cifar"
     stem_channels: int = 16
     stage_channels: Sequence[int] = (16, 32, 64)
     blocks: Sequence[int] = (3, 3, 3)
@@ -85,8 +90,13 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False, extra_features: tuple[str, ...] = ()):
-        x = conv(self.stem_channels, 3, 1, dtype=self.dtype, name="conv1")(x)
+        if self.stem not in ("cifar", "imagenet"):
+            raise ValueError(f"ResNet stem must be 'cifar' or 'imagenet', got {self.stem!r}")
+        imagenet = self.stem == "imagenet"
+        x = conv(self.stem_channels, 7 if imagenet else 3, 2 if imagenet else 1, dtype=self.dtype, name="conv1")(x)
         x = nn.relu(batch_norm(train, self.bn_axis_name, self.dtype, name="bn1")(x))
+        if imagenet:
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for s, (c, n) in enumerate(zip(self.stage_channels, self.blocks)):
             for b in range(n):
                 stride = 2 if (s > 0 and b == 0) else 1
