@@ -407,13 +407,14 @@ class Stage:
         if not self.ds.streamed:
             return lambda step: self.par.shard(kdata.train_batch(self.ds.train, self.batch_size, seed=c.seed,
                                                                  step=step, steps_per_epoch=self.spe, cache=cache))
-        self.loader = kdata.stream.TrainLoader(
-            self.ds.train, self.batch_size, seed=c.seed, start_step=start, total_steps=self.total_steps,
-            steps_per_epoch=self.spe, flip=c.augment.flip, workers=self.loader_workers,
-            process_index=jax.process_index(), process_count=jax.process_count())
         ahead = collections.deque()
 
         def next_batch(step):
+            if self.loader is None:  # on the first step only: a finished or early-stopped stage starts no workers
+                self.loader = kdata.stream.TrainLoader(
+                    self.ds.train, self.batch_size, seed=c.seed, start_step=start, total_steps=self.total_steps,
+                    steps_per_epoch=self.spe, flip=c.augment.flip, workers=self.loader_workers,
+                    process_index=jax.process_index(), process_count=jax.process_count())
             while len(ahead) < PREFETCH and step + len(ahead) < self.total_steps:
                 ahead.append(self.par.shard(next(self.loader)))
             return ahead.popleft()
