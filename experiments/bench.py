@@ -90,6 +90,16 @@ flags.DEFINE_alias("torch-python", "torch_python")
 flags.DEFINE_bool("torch_compile", False, "With --compare-torch: also time torch.compile'd models.")
 flags.DEFINE_alias("torch-compile", "torch_compile")
 flags.DEFINE_string("torch_device", None, "PyTorch device (default: 'cuda' when JAX runs on a GPU, else 'cpu').")
+flags.DEFINE_bool("input_pipeline", False, "Time the streamed input pipeline (kdjax.data.stream: decode + "
+                  "random-resized crop + flip + batch on Grain workers) instead of the steps; with --compare-torch, "
+                  "interleaved with torchvision ImageFolder + DataLoader (same transforms and workers).")
+flags.DEFINE_string("input_dir", None, "--input_pipeline: an image folder's train/ split (ROOT/train/<class>/...); "
+                    "default: a generated folder of --input_images ImageNet-sized JPEGs")
+flags.DEFINE_integer("input_images", 768, "--input_pipeline: JPEGs to generate (about 500 x 375, quality 90).")
+flags.DEFINE_integer("input_size", 224, "--input_pipeline: crop side (random-resized crop).")
+flags.DEFINE_list("input_workers", ["0", "1", "2"], "--input_pipeline: loader worker counts to time.")
+flags.DEFINE_integer("input_batch", 64, "--input_pipeline: batch.")
+flags.DEFINE_integer("input_batches", 6, "--input_pipeline: timed batches per round (after the first).")
 FLAGS = flags.FLAGS
 
 TORCH_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_reference", "step_server.py")
@@ -524,6 +534,14 @@ def main(argv):
         return
     if FLAGS.steps < 1 or FLAGS.warmup < 0 or FLAGS.sync_every < 1 or FLAGS.rounds < 0:
         _fail("--steps and --sync_every must be >= 1, --warmup and --rounds >= 0")
+    if FLAGS.input_pipeline:
+        env = environment(None, None)
+        print(f"cpu={env['cpu']} cores={env['cpu_affinity']} load={env['loadavg']}")
+        result = {"environment": env, **input_pipeline(FLAGS.rounds or (2 if FLAGS.compare_torch else 1))}
+        if FLAGS.out:
+            _write(FLAGS.out, result)
+            print(f"\nwritten to {FLAGS.out}")
+        return
     if FLAGS.suite or FLAGS.cases:
         available = suite_cases()
         unknown = [n for n in FLAGS.cases if n not in available]
@@ -600,6 +618,134 @@ def main(argv):
         print(f"\nwritten to {FLAGS.out}")
     if failed:
         sys.exit(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input-pipeline cases (--input_pipeline)
+
+TORCH_LOADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_reference", "imagefolder_loader.py")
+
+
+def generate_jpegs(root: str, count: int, classes: int = 4, seed: int = 0) -> str:
+    """`count` ImageNet-like JPEGs (about 500 x 375, quality 90, smooth content plus noise, roughly
+    ImageNet's file sizes) in `classes` class folders under root/train; reused when present."""
+    from PIL import Image
+
+    train = os.path.join(root, "train")
+    done = os.path.join(root, f".done-{count}")
+    if os.path.exists(done):
+        return train
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        folder = os.path.join(train, f"class{i % classes}")
+        os.makedirs(folder, exist_ok=True)
+        w, h = int(rng.integers(400, 501)), int(rng.integers(333, 376))
+        coarse = Image.fromarray(rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8))
+        image = np.asarray(coarse.resize((w, h), Image.BICUBIC), np.int16) + rng.integers(-20, 21, (h, w, 3))
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
+    open(done, "w").close()
+    return train
+
+
+def _kdjax_loader_round(split, workers: int, batch: int, batches: int, seed: int) -> dict:
+    from kdjax.data import stream
+
+    start = time.perf_counter()
+    loader = stream.TrainLoader(split, batch, seed=seed, start_step=0, total_steps=batches + 1,
+                                steps_per_epoch=len(split) // batch, flip=True, workers=workers)
+    try:
+        next(loader)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(batches):
+            out = next(loader)
+        seconds = time.perf_counter() - start
+    finally:
+        loader.close()
+    assert out["image"].dtype == np.uint8 and out["image"].shape[0] == batch
+    return {"first_batch_s": first, "images_per_sec": batch * batches / seconds}
+
+
+def _torch_loader_round(python: str, root: str, workers: int, batch: int, batches: int, size: int, seed: int) -> dict:
+    proc = subprocess.run([python, TORCH_LOADER, root, str(workers), str(batch), str(batches), str(size), str(seed)],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode:
+        raise RuntimeError(f"{TORCH_LOADER} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def input_pipeline(rounds: int) -> dict:
+    """Images/s of kdjax's streamed loader per worker count, interleaved ABBA with torchvision's
+    ImageFolder + DataLoader when --compare-torch (each torch round a fresh process: its import is
+    not timed, its workers' start is in first_batch_s as Grain's is)."""
+    from kdjax.data import folder as kfolder
+    from kdjax.data import stream
+
+    try:
+        workers = [stream.check_workers(int(w)) for w in FLAGS.input_workers]
+    except ValueError as e:
+        _fail(e)
+    if FLAGS.input_batch < 1 or FLAGS.input_batches < 1 or FLAGS.input_images < FLAGS.input_batch * (FLAGS.input_batches + 1):
+        _fail(f"--input_images={FLAGS.input_images} must hold --input_batches + 1 = {FLAGS.input_batches + 1} batches "
+              f"of --input_batch={FLAGS.input_batch}")
+    if FLAGS.input_dir:
+        train = os.path.abspath(FLAGS.input_dir)
+        if not os.path.isdir(train):
+            _fail(f"--input_dir {train} is not a folder")
+    else:
+        import tempfile
+
+        train = generate_jpegs(os.path.join(tempfile.gettempdir(), f"kdjax-bench-jpegs-{FLAGS.input_images}"),
+                               FLAGS.input_images)
+    classes, files, labels, _ = kfolder._scan(train, None)
+    if not files:
+        _fail(f"{train} has no class folders of .jpg/.jpeg/.png images")
+    split = kfolder.FileSplit(tuple(files), np.asarray(labels, np.int32), FLAGS.input_size, True)
+    python = None
+    if FLAGS.compare_torch:
+        python = FLAGS.torch_python or default_torch_python()
+        if python is None:
+            print("--compare-torch skipped: this interpreter cannot import torch; pass --torch-python")
+    sizes = [os.path.getsize(f) for f in files]
+    print(f"input pipeline: {len(files)} images in {len(classes)} classes under {train} (mean {np.mean(sizes) / 1e3:.0f} "
+          f"kB), crop {FLAGS.input_size}, batch {FLAGS.input_batch}, {FLAGS.input_batches} timed batches per round, "
+          f"{rounds} round(s) per contender" + (" interleaved ABBA" if python else ""), flush=True)
+    from PIL import __version__ as pil_version
+
+    rows = []
+    for w in workers:
+        samples = {"kdjax": [], "torch": []}
+        meta = {}
+        order = ["kdjax", "torch", "torch", "kdjax"] * ((rounds + 1) // 2) if python else ["kdjax"] * rounds
+        for r, who in enumerate(order[: 2 * rounds if python else rounds]):
+            if who == "kdjax":
+                out = _kdjax_loader_round(split, w, FLAGS.input_batch, FLAGS.input_batches, seed=r)
+            else:
+                out = _torch_loader_round(python, train, w, FLAGS.input_batch, FLAGS.input_batches, FLAGS.input_size, r)
+                meta = {k: out[k] for k in ("torch", "torchvision")}
+            samples[who].append(out)
+            print(f"  workers={w} round {r} {who:6s}: {out['images_per_sec']:7.1f} images/s "
+                  f"(first batch {out['first_batch_s']:.2f} s)", flush=True)
+        row = {"case": f"input_rrc{FLAGS.input_size}_workers{w}", "workers": w, "batch": FLAGS.input_batch,
+               "decoder": f"PIL {pil_version}"}
+        for who, got in samples.items():
+            if got:
+                ips = [g["images_per_sec"] for g in got]
+                row[who] = {"images_per_sec_median": float(np.median(ips)), "images_per_sec": ips,
+                            "images_per_sec_per_core": float(np.median(ips)) / max(1, w),
+                            "first_batch_s_median": float(np.median([g["first_batch_s"] for g in got]))}
+        if samples["torch"]:
+            row["torch"].update(meta)
+            row["ratio_vs_torch"] = row["kdjax"]["images_per_sec_median"] / row["torch"]["images_per_sec_median"]
+        rows.append(row)
+    print()
+    print(f"{'case':24s} {'kdjax img/s':>12s} {'per core':>9s} {'torch img/s':>12s} {'ratio':>6s}")
+    for row in rows:
+        t = row.get("torch", {})
+        print(f"{row['case']:24s} {row['kdjax']['images_per_sec_median']:12.1f} "
+              f"{row['kdjax']['images_per_sec_per_core']:9.1f} "
+              + (f"{t['images_per_sec_median']:12.1f} {row['ratio_vs_torch']:6.2f}" if t else f"{'-':>12s} {'-':>6s}"))
+    return {"input_cases": rows, "images": len(files), "mean_file_kb": float(np.mean(sizes) / 1e3), "root": train}
 
 
 def _fail(message) -> None:

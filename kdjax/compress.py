@@ -241,6 +241,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     """Every step of the module docstring; returns {'rows': [...], 'device': ...} (compress.json)."""
     rows_plan = plan(config)
     dataset = train.load_dataset(config.dataset, config.seed)
+    if dataset.streamed:  # calibration and the PTQ evaluation read the splits' arrays
+        raise ValueError(f"experiments.compress needs an in-memory data set; {dataset.name!r} is streamed from files "
+                         "(train and distil it with the training commands)")
     # One-line errors before any training: each variant's settings, and every quantisation mode
     # against the student's layers.
     student = models.get_model(config.student.model, num_classes=dataset.num_classes, **config.student.kwargs.to_dict())

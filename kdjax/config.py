@@ -60,8 +60,11 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
     c.compile_cache_dir = "~/.cache/kdjax/jax"
 
     c.dataset = ml_collections.ConfigDict()
-    c.dataset.name = "digits"  # a kdjax.data.DATASETS name: digits (offline), mnist, fashion_mnist, cifar10, cifar100
-    c.dataset.data_dir = config_dict.placeholder(str)  # a prepared tfds data_dir
+    # a kdjax.data.DATASETS name: in memory: digits (offline), mnist, fashion_mnist, cifar10, cifar100;
+    # streamed through Grain (docs/data.md): 'folder' (an image folder: data_dir/train/<class>/<image>
+    # and data_dir/val/<class>/<image> or data_dir/test/...) and 'imagenet2012' (the same layout, 1000 classes)
+    c.dataset.name = "digits"
+    c.dataset.data_dir = config_dict.placeholder(str)  # a prepared tfds data_dir; for 'folder'/'imagenet2012': the ROOT
     c.dataset.manual_dir = config_dict.placeholder(str)  # a folder of the original archives
     c.dataset.val_size = 0.0  # fraction (or count) of train held out for checkpoint selection
     # k-fold cross-validation: folds >= 2 runs the whole experiment once per fold (fold k of a
@@ -73,10 +76,18 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
     c.dataset.mock_examples = 0  # > 0: use tfds.testing.mock_data with this many examples
     c.dataset.classes = ""  # e.g. '5,6,7,8,9': only these classes, relabelled 0..k-1 ('' = all)
     c.dataset.train_per_class = config_dict.placeholder(int)  # few-shot: this many training examples per class
+    # Streamed data sets only (unset for the in-memory ones). image_size: the side of the square
+    # images the loader makes (train: random-resized crop + augment.flip on the workers; eval:
+    # shorter side to image_size / 0.875, center crop), None: 224. loader_workers: Grain worker
+    # processes decoding the training batches (None: the machine's cores - 1, at least 1; 0: in the
+    # training process; at most the cores); evaluation decodes on max(1, loader_workers) threads.
+    # The batches do not depend on loader_workers, only the speed does.
+    c.dataset.image_size = config_dict.placeholder(int)
+    c.dataset.loader_workers = config_dict.placeholder(int)
 
     c.augment = ml_collections.ConfigDict()
-    c.augment.crop_padding = 0  # random crop after zero padding by this many pixels
-    c.augment.flip = False  # random horizontal flip
+    c.augment.crop_padding = 0  # random crop after zero padding by this many pixels (in-memory data sets)
+    c.augment.flip = False  # random horizontal flip (streamed data sets: on the loader workers)
     c.augment.mixup_alpha = 0.0  # > 0: batch-level mixup, lam ~ Beta(alpha, alpha) (kdjax.data.mixup)
     c.augment.cutmix_alpha = 0.0  # > 0: batch-level CutMix (kdjax.data.cutmix); not with mixup
     # 'weak,strong': two augmented views per image (the weak one: crop/flip above; the strong one:
@@ -399,6 +410,7 @@ def validate(config) -> None:
         raise ValueError("config.optimizer.head_learning_rate_scale must be >= 0")
     if config.dataset.name not in kdata.DATASETS:
         raise ValueError(f"unknown data set {config.dataset.name!r}; choose one of: {', '.join(kdata.DATASETS)}")
+    _validate_streamed(config)
     opt = config.optimizer
     optim.make_optimizer(  # raises on an unknown optimizer or a bad hyper-parameter
         opt.name, 0.1, momentum=opt.momentum, nesterov=opt.nesterov, weight_decay=opt.weight_decay,
@@ -438,10 +450,40 @@ def validate(config) -> None:
     planned_stages(config)
 
 
+def _validate_streamed(config) -> None:
+    """The dataset fields of the streamed data sets (kdjax.data.stream) against the in-memory ones."""
+    from kdjax import data as kdata
+    from kdjax.data import stream
+
+    d = config.dataset
+    size, workers = d.get("image_size"), d.get("loader_workers")
+    if d.name not in kdata.STREAMED_DATASETS:
+        for field, value in (("image_size", size), ("loader_workers", workers)):
+            if value is not None:
+                raise ValueError(f"config.dataset.{field}={value} is for the streamed data sets "
+                                 f"({', '.join(kdata.STREAMED_DATASETS)}); {d.name!r} is held in memory: unset it")
+        return
+    if importlib.util.find_spec("grain") is None or importlib.util.find_spec("PIL") is None:
+        raise ValueError(f"config.dataset.name={d.name!r} is streamed through Grain, which is not installed: "
+                         "pip install 'kdjax[stream]'")
+    if not d.data_dir:
+        raise ValueError(f"config.dataset.name={d.name!r} reads an image folder: set config.dataset.data_dir to its "
+                         "ROOT (ROOT/train/<class>/<image>, ROOT/val/<class>/<image>)")
+    if size is not None and not 8 <= size <= 4096:
+        raise ValueError(f"config.dataset.image_size={size}: choose a side in 8..4096 pixels (None: 224)")
+    if workers is not None:
+        stream.check_workers(workers)
+    if config.augment.crop_padding:
+        raise ValueError(f"config.augment.crop_padding={config.augment.crop_padding}: a streamed data set is cropped on "
+                         "the loader (random-resized crop); set augment.crop_padding=0")
+
+
 def cache_obstacle(config) -> str | None:
     """Why config's teacher sees a different input for an example each epoch (see kdata.cache_obstacle)."""
     from kdjax import data as kdata
 
+    if config.dataset.name in kdata.STREAMED_DATASETS:
+        return "a streamed data set's random-resized crops differ every epoch"
     a = config.augment
     return kdata.cache_obstacle(crop_padding=a.crop_padding, flip=a.flip, mixup_alpha=a.mixup_alpha,
                                 cutmix_alpha=a.cutmix_alpha, teacher_source=config.teacher.source,

@@ -281,6 +281,17 @@ def training_curves(metrics_path: str, role: str) -> dict[str, Any]:
 # Size, FLOPs and latency (JAX)
 
 
+def _test_images(dataset, batch: int) -> np.ndarray:
+    """uint8 test images for the latency figures: all of an in-memory split, the first eval batch
+    (decoded, resized and center-cropped) of a streamed one."""
+    if not dataset.streamed:
+        return dataset.test.images
+    from kdjax import data as kdata
+
+    images, _, mask = next(iter(kdata.eval_batches(dataset.test, batch)))
+    return images[mask > 0]
+
+
 def performance(model, variables, images: np.ndarray, mean, std, eval_batch: int, calls: int) -> dict[str, Any]:
     """Parameters, FLOPs per image (XLA cost analysis of the eval forward compiled for batch 1) and
     the median latency of `calls` calls at batch 1 and at `eval_batch` (uint8 test images, repeated
@@ -372,6 +383,11 @@ def report(workdir: str, *, latency_calls: int = LATENCY_CALLS, plots: bool = Tr
             if paths.exists(pred_path):
                 logits, labels = load_predictions(pred_path)
                 source = paths.relpath(pred_path, workdir)
+            elif model is not None and dataset.streamed:
+                logits = inference.predict_split_logits(model, variables, dataset.test, dataset.mean, dataset.std,
+                                                        eval_batch)
+                labels = np.asarray(dataset.test.labels)
+                source = f"recomputed from the {stage} checkpoint by the eval forward (no {stage}/predictions.npz)"
             elif model is not None:
                 logits = inference.predict_logits(model, variables, dataset.test.images, dataset.mean, dataset.std,
                                               eval_batch)
@@ -387,8 +403,8 @@ def report(workdir: str, *, latency_calls: int = LATENCY_CALLS, plots: bool = Tr
                     and teacher[0].shape == logits.shape:
                 t_logits = teacher[0]
             m = classification_metrics(logits, labels, t_logits)
-            perf = (performance(model, variables, dataset.test.images, dataset.mean, dataset.std, eval_batch,
-                                latency_calls) if model is not None else {})
+            perf = (performance(model, variables, _test_images(dataset, eval_batch), dataset.mean, dataset.std,
+                                eval_batch, latency_calls) if model is not None else {})
         except Exception as err:  # noqa: BLE001 - one unreadable model does not stop the report
             skipped.append({"name": name, "reason": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"})
             continue

@@ -15,15 +15,17 @@ from kdjax import models
 from kdjax import step as kstep
 
 
-def evaluate_split(eval_fn, par: kstep.DataParallel, variables, split: kdata.Split, batch_size: int) -> dict:
-    """Accuracy and mean cross-entropy of `variables` on a whole split (all processes).
+def evaluate_split(eval_fn, par: kstep.DataParallel, variables, split: kdata.Split, batch_size: int,
+                   threads: int = 1) -> dict:
+    """Accuracy and mean cross-entropy of `variables` on a whole split (all processes); a streamed
+    split is decoded on `threads` threads.
 
     `batch_size` is rounded up to a multiple of the device count; the padding (and the padded
     last batch) is masked out of the metrics, so any eval batch size works on any device count."""
     batch_size = -(-batch_size // par.num_devices) * par.num_devices
     totals = {"correct": 0.0, "count": 0.0, "loss_sum": 0.0}
     for images, labels, mask in kdata.eval_batches(
-        split, batch_size, process_index=jax.process_index(), process_count=jax.process_count()
+        split, batch_size, process_index=jax.process_index(), process_count=jax.process_count(), threads=threads
     ):
         out = par.unreplicate(eval_fn(variables, par.shard({"image": images, "label": labels, "mask": mask})))
         for k in totals:
@@ -65,6 +67,14 @@ def head_accuracies(model, variables, images, labels, mean, std, batch: int = 51
     return {"test_accuracy_cls": acc(cls), "test_accuracy_dist": acc(dist),
             "test_accuracy_heads_logit_mean": acc((cls + dist) / 2),
             "test_accuracy_heads_softmax_mean": acc(soft(cls) + soft(dist))}
+
+
+def predict_split_logits(model, variables, split, mean, std, batch: int = 512, threads: int = 1) -> np.ndarray:
+    """Eval-mode float32 logits of every example of a split (streamed or in memory), one device."""
+    fwd = eval_forward(model, mean, std)
+    out = [np.asarray(fwd(variables, images), np.float32)[mask > 0]
+           for images, _, mask in kdata.eval_batches(split, batch, threads=threads)]
+    return np.concatenate(out)
 
 
 def inference_throughput(model, variables, image_shape, mean, std, batch: int = 256, seconds: float = 1.0) -> float:

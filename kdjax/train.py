@@ -19,6 +19,7 @@ per finished stage. This module is the only one that reads the config object as 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import re
@@ -56,6 +57,7 @@ class Preempted(Exception):
         self.exit_code = 128 + int(signum)  # as a shell reports a job killed by that signal
 
 
+PREFETCH = 2  # streamed data sets: batches put on the devices ahead of the step
 _SIGNALLED: list[int] = []
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # preemption (TPU VMs, Colab, SLURM) and Ctrl-C
 
@@ -164,7 +166,9 @@ class Stage:
         self.total_steps = self.epochs * self.spe
         self.step_cfg = kstep.StepConfig(
             mean=tuple(dataset.mean), std=tuple(dataset.std), steps_per_epoch=self.spe,
-            crop_padding=config.augment.crop_padding, flip=config.augment.flip,
+            # streamed data sets: crop and flip on the loader workers (kdjax.data.stream), not in the step
+            crop_padding=0 if dataset.streamed else config.augment.crop_padding,
+            flip=config.augment.flip and not dataset.streamed,
             mixup_alpha=config.augment.mixup_alpha, cutmix_alpha=config.augment.cutmix_alpha,
             l1=config.loss.l1, l2=config.loss.l2, dtype=dtype,
             ema_decay=config.teacher.ema_decay if ema else 0.0, dot=config.optimizer.name == "dot",
@@ -178,6 +182,10 @@ class Stage:
         self.surgery = None  # channel pruning: (smaller model fields, its variables, unpruned parameter count)
         self.select_from_epoch = 0  # checkpoints of earlier epochs are never selected (gradual pruning)
         self.float_model = self.model
+        workers = config.dataset.get("loader_workers")
+        self.loader_workers = kdata.stream.default_workers() if workers is None else int(workers)
+        self.eval_threads = max(1, self.loader_workers)
+        self.loader = None  # the streamed data set's TrainLoader while the loop runs
         kind.setup(self)  # what the kind changes in the model or the optimizer (kdjax.stages)
 
     def _set_teachers(self, teachers, teacher_vars, ema: bool) -> tuple[float, ...] | None:
@@ -325,6 +333,9 @@ class Stage:
         try:
             return self._train(ckpts)
         finally:
+            if self.loader is not None:  # ends its worker processes, whatever happened
+                self.loader.close()
+                self.loader = None
             ckpts.close()
             if self.logger is not None:
                 self.logger.close()
@@ -374,10 +385,9 @@ class Stage:
         skipped = meta.get("skipped_steps", 0)
         patience = int(c.get("train", {}).get("early_stop_patience", 0) or 0)
         stopped = _patience_exhausted(meta, patience)  # decided once per epoch, not per step
+        next_batch = self._batches(step, cache)
         while step < self.total_steps and not stopped:
-            batch = kdata.train_batch(self.ds.train, self.batch_size, seed=c.seed, step=step,
-                                      steps_per_epoch=self.spe, cache=cache)
-            state, metrics = train_step(state, teacher_vars, self.par.shard(batch))
+            state, metrics = train_step(state, teacher_vars, next_batch(step))
             step += 1
             pending.append((step, metrics))
             end_of_epoch = step % self.spe == 0
@@ -408,6 +418,30 @@ class Stage:
         timing = {"train_seconds_this_session": round(train_seconds, 2),
                   "teacher_cache_seconds_this_session": round(cache_seconds, 2) if cache is not None else None}
         return self._result(ckpts, self.par.unreplicate(state), meta, step, timing)
+
+    def _batches(self, start: int, cache):
+        """fn(step) -> the sharded global batch of `step`, for steps start, start + 1, ... in order.
+
+        In memory: `kdata.train_batch`. Streamed: the `kdata.stream.TrainLoader` from `start` (closed
+        by `run`), PREFETCH batches ahead already put on the devices (the step's dispatch is
+        asynchronous, so the host decodes and transfers them while the devices compute)."""
+        c = self.config
+        if not self.ds.streamed:
+            return lambda step: self.par.shard(kdata.train_batch(self.ds.train, self.batch_size, seed=c.seed,
+                                                                 step=step, steps_per_epoch=self.spe, cache=cache))
+        ahead = collections.deque()
+
+        def next_batch(step):
+            if self.loader is None:  # on the first step only: a finished or early-stopped stage starts no workers
+                self.loader = kdata.stream.TrainLoader(
+                    self.ds.train, self.batch_size, seed=c.seed, start_step=start, total_steps=self.total_steps,
+                    steps_per_epoch=self.spe, flip=c.augment.flip, workers=self.loader_workers,
+                    process_index=jax.process_index(), process_count=jax.process_count())
+            while len(ahead) < PREFETCH and step + len(ahead) < self.total_steps:
+                ahead.append(self.par.shard(next(self.loader)))
+            return ahead.popleft()
+
+        return next_batch
 
     def _result(self, ckpts, state, meta: dict, step: int, timing: dict) -> tuple[dict, Any]:
         """(result dict, selected host TrainState) once the loop has ended at `step`; writes
@@ -459,8 +493,12 @@ class Stage:
     def _write_predictions(self, variables) -> None:
         """``<stage>/predictions.npz``: the selected model's test-set logits and the labels, from
         which every figure of the evaluation report can be recomputed."""
-        logits = inference.predict_logits(self.model, variables, self.ds.test.images, self.ds.mean, self.ds.std,
-                                self.config.eval_batch_size)
+        if self.ds.streamed:
+            logits = inference.predict_split_logits(self.model, variables, self.ds.test, self.ds.mean, self.ds.std,
+                                                    self.config.eval_batch_size, threads=self.eval_threads)
+        else:
+            logits = inference.predict_logits(self.model, variables, self.ds.test.images, self.ds.mean, self.ds.std,
+                                              self.config.eval_batch_size)
         if runs.is_main():
             paths.save_npz(os.path.join(self.dir, "predictions.npz"), logits=logits,
                            labels=np.asarray(self.ds.test.labels))
@@ -469,6 +507,8 @@ class Stage:
         """The frozen teacher's outputs for every training example (config.distill.cache_teacher),
         or None: the teacher then runs in the step. See kdjax.data.teacher_cache."""
         c = self.config
+        if self.ds.streamed:  # random-resized crops: kconfig.cache_obstacle, 'on' is refused by validate
+            return None
         return kdata.teacher_cache(
             c.distill.cache_teacher, self.teachers, self.teacher_vars, self.terms, self.ds.train.images,
             mean=self.step_cfg.mean, std=self.step_cfg.std, dtype=self.step_cfg.dtype, obstacle=kconfig.cache_obstacle(c),
@@ -503,10 +543,12 @@ class Stage:
     def _end_of_epoch(self, step, state, eval_step, meta) -> dict:
         variables = {"params": state.params["student"], **state.model_state["student"]}
         epoch = step // self.spe
-        test = inference.evaluate_split(eval_step, self.par, variables, self.ds.test, self.config.eval_batch_size)
+        test = inference.evaluate_split(eval_step, self.par, variables, self.ds.test, self.config.eval_batch_size,
+                                        threads=self.eval_threads)
         row = {"epoch": epoch, "step": step, "test_accuracy": test["accuracy"], "test_loss": test["loss"]}
         if self.ds.val is not None:
-            val = inference.evaluate_split(eval_step, self.par, variables, self.ds.val, self.config.eval_batch_size)
+            val = inference.evaluate_split(eval_step, self.par, variables, self.ds.val, self.config.eval_batch_size,
+                                           threads=self.eval_threads)
             row.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
         # Checkpoint selection never looks at the test set: the best validation accuracy when a
         # validation split exists, otherwise simply the latest epoch.
@@ -537,7 +579,7 @@ def load_dataset(ds_cfg, seed: int) -> kdata.Dataset:
         return kdata.load(get("name"), data_dir=get("data_dir"), manual_dir=get("manual_dir"),
                           val_size=get("val_size", 0.0), seed=seed, download=get("download", True),
                           classes=kconfig.parse_classes(get("classes", "")), train_per_class=get("train_per_class"),
-                          folds=get("folds", 0) or 0, fold=get("fold", 0) or 0)
+                          folds=get("folds", 0) or 0, fold=get("fold", 0) or 0, image_size=get("image_size"))
 
 
 def _mock_data(num_examples: int):

@@ -88,3 +88,22 @@ def test_list_and_unknown_case():
     model = run("--student", "no_such_model")
     assert model.returncode == 2 and "Traceback" not in model.stderr
     assert model.stderr.strip().splitlines()[-1].startswith("error: unknown model 'no_such_model'; choose one of:")
+
+
+def test_input_pipeline_cases_run_and_refuse_too_many_workers(tmp_path):
+    """--input_pipeline on a tiny generated folder (in TMPDIR): the JSON has a case per worker
+    count with images/s and per-core figures (no torch here: --compare-torch is not given)."""
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    out = tmp_path / "input.json"
+    cmd = [sys.executable, "-m", "experiments.bench", "--input_pipeline", "--input_images=12", "--input_size=16",
+           "--input_workers=0", "--input_batch=4", "--input_batches=2", f"--out={out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (case,) = result["input_cases"]
+    assert case["case"] == "input_rrc16_workers0" and case["kdjax"]["images_per_sec_median"] > 0
+    assert case["decoder"].startswith("PIL") and result["images"] == 12
+    assert os.path.isdir(tmp_path / "kdjax-bench-jpegs-12" / "train" / "class0")
+    too_many = subprocess.run(cmd[:-1] + [f"--input_workers={os.cpu_count() + 1}"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert too_many.returncode == 2 and "cores; choose 0" in too_many.stderr.strip().splitlines()[-1]

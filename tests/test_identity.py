@@ -37,6 +37,7 @@ PINNED = {
     "digits": ("digits-kd-s0-c35795b4", "d7ffb8351045"),
     "digits_transfer": ("digits_transfer-ce-s0-de13ca35", "fea27c38e3b7"),
     "fashion_mnist": ("fashion_mnist-kd-s0-22026656", "b2387eec49f2"),
+    "imagenet_resnet34_resnet18": ("imagenet_resnet34_resnet18-kd-s0-dd03c7d3", "32aed544a96a"),
 }
 
 # experiments/configs/digits.py:method=<m> -> its default workdir's hash

@@ -110,6 +110,17 @@ def test_param_count_and_feature_shapes(name):
     assert jax.tree.structure(stats) == jax.tree.structure(v["batch_stats"])
 
 
+@pytest.mark.parametrize("name,n_params", [("resnet18_imagenet", 11_689_512), ("resnet34_imagenet", 21_797_672)])
+def test_imagenet_resnets_match_torchvision(name, n_params):
+    """torchvision.models.resnet18() / resnet34() (1000 classes) have these parameter counts
+    (torchvision 0.29.1, counted with sum(p.numel() for p in m.parameters())); the 7x7 stride-2
+    stem and the max-pool make the stage maps of a 224x224 input 56, 28, 14, 7."""
+    fs = feature_shapes(get_model(name, 1000), (224, 224, 3))
+    assert [fs[f"stage{i}"][1] for i in range(1, 5)] == [56, 28, 14, 7]
+    v = jax.eval_shape(lambda x: get_model(name, 1000).init(jax.random.key(0), x), jnp.zeros((1, 224, 224, 3)))
+    assert num_params(v["params"]) == n_params
+
+
 def test_feature_helpers_and_other_sizes():
     m = get_model("resnet8", 100)
     assert feature_names(m, (2, 32, 32, 3)) == STAGES3  # forward order

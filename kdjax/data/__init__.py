@@ -8,6 +8,10 @@
   teacher cache); fixed-shape masked evaluation batches.
 * `kdjax.data.augmentation`: what runs inside the jitted step: ``normalize``, the weak and strong
   augmented views, mixup and CutMix.
+* `kdjax.data.folder`: image folders (``folder``, ``imagenet2012``): ``FileSplit``s of file paths and
+  labels, for data sets too large for host memory.
+* `kdjax.data.stream`: the streamed path on Grain: ``TrainLoader`` (decode, random-resized crop and
+  flip on worker processes; batch k a pure function of (seed, k)) and the eval transform.
 * `kdjax.data.cache`: the frozen teacher's outputs computed once, carried by the batches.
 
 Every public name is importable from here (``from kdjax import data; data.load(...)``). Nothing
@@ -15,6 +19,8 @@ here reads flags or configs: everything is a plain argument.
 """
 
 from kdjax.data.sources import DATASETS
+from kdjax.data.sources import IN_MEMORY_DATASETS
+from kdjax.data.sources import STREAMED_DATASETS
 from kdjax.data.sources import DIGITS_SPLIT_SEED
 from kdjax.data.sources import DIGITS_TEST_FRACTION
 from kdjax.data.sources import DataError
@@ -38,6 +44,9 @@ from kdjax.data.augmentation import normalize
 from kdjax.data.augmentation import rand_augment
 from kdjax.data.augmentation import strong_augment
 
+from kdjax.data.folder import FileSplit
+from kdjax.data import stream
+
 from kdjax.data.cache import CACHE_MAX_BYTES
 from kdjax.data.cache import CACHE_MODES
 from kdjax.data.cache import cache_obstacle
@@ -45,7 +54,7 @@ from kdjax.data.cache import fingerprint
 from kdjax.data.cache import teacher_cache
 
 __all__ = [
-    "DATASETS", "DIGITS_SPLIT_SEED", "DIGITS_TEST_FRACTION", "DataError", "Dataset", "Split", "load",
+    "DATASETS", "IN_MEMORY_DATASETS", "STREAMED_DATASETS", "FileSplit", "DIGITS_SPLIT_SEED", "DIGITS_TEST_FRACTION", "DataError", "Dataset", "Split", "load",
     "batch_indices", "eval_batches", "num_eval_batches", "steps_per_epoch", "train_batch",
     "CUTOUT_FILL", "RANDAUGMENT_OPS", "augment", "cutmix", "cutout", "mixup", "normalize", "rand_augment",
     "strong_augment",

@@ -86,6 +86,7 @@ def eval_batches(
     *,
     process_index: int = 0,
     process_count: int = 1,
+    threads: int = 1,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Iterates over a whole split in order, in fixed-shape batches.
 
@@ -96,7 +97,16 @@ def eval_batches(
     Yields:
       (images uint8 (b,H,W,C), labels int32 (b,), mask float32 (b,) with 1 for real
       examples and 0 for padding), b = global_batch_size // process_count.
+
+    A streamed split (kdjax.data.folder.FileSplit) is decoded on `threads` threads
+    (kdjax.data.stream.eval_batches); `threads` is unused for an in-memory split.
     """
+    if not isinstance(split, Split):
+        from kdjax.data import stream
+
+        yield from stream.eval_batches(split, global_batch_size, process_index=process_index,
+                                       process_count=process_count, threads=threads)
+        return
     if process_count <= 0 or not 0 <= process_index < process_count:
         raise DataError(f'process_index {process_index} outside [0, {process_count})')
     if global_batch_size <= 0 or global_batch_size % process_count:

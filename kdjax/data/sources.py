@@ -51,7 +51,10 @@ from typing import Sequence
 
 import numpy as np
 
-DATASETS = ('digits', 'mnist', 'fashion_mnist', 'cifar10', 'cifar100')
+IN_MEMORY_DATASETS = ('digits', 'mnist', 'fashion_mnist', 'cifar10', 'cifar100')
+#: Image folders read file by file through Grain (kdjax.data.folder, kdjax.data.stream).
+STREAMED_DATASETS = ('folder', 'imagenet2012')
+DATASETS = IN_MEMORY_DATASETS + STREAMED_DATASETS
 
 #: Seed of the fixed digits train/test split (independent of the run seed).
 DIGITS_SPLIT_SEED = 0
@@ -132,7 +135,7 @@ class Dataset:
     """
 
     name: str
-    train: Split
+    train: Split  # (or kdjax.data.folder.FileSplit for a streamed data set, likewise val and test)
     val: Split | None
     test: Split
     num_classes: int
@@ -141,8 +144,15 @@ class Dataset:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        """(H, W, C) of one image."""
+        """(H, W, C) of one image (as the loader produces it, for a streamed data set)."""
+        if self.streamed:
+            return self.train.image_shape
         return tuple(int(d) for d in self.train.images.shape[1:])
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the splits are files decoded by the loader (kdjax.data.folder.FileSplit)."""
+        return not isinstance(self.train, Split)
 
 
 # --------------------------------------------------------------------------- loading
@@ -160,8 +170,10 @@ def load(
     train_per_class: int | None = None,
     folds: int = 0,
     fold: int = 0,
+    image_size: int | None = None,
 ) -> Dataset:
-    """Loads a data set fully into host memory.
+    """Loads a data set fully into host memory (or, for ``STREAMED_DATASETS``, lists its files:
+    ``kdjax.data.folder.load_folder``).
 
     Every process of a multi-process run loads the full arrays (these data sets
     are small) and later device-puts only its own slice (see ``batch_indices``).
@@ -185,6 +197,8 @@ def load(
       folds, fold: k-fold cross-validation (``folds`` >= 2, instead of ``val_size``): the
         validation split is fold ``fold`` (0-based) of a seeded stratified k-fold partition of
         train (sklearn's StratifiedKFold), the other folds are the training split.
+      image_size: streamed data sets only: the side of the square images the loader makes
+        (None: 224). ``data_dir`` is then the folder's ROOT.
 
     The normalisation statistics are always those of the full official train split, so a model
     trained on a subset normalises its inputs as one trained on the whole data set.
@@ -197,6 +211,13 @@ def load(
     """
     if name not in DATASETS:
         raise DataError(f'unknown data set {name!r}: choose one of {", ".join(DATASETS)}')
+    if name in STREAMED_DATASETS:
+        if manual_dir is not None or classes is not None or train_per_class is not None or folds:
+            raise DataError(f'data set {name!r} (an image folder) takes data_dir, image_size and val_size; '
+                            'manual_dir, classes, train_per_class and folds are for the in-memory data sets')
+        from kdjax.data.folder import load_folder
+
+        return load_folder(name, data_dir, image_size=image_size, val_size=val_size, seed=seed)
     if name == 'digits':
         train, test = _load_digits()
     elif manual_dir is not None:
@@ -293,11 +314,24 @@ def _split_fold(train: Split, folds: int, fold: int, val_size, seed: int) -> tup
 
 def _split_validation(train: Split, val_size: float | int, seed: int) -> tuple[Split, Split | None]:
     """Carves a deterministic (stratified when possible) validation split from train."""
-    n = len(train)
+    picked = _val_indices(train.labels, val_size, seed)
+    if picked is None:
+        return train, None
+    idx_train, idx_val = picked
+    return (
+        Split(train.images[idx_train], train.labels[idx_train]),
+        Split(train.images[idx_val], train.labels[idx_val]),
+    )
+
+
+def _val_indices(labels: np.ndarray, val_size: float | int, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(sorted train indices, sorted validation indices) of a deterministic (stratified when
+    possible) validation split of `labels`, or None for val_size 0."""
+    n = len(labels)
     if isinstance(val_size, bool) or not isinstance(val_size, (int, float, np.integer, np.floating)):
         raise DataError(f'val_size must be a fraction in (0, 1) or a count, got {val_size!r}')
     if val_size == 0:
-        return train, None
+        return None
     if 0 < val_size < 1:
         n_val = int(round(float(val_size) * n))
     elif val_size >= 1 and float(val_size).is_integer():
@@ -310,15 +344,11 @@ def _split_validation(train: Split, val_size: float | int, seed: int) -> tuple[S
 
     idx = np.arange(n)
     try:
-        idx_train, idx_val = train_test_split(idx, test_size=n_val, random_state=seed, stratify=train.labels)
+        idx_train, idx_val = train_test_split(idx, test_size=n_val, random_state=seed, stratify=labels)
     except ValueError:  # a class too small to stratify, or fewer val examples than classes
         perm = np.random.default_rng(seed).permutation(n)
         idx_val, idx_train = perm[:n_val], perm[n_val:]
-    idx_train, idx_val = np.sort(idx_train), np.sort(idx_val)
-    return (
-        Split(train.images[idx_train], train.labels[idx_train]),
-        Split(train.images[idx_val], train.labels[idx_val]),
-    )
+    return np.sort(idx_train), np.sort(idx_val)
 
 
 # ----------------------------------------------------------------- manual_dir readers

@@ -1,0 +1,260 @@
+"""The streamed input path: image-folder splits (``kdjax.data.folder.FileSplit``) decoded, cropped
+and batched on Grain workers (PyPI ``grain``; TF-free), in the batch contract of the in-memory path.
+
+Training batches (``TrainLoader``) are a Grain ``MapDataset`` over this process's example
+*positions* in the run (position = step * b + row, b = global batch / processes):
+
+    MapDataset.range(start_step * b, total_steps * b)
+      .map(position -> (epoch, step, row) -> example index -> decode + random-resized crop + flip)
+      .batch(b)
+      .to_iter_dataset(ReadOptions(num_threads=1)).mp_prefetch(num_workers)
+
+The example index of a position is ``kdjax.data.batch_indices`` (the global permutation of epoch
+``e`` by ``(seed, e)``, this process's contiguous part of each global batch): the same order as an
+in-memory data set, and each process reads only its own files. The crop and flip of an example are
+drawn from ``np.random.default_rng((seed, epoch, index, CROP_STREAM))``, so they are replayable
+(the same (seed, epoch, example) always gets the same crop, whichever process or worker reads it).
+Batch ``k`` is therefore a pure function of (seed, k): a resumed run starts the pipeline at its
+checkpoint's step and sees exactly the batches an uninterrupted run sees; no iterator state is
+checkpointed. Grain slices the batches round-robin over its workers and returns them in order, so
+the number of workers changes the speed, never a batch.
+
+Images stay uint8 here; normalisation, mixup / CutMix and the strong view run inside the jitted
+step. Evaluation (``eval_batches``) is resize (shorter side to ``image_size / EVAL_CROP_FRACTION``,
+bilinear) + center crop, on ``threads`` threads of the main process, padded and masked as
+``kdjax.data.eval_batches``.
+
+Worker processes: a loader is closed in the trainer's ``finally``; each worker also watches its
+parent (``_watch_parent``) and exits within ``PARENT_POLL_S`` once the parent is gone, so a
+SIGKILLed run leaves no workers behind. Entry points that start workers need the usual
+``if __name__ == '__main__':`` guard (Grain spawns them).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+
+import numpy as np
+
+from kdjax.data.batches import batch_indices, num_eval_batches
+from kdjax.data.sources import DataError
+
+#: The stream of `np.random.default_rng((seed, epoch, index, CROP_STREAM))` that draws crops and flips.
+CROP_STREAM = 0x6372
+#: torchvision's ImageNet recipe: eval resizes to 256 and center-crops 224 (224 / 256 = 0.875).
+EVAL_CROP_FRACTION = 0.875
+#: RandomResizedCrop's defaults (torchvision, timm): area fraction and aspect-ratio range, attempts.
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+RRC_ATTEMPTS = 10
+PARENT_POLL_S = 0.5
+
+
+def crop_params(rng: np.random.Generator, height: int, width: int, scale=RRC_SCALE, ratio=RRC_RATIO):
+    """(top, left, h, w) of a random-resized crop, torchvision's ``RandomResizedCrop.get_params``
+    algorithm: up to 10 draws of an area fraction ~ U(scale) and a log-uniform aspect ratio, the
+    first that fits; else the whole image clipped to the ratio range, centered."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(RRC_ATTEMPTS):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _open_rgb(path: str):
+    from PIL import Image
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f'{path} is not a readable JPEG/PNG image ({type(e).__name__}: {e}); '
+                        'delete or replace it') from None
+    if image.mode != 'RGB':  # grayscale, palette, RGBA, CMYK, 16-bit
+        image = image.convert('RGB')
+    return image
+
+
+def train_image(path: str, size: int, rng: np.random.Generator, flip: bool) -> np.ndarray:
+    """uint8 (size, size, 3): the decoded image's random-resized crop (bilinear) and, if `flip`,
+    a horizontal flip with probability 1/2; all draws from `rng`."""
+    from PIL import Image
+
+    image = _open_rgb(path)
+    top, left, h, w = crop_params(rng, image.height, image.width)
+    out = np.asarray(image.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h)), np.uint8)
+    if flip and rng.random() < 0.5:
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out)
+
+
+def eval_image(path: str, size: int) -> np.ndarray:
+    """uint8 (size, size, 3): shorter side resized to round(size / EVAL_CROP_FRACTION) (bilinear),
+    then the center size x size crop."""
+    from PIL import Image
+
+    image = _open_rgb(path)
+    short = int(round(size / EVAL_CROP_FRACTION))
+    w, h = image.size
+    nw, nh = (short, max(short, int(short * h / w))) if w <= h else (max(short, int(short * w / h)), short)
+    image = image.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)), np.uint8)
+
+
+class _TrainExample:
+    """Position in this process's stream -> one decoded, augmented example (picklable for Grain's
+    spawned workers; a deterministic repr, as Grain compares reprs)."""
+
+    def __init__(self, split, global_batch: int, seed: int, steps_per_epoch: int, flip: bool,
+                 process_index: int, process_count: int):
+        self.files, self.labels, self.size = split.files, split.labels, split.image_size
+        self.global_batch, self.seed, self.spe, self.flip = global_batch, seed, steps_per_epoch, flip
+        self.process_index, self.process_count = process_index, process_count
+        self.per_process = global_batch // process_count
+
+    def __call__(self, position):
+        step, row = divmod(int(position), self.per_process)
+        epoch, in_epoch = divmod(step, self.spe)
+        index = int(batch_indices(len(self.files), self.global_batch, seed=self.seed, epoch=epoch,
+                                  step_in_epoch=in_epoch, process_index=self.process_index,
+                                  process_count=self.process_count)[row])
+        rng = np.random.default_rng((self.seed, epoch, index, CROP_STREAM))
+        return {'image': train_image(self.files[index], self.size, rng, self.flip),
+                'label': np.int32(self.labels[index]), 'index': np.int32(index)}
+
+    def __repr__(self):
+        return (f'_TrainExample(n={len(self.files)}, size={self.size}, batch={self.global_batch}, seed={self.seed}, '
+                f'flip={self.flip}, process={self.process_index}/{self.process_count})')
+
+
+class _EvalExample:
+    """Row of this process's padded eval stream -> (image, label, mask)."""
+
+    def __init__(self, split, global_batch: int, process_index: int, process_count: int):
+        self.files, self.labels, self.size = split.files, split.labels, split.image_size
+        self.global_batch, self.per_process, self.process_index = global_batch, global_batch // process_count, process_index
+
+    def __call__(self, k):
+        b, row = divmod(int(k), self.per_process)
+        i = b * self.global_batch + self.process_index * self.per_process + row
+        if i >= len(self.files):
+            return np.zeros((self.size, self.size, 3), np.uint8), np.int32(0), np.float32(0.0)
+        return eval_image(self.files[i], self.size), np.int32(self.labels[i]), np.float32(1.0)
+
+    def __repr__(self):
+        return f'_EvalExample(n={len(self.files)}, size={self.size}, batch={self.global_batch})'
+
+
+def _watch_parent(worker_index: int, worker_count: int) -> None:
+    """Grain's worker_init_fn: a daemon thread that ends this worker once its parent is gone (the
+    parent was SIGKILLed, so no `finally` closed the loader)."""
+    del worker_index, worker_count
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name='kdjax-parent-watch').start()
+
+
+def _absl_flags_ready() -> None:
+    """Grain's workers read an absl flag (--grain_enable_multiprocess_worker_profiling): outside
+    absl.app.run (pytest, a notebook, a plain script) the flags are unparsed and reading one raises
+    UnparsedFlagAccessError, so they are marked parsed (at their defaults) here."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def check_workers(workers: int) -> int:
+    """`workers` if 0 <= workers <= this machine's cores, else a one-line DataError."""
+    cores = os.cpu_count() or 1
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or not 0 <= workers <= cores:
+        raise DataError(f'dataset.loader_workers={workers!r}: this machine has {cores} cores; choose 0 (decode in '
+                        f'the training process) to {cores}')
+    return int(workers)
+
+
+def default_workers() -> int:
+    """Loader workers when config.dataset.loader_workers is unset: all cores but one (at least 1)."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+class TrainLoader:
+    """This process's training batches from `start_step` to `total_steps`, in order (see the module
+    docstring); iterate it, and close it (or use it as a context manager) to end its workers."""
+
+    def __init__(self, split, global_batch: int, *, seed: int, start_step: int, total_steps: int,
+                 steps_per_epoch: int, flip: bool, workers: int, process_index: int = 0, process_count: int = 1,
+                 buffer: int = 2):
+        import grain
+
+        workers = check_workers(workers)
+        if global_batch % process_count:
+            raise DataError(f'global batch size {global_batch} is not divisible by {process_count} processes')
+        per = global_batch // process_count
+        ds = grain.MapDataset.range(start_step * per, total_steps * per)
+        ds = ds.map(_TrainExample(split, global_batch, seed, steps_per_epoch, flip, process_index, process_count))
+        ds = ds.batch(per, drop_remainder=True)
+        # One read thread per worker: Grain's default 16 threads in each worker oversubscribe the cores.
+        it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=buffer))
+        if workers:
+            _absl_flags_ready()
+            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffer),
+                                      worker_init_fn=_watch_parent)
+        self._it = iter(it_ds)
+        self.workers = workers
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._it)
+
+    def close(self) -> None:
+        close = getattr(self._it, 'close', None)
+        if close is not None:
+            close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def eval_batches(split, global_batch_size: int, *, process_index: int = 0, process_count: int = 1,
+                 threads: int = 1):
+    """`kdjax.data.eval_batches` for a FileSplit: yields (images uint8 (b,H,W,C), labels int32 (b,),
+    mask float32 (b,)), b = global_batch_size // process_count, decoded on `threads` threads."""
+    import grain
+
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise DataError(f'global batch size {global_batch_size} is not a positive multiple of {process_count} processes')
+    per = global_batch_size // process_count
+    ds = grain.MapDataset.range(num_eval_batches(len(split), global_batch_size) * per)
+    ds = ds.map(_EvalExample(split, global_batch_size, process_index, process_count)).batch(per)
+    it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, int(threads)), prefetch_buffer_size=4)))
+    for images, labels, mask in it:
+        yield images, labels, mask
