@@ -458,6 +458,25 @@ def test_bucket_lock_and_journal_under_races(gcs):
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
+def test_the_language_model_experiment_on_a_bucket(gcs, tmp_path):
+    """experiments.lm (its own trainer, kdjax/lm.py) in a bucket: results, table and checkpoints
+    there; a rerun finds every stage finished."""
+    bucket = gcs.make_bucket("lm-bucket")
+    args = [*gcs.prefix, sys.executable, "-m", "experiments.lm", f"--config={REPO}/experiments/configs/lm/stdlib_bytes.py:smoke",
+            "--config.methods=kd", f"--workdir=gs://{bucket}/lm"]
+    env = dict(gcs.env, PYTHONPATH=REPO)
+    out = subprocess.run(args, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    names = set(gcs.names(bucket))
+    assert {"lm/summary.json", "lm/lm.md", "lm/metrics.jsonl", "lm/kd/result.json"} <= names, sorted(names)
+    assert any(n.startswith("lm/kd/checkpoints/") and n.endswith("commit_success.txt") for n in names)
+    summary = json.loads(gcs.text(bucket, "lm/summary.json"))
+    again = subprocess.run(args, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stderr.count("already finished") == 3, again.stderr[-3000:]
+    assert json.loads(gcs.text(bucket, "lm/summary.json"))["stages"] == summary["stages"]
+    _no_gs_folder(str(tmp_path))
+
+
 def test_bucket_paths_refuse_appends():
     from kdjax import paths
 
