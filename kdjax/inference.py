@@ -46,22 +46,24 @@ def predict_logits(model, variables, images, mean, std, batch: int = 512) -> np.
                            for i in range(0, len(images), batch)])
 
 
-def head_accuracies(model, variables, images, labels, mean, std, batch: int = 512) -> dict | None:
+def head_accuracies(model, variables, split, mean, std, batch: int = 512, threads: int = 1) -> dict | None:
     """A model with two heads (a distilled ViT: features ``logits_cls`` and ``logits_dist``) -> the
     test accuracy of each head alone and of the two together, both ways DeiT's work combines them:
     ``test_accuracy_cls``, ``test_accuracy_dist``, ``test_accuracy_heads_logit_mean`` (the argmax of
     the mean of the two heads' logits: the model's ``logits``, what facebookresearch/deit's and timm's
     models return at inference) and ``test_accuracy_heads_softmax_mean`` (of the mean of their
-    softmax outputs, as the DeiT paper describes its evaluation). None for a one-head model."""
+    softmax outputs, as the DeiT paper describes its evaluation). None for a one-head model.
+    `split`: the test split, in memory or streamed (`kdjax.data.eval_batches` reads either)."""
     if not getattr(model, "distilled", False):
         return None
     fwd = jax.jit(lambda v, x: {k: f for k, f in models.apply_model(model, v, kdata.normalize(x, mean, std),
                                                                     train=False)[1].items()
                                 if k in ("logits_cls", "logits_dist")})
-    outs = [jax.device_get(fwd(variables, images[i:i + batch])) for i in range(0, len(images), batch)]
-    cls = np.concatenate([o["logits_cls"] for o in outs]).astype(np.float32)
-    dist = np.concatenate([o["logits_dist"] for o in outs]).astype(np.float32)
-    labels = np.asarray(labels)
+    outs = [(jax.device_get(fwd(variables, images)), mask > 0)
+            for images, _, mask in kdata.eval_batches(split, batch, threads=threads)]
+    cls = np.concatenate([o["logits_cls"][keep] for o, keep in outs]).astype(np.float32)
+    dist = np.concatenate([o["logits_dist"][keep] for o, keep in outs]).astype(np.float32)
+    labels = np.asarray(split.labels)
     soft = lambda z: np.exp(z - z.max(-1, keepdims=True)) / np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)  # noqa: E731
     acc = lambda z: float(np.mean(np.argmax(z, -1) == labels))  # noqa: E731
     return {"test_accuracy_cls": acc(cls), "test_accuracy_dist": acc(dist),

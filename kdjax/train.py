@@ -470,8 +470,8 @@ class Stage:
             arch = pretrained.arch_of(self.weights, self.config[self.kind.model].get("weights_arch") or None)
             result.update(weights=paths.absolute(self.weights), weights_arch=arch.name,
                           weights_preprocess=arch.preprocess.describe())
-        heads = inference.head_accuracies(self.model, best_vars, self.ds.test.images, self.ds.test.labels,
-                                          self.ds.mean, self.ds.std, self.config.eval_batch_size)
+        heads = inference.head_accuracies(self.model, best_vars, self.ds.test, self.ds.mean, self.ds.std,
+                                          self.config.eval_batch_size, threads=self.eval_threads)
         if heads:  # a distilled ViT: each head alone and both (the selected model)
             result.update(heads)
         if self.ds.val is not None:
