@@ -5,7 +5,7 @@ The measurements run in a child process with 8 host CPU devices (tests/conftest.
 process 2, and the device count is fixed once JAX has started); it writes them to an .npz that
 the tests compare. Two harnesses:
 
-- per term: each batch-level term alone (RKD, PKT, CC, SP, DIST, CRD, MLKD, SKD, SRD), its value and its gradient
+- per term: each batch-level term alone (RKD, PKT, CC, SP, DIST, CRD, MLKD, SKD, SRD, DIST+), its value and its gradient
   with respect to a linear "student" that makes the features from the inputs, and to the term's
   adapters (CC's and CRD's embeddings, SRD's projector), with kdjax.step's convention (gradients w.r.t. a
   per-device view of the replicated parameters, then pmean);
@@ -24,7 +24,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, K, N, D_IN = 16, 5, 64, 12  # global batch, classes, data-set size (CRD memory), input width
-TERMS = ("rkd", "pkt", "cc", "sp", "dist", "crd", "mlkd", "skd", "srd")
+TERMS = ("rkd", "pkt", "cc", "sp", "dist", "crd", "mlkd", "skd", "srd", "dist_plus")
 STEP_TERMS = ("rkd", "pkt", "cc", "sp", "dist", "crd")  # the real step's
 DEVICES = (1, 2, 8)
 
@@ -37,6 +37,7 @@ def _config():
     for name in TERMS:
         cfg[name]["weight"] = 1.0
     cfg["sp"]["student"] = cfg["sp"]["teacher"] = "stage2"
+    cfg["dist_plus"]["student"] = cfg["dist_plus"]["teacher"] = "logits,stage2"
     cfg["crd"]["num_negatives"] = 16
     cfg["cc"]["dim"] = cfg["crd"]["dim"] = 8
     return cfg
@@ -57,7 +58,7 @@ def _per_term(out):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((B, D_IN)).astype(np.float32)
     w = {"embedding": 0.5 * rng.standard_normal((D_IN, 6)), "logits": rng.standard_normal((D_IN, K)),
-         "stage2": 0.5 * rng.standard_normal((D_IN, 2 * 2 * 3))}
+         "stage2": 0.5 * rng.standard_normal((D_IN, 2 * 2 * 5))}  # the teacher's widths (DIST+)
     w = {k: v.astype(np.float32) for k, v in w.items()}
     teacher = {"embedding": rng.standard_normal((B, 7)).astype(np.float32),
                "logits": 3.0 * rng.standard_normal((B, K)).astype(np.float32),
@@ -69,7 +70,7 @@ def _per_term(out):
 
     def student(w, x):
         return {"embedding": x @ w["embedding"], "logits": x @ w["logits"], "strong/logits": x[:, ::-1] @ w["logits"],
-                "stage2": jnp.maximum(x @ w["stage2"], 0).reshape(x.shape[0], 2, 2, 3)}
+                "stage2": jnp.maximum(x @ w["stage2"], 0).reshape(x.shape[0], 2, 2, 5)}
 
     terms = distill.build_terms(_config(), num_data=N, dataset_labels=labels)
     distiller = distill.Distiller(terms)
@@ -121,6 +122,8 @@ def _per_term(out):
         "dist": losses.dist(student(w, x)["logits"], t["logits"], 1.0, 1.0, 4.0),
         "mlkd": losses.mlkd(student(w, x)["logits"], student(w, x)["strong/logits"], t["logits"], t["strong/logits"]),
         "skd": losses.skd(student(w, x)["logits"], t["logits"]),
+        "dist_plus": losses.dist_plus(student(w, x)["logits"], t["logits"], student(w, x)["stage2"], t["stage2"],
+                                      beta=2.0, gamma=2.0),
     })(w, x, teacher, y)
     for name, v in jax.device_get(direct).items():
         out[f"direct/{name}"] = np.asarray(v)

@@ -52,7 +52,7 @@ DIGITS_METHODS = {
     # appended after 'ce' (issue 24): the language-model divergences
     "reverse_kl": "c35795b4", "generalized_jsd": "c35795b4", "skew_kl": "c35795b4", "skew_reverse_kl": "c35795b4",
     "taid": "c35795b4", "ab_divergence": "c35795b4", "topk_kd": "c35795b4", "ickd": "1388925d",
-    "skd": "c35795b4", "srd": "c35795b4",
+    "skd": "c35795b4", "dist_plus": "07005106", "srd": "c35795b4",
 }
 
 

@@ -2,7 +2,10 @@
 statement of the official ICKDLoss (ADLab-AutoDrive/ICKD Cifar100/distiller_zoo/ICKD.py), embedding
 included, SKD (Jeong et al. CVPR 2026) against torchdistill's SKDInstanceLoss/SKDDirectionLoss and
 SRD (Miles, Mikolajczyk AAAI 2024, kdjax/distill/projector.py) against torchdistill's SRDLoss on
-SRDModelWrapper's features; all three trained end to end."""
+SRDModelWrapper's features and DIST+ (Huang et al. TPAMI 2025) against torchdistill's DISTPlusLoss;
+all four trained end to end."""
+
+import functools
 
 import jax
 import numpy as np
@@ -51,19 +54,20 @@ def test_ickd_loss_and_method_match_the_reference():
         losses.ickd(s, t)
 
 
-def test_ickd_skd_and_srd_train_end_to_end(tmp_path):
+def test_ickd_skd_srd_and_dist_plus_train_end_to_end(tmp_path):
     from tests.test_train import read_metrics, tiny_digits_config
     from kdjax import train
 
     workdir = str(tmp_path / "run")
     summary = train.run(tiny_digits_config(**{"stages": "student", "teacher.source": "ema", "student.model": "cnn_tiny",
-                                              "teacher.model": "cnn_tiny", "distill.method": "ickd+skd+srd"}), workdir)
-    assert summary["student"]["terms"] == {"ce": 1.0, "ickd": 2.5, "skd": 1.0, "srd": 1.0}
+                                              "teacher.model": "cnn_tiny", "distill.method": "ickd+skd+srd+dist_plus"}), workdir)
+    assert summary["student"]["terms"] == {"ce": 1.0, "ickd": 2.5, "skd": 1.0, "srd": 1.0, "dist_plus": 2.0}
     rows = read_metrics(workdir, "student")
-    keys = ("loss/ickd", "loss/skd", "loss/skd/direction", "loss/srd")
+    keys = ("loss/ickd", "loss/skd", "loss/skd/direction", "loss/srd", "loss/dist_plus")
     assert rows and all(np.isfinite(r[k]) for r in rows for k in keys)
     r = rows[0]
-    np.testing.assert_allclose(r["loss"], r["loss/ce"] + 2.5 * r["loss/ickd"] + r["loss/skd"] + r["loss/srd"], rtol=1e-5)
+    np.testing.assert_allclose(r["loss"], r["loss/ce"] + 2.5 * r["loss/ickd"] + r["loss/skd"] + r["loss/srd"]
+                               + 2.0 * r["loss/dist_plus"], rtol=1e-5)
 
 
 def np_torchdistill_skd(s, t, T=4.0, tikhonov=0.1):
@@ -148,3 +152,46 @@ def test_srd_loss_and_method_match_torchdistill():
     scale = np.sqrt(1.0 + 1e-4)  # eval mode: the running statistics at their initial values
     proj = (e_s @ np.asarray(lin["kernel"]) + np.asarray(lin["bias"])) / scale
     np.testing.assert_allclose(values["srd"], np_torchdistill_srd(proj, e_t / scale, s, t), rtol=1e-4)
+
+
+def np_torchdistill_dist_plus(zs, zt, fs_nhwc, ft_nhwc, beta, gamma, iota, kappa, tau, eps=1e-8):
+    """torchdistill DISTPlusLoss.forward (mid_level.py @3e4373c) as written there, on NCHW maps:
+    DISTLoss (softmax at tau, 1 - mean Pearson of rows and of columns, times tau^2) + iota *
+    channel_relation (the mean correlation over channels at every position, added as it is) +
+    kappa * spatial_relation (DIST's inter-class relation of the channel-summed maps, transposed)."""
+    zs, zt = np.asarray(zs, np.float64), np.asarray(zt, np.float64)
+
+    def softmax(z):
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    def inter(a, b):  # 1 - cosine_similarity(a - a.mean(1), b - b.mean(1), eps).mean()
+        a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
+        return 1 - ((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + eps)).mean()
+
+    ys, yt = softmax(zs / tau), softmax(zt / tau)
+    dist = beta * tau ** 2 * inter(ys, yt) + gamma * tau ** 2 * inter(ys.T, yt.T)
+    fs, ft = (np.transpose(np.asarray(f, np.float64), (0, 3, 1, 2)) for f in (fs_nhwc, ft_nhwc))
+    cs, ct = fs - fs.mean(1, keepdims=True), ft - ft.mean(1, keepdims=True)
+    channel = ((cs * ct).sum(1) / (np.sqrt((cs ** 2).sum(1) * (ct ** 2).sum(1)) + eps)).mean()
+    a_s, a_t = fs.sum(1).reshape(fs.shape[0], -1), ft.sum(1).reshape(ft.shape[0], -1)
+    return dist + iota * channel + kappa * inter(a_s.T, a_t.T)
+
+
+@pytest.mark.parametrize("beta, gamma, iota, kappa, tau", [(2.0, 2.0, 1.0, 1.0, 1.0), (1.0, 0.5, 0.3, 2.0, 4.0)])
+def test_dist_plus_loss_matches_torchdistill(beta, gamma, iota, kappa, tau):
+    rng = np.random.default_rng(3)
+    zs, zt = (2.0 * rng.standard_normal((6, 5))).astype(np.float32), (2.0 * rng.standard_normal((6, 5))).astype(np.float32)
+    fs = rng.standard_normal((6, 3, 4, 7)).astype(np.float32)
+    ft = (rng.standard_normal((6, 3, 4, 7)) + 0.3).astype(np.float32)
+    got = jax.jit(functools.partial(losses.dist_plus, beta=beta, gamma=gamma, iota=iota, kappa=kappa,
+                                    temperature=tau))(zs, zt, fs, ft)
+    np.testing.assert_allclose(got, np_torchdistill_dist_plus(zs, zt, fs, ft, beta, gamma, iota, kappa, tau), rtol=1e-5)
+    # iota = kappa = 0 is DIST itself
+    np.testing.assert_allclose(losses.dist_plus(zs, zt, fs, ft, beta, gamma, 0.0, 0.0, tau),
+                               losses.dist(zs, zt, beta, gamma, tau), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"^dist_plus: student_feat and teacher_feat must have the same shape"):
+        losses.dist_plus(zs, zt, fs, ft[..., :3])
+    terms = distill.build_terms(distill.get_config("dist_plus").to_dict())
+    assert [(x.name, x.weight, x.student, x.global_batch) for x in terms] == [
+        ("ce", 1.0, ("logits",), False), ("dist_plus", 2.0, ("logits", "stage[-1]"), True)]

@@ -1,5 +1,6 @@
-"""Gram-matrix methods added since the registry was pinned: ickd (per-example channel Gram matrices
-of feature maps) and skd (the batch Gram matrix of the logits); registered after the `sequence`
+"""Gram-matrix and correlation methods added since the registry was pinned: ickd (per-example
+channel Gram matrices of feature maps), skd (the batch Gram matrix of the logits) and dist_plus
+(DIST plus channel and spatial correlations of the last maps); registered after the `sequence`
 family, in this order (the registry's order is a contract: methods added later go at its end)."""
 
 from __future__ import annotations
@@ -61,3 +62,23 @@ def _skd(h, temperature, data):
     fn = functools.partial(_skd_fn, temperature=own_temperature(h, temperature), tikhonov=tikhonov,
                            direction_weight=float(h["direction_weight"]))
     return [term("skd", fn, h)]
+
+
+def _dist_plus_fn(student, teacher, ctx, **kwargs):
+    (s_logits, s_map), (t_logits, t_map) = student, teacher
+    return losses.dist_plus(s_logits, t_logits, s_map, t_map, **kwargs)
+
+
+# DIST+ (Huang et al. TPAMI 2025): torchdistill configs/sample/ilsvrc2012/dist_plus (DISTPlusLoss on
+# the logits and layer4 of both models: beta = gamma = 2, iota = kappa = 1, tau 1, weight 2, CE 1).
+# Its feature relations need maps of equal shape: the last stage of each model (the teacher's
+# widths). Batch-level (DIST's intra-class and the spatial relation are over the batch): global batch.
+@register("dist_plus", paper="Huang, You, Wang, Qian, Xu. DIST+: Knowledge Distillation From a Stronger Adaptive "
+                             "Teacher (TPAMI 2025)",
+          ce_weight=1.0, defaults=defaults(2.0, "logits,stage[-1]", "logits,stage[-1]", beta=2.0, gamma=2.0, iota=1.0,
+                                           kappa=1.0, temperature=1.0), loss="dist_plus", temperature=True,
+          global_batch=True, feature_maps=True, same_widths=True)
+def _dist_plus(h, temperature, data):
+    fn = functools.partial(_dist_plus_fn, beta=float(h["beta"]), gamma=float(h["gamma"]), iota=float(h["iota"]),
+                           kappa=float(h["kappa"]), temperature=own_temperature(h, temperature))
+    return [term("dist_plus", fn, h)]

@@ -112,6 +112,7 @@ from kdjax.losses.relation import (
     correlation_congruence,
     cosine_distance,
     discriminator_bce,
+    dist_plus,
     pkt,
     rkd,
     srd,
@@ -144,6 +145,7 @@ __all__ = [
     "multiscale_logits",
     "sdd",
     "skd",
+    "dist_plus",
     "mse_logits",
     # language-model distillation (kdjax.losses.sequence; any (..., V) logits)
     "reverse_kl",

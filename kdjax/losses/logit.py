@@ -245,6 +245,7 @@ def dist(student_logits, teacher_logits, beta: float = 1.0, gamma: float = 1.0,
     return temperature**2 * (beta * inter + gamma * intra)
 
 
+
 def logit_standardized_kd(student_logits, teacher_logits, temperature: float = 2.0, *,
                           where=None, reduction: str = "mean") -> jax.Array:
     """KD on z-scored logits (logit standardisation).
