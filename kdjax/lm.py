@@ -238,7 +238,8 @@ def make_step(config, role: str, method: str | None, model, optimizer, teacher=N
 
 
 def evaluate(model, params, windows: np.ndarray, teacher_logits: np.ndarray | None = None, batch: int = 64) -> dict:
-    """Held-out bits per byte, and with `teacher_logits`: top-1 agreement and KL(teacher ‖ model)."""
+    """(figures, logits): held-out bits per byte, and with `teacher_logits` top-1 agreement and
+    KL(teacher ‖ model); the model's (N, T, V) logits on `windows`."""
     fn = jax.jit(lambda p, x: model.apply({"params": p}, x))
     nll, agree, kl, n = 0.0, 0.0, 0.0, 0
     out_logits = []

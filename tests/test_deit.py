@@ -8,7 +8,7 @@ import pytest
 
 from experiments.configs import digits
 from kdjax import distill, train
-from tests.test_train import read_metrics
+from tests.test_train import read_metrics, set_fields
 
 
 def _config(mode, **overrides):
@@ -18,13 +18,7 @@ def _config(mode, **overrides):
     c.distill.deit.mode = mode
     c.log_every_steps = 5
     c.throughput_batch = 16
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c
+    return set_fields(c, overrides)
 
 
 def test_deit_hard_distillation_trains_a_two_head_vit(tmp_path):

@@ -23,6 +23,17 @@ from tests.test_distill import _np_kd, _np_softmax
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def set_fields(c, overrides: dict):
+    """Sets {'a.b.c': value} fields of config `c`; returns `c`."""
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return c
+
+
 def tiny_digits_config(**overrides):
     c = digits_cfg.get_config()
     c.teacher.model = "cnn_tiny"  # has BatchNorm: exercises the synchronised batch statistics
@@ -32,13 +43,7 @@ def tiny_digits_config(**overrides):
     c.stages = "teacher,student"
     c.log_every_steps = 1
     c.throughput_batch = 16
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c
+    return set_fields(c, overrides)
 
 
 def read_metrics(workdir, role, kind="train"):

@@ -56,6 +56,22 @@ def smoke(c: ml_collections.ConfigDict) -> None:
     c.optimizer.schedule = "constant"
 
 
+def _cifar_pair(a, dataset: str, teacher: str, student: str, *, batch_size: int, epochs: int):
+    """What both CIFAR recipes share: `base(a.method)` with the seed, data set, batch, random crop
+    (pad 4) + flip, and teacher and student models trained for `epochs` each."""
+    c = base(a.method)
+    c.seed = a.seed
+    c.dataset.name = dataset
+    c.batch_size = batch_size
+    c.augment.crop_padding = 4
+    c.augment.flip = True
+    c.teacher.model = teacher
+    c.teacher.epochs = epochs
+    c.student.model = student
+    c.student.epochs = epochs
+    return c
+
+
 def cifar_recipe(arg, dataset: str, teacher: str, student: str, *, student_lr_scale: float = 1.0,
                  dkd_beta: float = 8.0) -> ml_collections.ConfigDict:
     """The RepDistiller / mdistiller CIFAR recipe for one teacher -> student pair.
@@ -73,16 +89,7 @@ def cifar_recipe(arg, dataset: str, teacher: str, student: str, *, student_lr_sc
     RepDistiller's 30 init epochs unless `init_epochs` says otherwise.
     """
     a = parse_arg(arg, smoke=False, method="kd", seed=0, init_epochs=0)
-    c = base(a.method)
-    c.seed = a.seed
-    c.dataset.name = dataset
-    c.batch_size = 64
-    c.augment.crop_padding = 4
-    c.augment.flip = True
-    c.teacher.model = teacher
-    c.teacher.epochs = 240
-    c.student.model = student
-    c.student.epochs = 240
+    c = _cifar_pair(a, dataset, teacher, student, batch_size=64, epochs=240)
     c.student.learning_rate_scale = student_lr_scale
     c.optimizer.name = "sgd"  # learning rate: None = sgd's default, 0.05 (RepDistiller's)
     c.optimizer.momentum = 0.9
@@ -111,16 +118,7 @@ def cifar_vit_recipe(arg, dataset: str, teacher: str, student: str, *, method: s
     Config-string arguments: `method=<name>` (default `method`), `seed=<int>`, `smoke`.
     """
     a = parse_arg(arg, smoke=False, method=method, seed=0)
-    c = base(a.method)
-    c.seed = a.seed
-    c.dataset.name = dataset
-    c.batch_size = 128
-    c.augment.crop_padding = 4
-    c.augment.flip = True
-    c.teacher.model = teacher
-    c.teacher.epochs = 200
-    c.student.model = student
-    c.student.epochs = 200
+    c = _cifar_pair(a, dataset, teacher, student, batch_size=128, epochs=200)
     c.optimizer.name = "adamw"
     c.optimizer.learning_rate = 1e-3
     c.optimizer.weight_decay = 0.05

@@ -13,7 +13,8 @@ succeeds only if no object of that name exists).
   The log number of a record is its position in the segments' concatenation.
 - `touch` / `age`: a heartbeat object and its age by the bucket's own clock (``updated``).
 
-google-cloud-storage is imported here only (the ``kdjax[gcs]`` extra).
+google-cloud-storage is imported here only (the ``kdjax[gcs]`` extra); the module itself is imported
+only by a sweep in a bucket, which imports optuna anyway.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import json
 import threading
 import time
 from typing import Any, Iterable
+
+from optuna.storages.journal import BaseJournalBackend  # (this module is imported by a bucket sweep only)
 
 
 def _split(url: str) -> tuple[str, str]:
@@ -126,15 +129,8 @@ class BucketLock:
         self.release()
 
 
-def _backend_base():
-    from optuna.storages.journal import BaseJournalBackend
-
-    return BaseJournalBackend
-
-
-class BucketJournal:
-    """Optuna journal records in the segments ``<url>/<k>`` (see the module docstring). Built by
-    `journal_storage`, which makes it an Optuna `BaseJournalBackend`."""
+class BucketJournal(BaseJournalBackend):
+    """Optuna journal records in the segments ``<url>/<k>`` (see the module docstring)."""
 
     def __init__(self, url: str):
         self.url = url.rstrip("/")
@@ -177,5 +173,4 @@ def journal_storage(url: str):
     """An Optuna JournalStorage whose records live in the bucket folder `url`."""
     import optuna
 
-    backend = type("BucketJournalBackend", (BucketJournal, _backend_base()), {})
-    return optuna.storages.JournalStorage(backend(url))
+    return optuna.storages.JournalStorage(BucketJournal(url))
