@@ -84,6 +84,12 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
     # The batches do not depend on loader_workers, only the speed does.
     c.dataset.image_size = config_dict.placeholder(int)
     c.dataset.loader_workers = config_dict.placeholder(int)
+    # The per-channel mean and std every model's input is normalised with: 'data' (the data set's own
+    # statistics; ImageNet's for image folders), 'imagenet' or 'inception' (kdjax.data.NORMALIZATIONS);
+    # '' = what config.teacher.weights / config.student.weights expect when a role starts from
+    # published weights (their kdjax.models.pretrained preprocessing), else 'data'. A run records the
+    # resolved name in its config.json (resolve_normalization).
+    c.dataset.normalize = ""
 
     c.augment = ml_collections.ConfigDict()
     c.augment.crop_padding = 0  # random crop after zero padding by this many pixels (in-memory data sets)
@@ -294,6 +300,38 @@ def imported_teacher(config) -> bool:
     return bool(config.teacher.get("weights")) and config.teacher.epochs == 0
 
 
+def resolve_normalization(config) -> str:
+    """What config.dataset.normalize means for this run: the name given, else the statistics the
+    roles' published weights expect (their `Preprocess.normalize`), else 'data'. Weights that expect
+    different statistics get a one-line ValueError: every model of a run sees the same input."""
+    from kdjax import data as kdata
+    from kdjax import runs
+
+    given = config.dataset.get("normalize", "")
+    if given:
+        if given != "data" and given not in kdata.NORMALIZATIONS:
+            raise ValueError(f"unknown config.dataset.normalize {given!r}; choose one of: data, "
+                             f"{', '.join(kdata.NORMALIZATIONS)} ('' = the weights' own, else data)")
+        return given
+    wanted = {}  # config field -> (normalisation, what it is)
+    for role in ("teacher", "student"):
+        if config[role].get("weights"):
+            from kdjax.models import pretrained
+
+            arch = pretrained.arch_of(config[role].weights, config[role].get("weights_arch") or None)
+            wanted[f"{role}.weights"] = (arch.preprocess.normalize, arch.name)
+    # a teacher trained by an earlier run keeps the normalisation it was trained with
+    for run_dir in [config.teacher.get("checkpoint") or ""] + str(config.teacher.get("ensemble", "")).split(","):
+        saved = runs.read_json(os.path.join(run_dir.strip(), "config.json")) if run_dir.strip() else None
+        if saved is not None and "normalize" in saved.get("dataset", {}):
+            wanted[f"teacher run {run_dir.strip()}"] = (saved["dataset"]["normalize"] or "data", "its config.json")
+    if len({name for name, _ in wanted.values()}) > 1:
+        raise ValueError("the teachers and weights expect different input statistics (" + ", ".join(
+            f"{where}: {what} '{name}'" for where, (name, what) in wanted.items())
+            + "), and every model of a run sees the same input: set config.dataset.normalize to one of them")
+    return next(iter(wanted.values()))[0] if wanted else "data"
+
+
 def check_weights(config, role: str) -> None:
     """One-line errors for config.<role>.weights: a file kdjax.models.pretrained cannot read or
     place, a model that is not the one its architecture loads into, or a second source for the
@@ -383,6 +421,7 @@ def validate(config) -> None:
         if config[role].get("weights"):
             check_weights(config, role)
     parse_classes(config.dataset.get("classes", ""))
+    resolve_normalization(config)
     p = config.get("prune")
     if p is not None:  # its values even where no stage reads them: experiments.compress's variants start from them
         prune.check({}, {}, p.method, p.sparsity, p.scope, p.n, p.m, p.criterion)  # kernels: in the pre-flight

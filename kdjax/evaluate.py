@@ -425,6 +425,8 @@ def report(workdir: str, *, latency_calls: int = LATENCY_CALLS, plots: bool = Tr
             "performance_error": perf_error,
             # a distilled ViT (DeiT): the test accuracy of each head and of both (kdjax.inference.head_accuracies)
             "heads": {k: result[k] for k in HEAD_ACCURACIES if k in result} or None,
+            # the torchvision / timm weights the stage started from, and the eval transform they were made for
+            "weights_arch": result.get("weights_arch"), "weights_preprocess": result.get("weights_preprocess"),
             **m, "training_curves": curves,
         })
     if not rows:
@@ -435,6 +437,8 @@ def report(workdir: str, *, latency_calls: int = LATENCY_CALLS, plots: bool = Tr
         "workdir": paths.absolute(workdir),
         "dataset": config["dataset"].get("name"),
         "class_names": class_names(config["dataset"], num_classes),
+        # config.dataset.normalize as the run resolved it ('data': the data set's own statistics)
+        "input_normalization": config["dataset"].get("normalize") or "data",
         "num_test_examples": rows[0]["num_examples"],
         "eval_batch_size": eval_batch,
         "device": compress.device_name(),
@@ -502,6 +506,15 @@ def main_table(rep: dict) -> str:
     return "\n".join(lines)
 
 
+def _normalization(name: str) -> str:
+    from kdjax import data as kdata
+
+    if name in kdata.NORMALIZATIONS:
+        mean, std = kdata.NORMALIZATIONS[name]
+        return f"'{name}' statistics (mean {list(mean)}, std {list(std)})"
+    return "the data set's own per-channel statistics ('data')"
+
+
 def format_markdown(rep: dict) -> str:
     names = rep["class_names"]
     n, c = rep["num_test_examples"], len(names)
@@ -509,7 +522,8 @@ def format_markdown(rep: dict) -> str:
              f"Data set: {rep['dataset']}, {n} test images, {c} classes. Device: {rep['device']}; latency: median of "
              f"{rep['latency_calls']} jitted calls of the eval forward at batch 1 and at the eval batch "
              f"({rep['eval_batch_size']}); MFLOPs/img: XLA cost analysis of that forward compiled for batch 1. "
-             f"Teacher for agreement and KL (T=1, nats): {rep['teacher_reference']}.", "",
+             f"Teacher for agreement and KL (T=1, nats): {rep['teacher_reference']}. Inputs normalised with "
+             f"{_normalization(rep.get('input_normalization', 'data'))}.", "",
              rep["source"], "", main_table(rep), ""]
     aucs = {r["roc_auc_classes"] for r in rep["models"]}
     lines.append(f"ROC-AUC: macro one-vs-rest over {'; '.join(sorted(aucs))}. ECE: {rep['ece_bins']} "
@@ -520,6 +534,9 @@ def format_markdown(rep: dict) -> str:
             extra = "; ".join(filter(None, [r.get("note"), None if r["logits_source"].endswith("predictions.npz")
                                             else r["logits_source"], r.get("performance_error")]))
             lines.append(f"- {r['name']}: {extra}")
+    for r in rep["models"]:
+        if r.get("weights_arch"):
+            lines.append(f"- {r['name']}: started from {r['weights_arch']} weights, made for: {r['weights_preprocess']}")
     for s in rep["skipped"]:
         lines.append(f"- not reported: {s['name']} ({s['reason']})")
     plots = rep.get("plots", {})

@@ -94,8 +94,9 @@ def flatten_dict(tree: dict, prefix: str = "") -> dict:
 
 def run_identity(config) -> dict:
     """What determines a run's results: the flattened config ('a.b' -> value) without
-    `RUNTIME_FIELDS` and without the sub-dicts of distillation methods the run does not use (so
-    adding a method to kdjax changes no existing run's identity). `config`: a ConfigDict or the
+    `RUNTIME_FIELDS`, without the sub-dicts of distillation methods the run does not use (so
+    adding a method to kdjax changes no existing run's identity) and without an unresolved
+    dataset.normalize (''). `config`: a ConfigDict or the
     plain dict of a saved config.json."""
     if not isinstance(config, dict):
         config = json.loads(config.to_json_best_effort(sort_keys=True))
@@ -107,7 +108,9 @@ def run_identity(config) -> dict:
         parts = key.split(".")
         return not (parts[0] == "distill" and len(parts) > 2 and parts[1] in distill.METHODS and parts[1] not in used)
 
-    return {k: v for k, v in flatten_dict(config).items() if kept(k)}
+    # dataset.normalize '' is resolved from the weights fields (config.resolve_normalization) and
+    # saved resolved: only a name given is compared
+    return {k: v for k, v in flatten_dict(config).items() if kept(k) and not (k == "dataset.normalize" and not v)}
 
 
 def prepare_workdir(config, workdir: str, overwrite: bool, identity=run_identity) -> None:

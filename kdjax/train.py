@@ -182,8 +182,7 @@ class Stage:
         self.surgery = None  # channel pruning: (smaller model fields, its variables, unpruned parameter count)
         self.select_from_epoch = 0  # checkpoints of earlier epochs are never selected (gradual pruning)
         self.float_model = self.model
-        workers = config.dataset.get("loader_workers")
-        self.loader_workers = kdata.stream.default_workers() if workers is None else int(workers)
+        self.loader_workers = loader_workers(config)
         self.eval_threads = max(1, self.loader_workers)
         self.loader = None  # the streamed data set's TrainLoader while the loop runs
         kind.setup(self)  # what the kind changes in the model or the optimizer (kdjax.stages)
@@ -469,7 +468,8 @@ class Stage:
             from kdjax.models import pretrained
             arch = pretrained.arch_of(self.weights, self.config[self.kind.model].get("weights_arch") or None)
             result.update(weights=paths.absolute(self.weights), weights_arch=arch.name,
-                          weights_preprocess=arch.preprocess.describe())
+                          weights_preprocess=arch.preprocess.describe(),
+                          input_normalization=self.config.dataset.get("normalize", ""))
         heads = inference.head_accuracies(self.model, best_vars, self.ds.test, self.ds.mean, self.ds.std,
                                           self.config.eval_batch_size, threads=self.eval_threads)
         if heads:  # a distilled ViT: each head alone and both (the selected model)
@@ -573,13 +573,15 @@ class Stage:
 
 def load_dataset(ds_cfg, seed: int) -> kdata.Dataset:
     """The data set a run trains on, from its `config.dataset` block (a ConfigDict or the dict of a
-    saved config.json): name, location, validation split, class subset and few-shot size."""
+    saved config.json): name, location, validation split, class subset and few-shot size, and the
+    normalisation its models' inputs get (config.dataset.normalize, resolved: '' reads as 'data')."""
     get = ds_cfg.get
     with _mock_data(get("mock_examples", 0)):
-        return kdata.load(get("name"), data_dir=get("data_dir"), manual_dir=get("manual_dir"),
+        dataset = kdata.load(get("name"), data_dir=get("data_dir"), manual_dir=get("manual_dir"),
                           val_size=get("val_size", 0.0), seed=seed, download=get("download", True),
                           classes=kconfig.parse_classes(get("classes", "")), train_per_class=get("train_per_class"),
                           folds=get("folds", 0) or 0, fold=get("fold", 0) or 0, image_size=get("image_size"))
+    return kdata.with_normalization(dataset, get("normalize", "") or "data")
 
 
 def _mock_data(num_examples: int):
@@ -652,6 +654,9 @@ def _run_folds(config, workdir: str, overwrite: bool, on_epoch) -> dict:
 
 def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, on_epoch=None) -> dict:
     kconfig.validate(config)
+    config = config.copy_and_resolve_references()
+    with config.unlocked():  # '' -> the name every stage and config.json use (the weights' or 'data')
+        config.dataset.normalize = kconfig.resolve_normalization(config)
     paths.check_workdir(workdir)
     runtime.enable_compilation_cache(config.get("compile_cache_dir"))
     dataset = load_dataset(config.dataset, config.seed)
@@ -720,12 +725,18 @@ def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, on_ep
     return summary
 
 
+def loader_workers(config) -> int:
+    """config.dataset.loader_workers, None read as the machine's (kdjax.data.stream.default_workers)."""
+    workers = config.dataset.get("loader_workers")
+    return kdata.stream.default_workers() if workers is None else int(workers)
+
+
 def load_imported_teacher(config, dataset: kdata.Dataset, dtype) -> tuple[Any, dict, dict]:
     """config.teacher.weights as the teacher, untrained (teacher.epochs=0): (Linen model, variables,
     result). The weights' classifier must fit the data set's classes (a one-line ValueError
     otherwise). The result has the model, the weights' file and architecture, the preprocessing
     they were trained with, and the test accuracy kdjax measures for them here (inputs normalised
-    with the data set's mean and std, as every stage's)."""
+    as every stage's: config.dataset.normalize, by default the weights' own statistics)."""
     from kdjax.models import pretrained
 
     c = config.teacher
@@ -736,15 +747,15 @@ def load_imported_teacher(config, dataset: kdata.Dataset, dtype) -> tuple[Any, d
         raise ValueError(f"config.teacher.weights={c.weights} classifies {model.num_classes} classes and {dataset.name} "
                          f"has {dataset.num_classes}: a teacher used as it is (teacher.epochs=0) needs the same classes; "
                          "set teacher.epochs > 0 to fine-tune it with a new head")
-    logits = inference.predict_logits(model, variables, dataset.test.images, dataset.mean, dataset.std,
-                                      config.eval_batch_size)
+    logits = inference.predict_split_logits(model, variables, dataset.test, dataset.mean, dataset.std,
+                                            config.eval_batch_size, threads=max(1, loader_workers(config)))
     accuracy = float(np.mean(np.argmax(logits, -1) == np.asarray(dataset.test.labels)))
     logging.info("teacher: %s weights from %s, used as they are: test accuracy %.4f (their preprocessing: %s; the "
-                 "step normalises with %s's mean and std)", arch.name, c.weights, accuracy, arch.preprocess.describe(),
-                 dataset.name)
+                 "run normalises with %r: %s / %s)", arch.name, c.weights, accuracy, arch.preprocess.describe(),
+                 config.dataset.normalize, dataset.mean, dataset.std)
     result = {"model": c.model, "num_params": models.num_params(variables["params"]), "test_accuracy": accuracy,
               "weights": paths.absolute(c.weights), "weights_arch": arch.name,
-              "weights_preprocess": arch.preprocess.describe()}
+              "weights_preprocess": arch.preprocess.describe(), "input_normalization": config.dataset.normalize}
     return model, variables, result
 
 

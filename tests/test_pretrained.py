@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 
 import numpy as np
@@ -20,6 +21,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from kdjax import data as kdata  # noqa: E402
 from kdjax import models  # noqa: E402
 from kdjax.models import pretrained  # noqa: E402
 from kdjax.models.vit import resample_pos_embed  # noqa: E402
@@ -277,7 +279,7 @@ def test_weights_start_the_teacher_and_the_student(weights_dir, tmp_path, monkey
     safetensors_torch.save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, teacher_path)
     student_path = _save("torchvision/resnet18", weights_dir)
     ds = _cifar_like()
-    monkeypatch.setattr(train, "load_dataset", lambda ds_cfg, seed: ds)
+    monkeypatch.setattr(train.kdata, "load", lambda *a, **k: ds)  # train.load_dataset still normalises
     config = tiny_digits_config(**{
         "dataset.name": "cifar10", "stages": "teacher,student", "batch_size": 16,
         "teacher.model": "resnet18_imagenet", "teacher.weights": teacher_path, "teacher.epochs": 0,
@@ -288,7 +290,11 @@ def test_weights_start_the_teacher_and_the_student(weights_dir, tmp_path, monkey
     t = summary["teacher"]
     assert t["weights_arch"] == "torchvision/resnet18" and "centre crop 224" in t["weights_preprocess"]
     assert not os.path.exists(os.path.join(workdir, "teacher"))  # no teacher stage ran
-    x = (ds.test.images / 255.0 - np.array(ds.mean)) / np.array(ds.std)
+    # every model's input is normalised as the weights expect (ImageNet's statistics), not the data set's
+    assert t["input_normalization"] == summary["student"]["input_normalization"] == "imagenet"
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["dataset"]["normalize"] == "imagenet"
+    x = (ds.test.images / 255.0 - np.array(kdata.NORMALIZATIONS["imagenet"][0])) / np.array(kdata.NORMALIZATIONS["imagenet"][1])
     with torch.no_grad():
         torch_pred = teacher(torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float32))).argmax(-1).numpy()
     assert t["test_accuracy"] == pytest.approx(np.mean(torch_pred == ds.test.labels))
@@ -303,6 +309,12 @@ def test_weights_start_the_teacher_and_the_student(weights_dir, tmp_path, monkey
             np.testing.assert_array_equal(value, flat_src[path], err_msg=path)
     assert summary["student"]["epochs"] == 1
     assert summary["student"]["weights_arch"] == "torchvision/resnet18"
+    from kdjax import evaluate  # the report says how inputs were normalised and what the student started from
+
+    rep = evaluate.report(workdir, latency_calls=evaluate.MIN_LATENCY_CALLS, plots=False)
+    md = open(os.path.join(workdir, "report.md")).read()
+    assert rep["input_normalization"] == "imagenet" and "Inputs normalised with 'imagenet' statistics" in md
+    assert "- student: started from torchvision/resnet18 weights, made for: resize shorter side to 256" in md
 
 
 def test_weights_config_errors_are_one_line(weights_dir, tmp_path):
@@ -322,6 +334,43 @@ def test_weights_config_errors_are_one_line(weights_dir, tmp_path):
         with pytest.raises(ValueError, match=match) as e:
             kconfig.validate(tiny_digits_config(**overrides))
         assert "\n" not in str(e.value)
+
+
+def test_normalization_follows_the_weights(weights_dir, tmp_path):
+    """config.dataset.normalize '' resolves to what the roles' weights expect (torchvision's ImageNet
+    statistics, timm's augreg ViT's Inception scaling), to 'data' without weights, and to the name
+    given; weights that want different statistics, an unknown name, or 3-channel statistics on
+    1-channel images are refused in one line."""
+    from kdjax import config as kconfig
+    from kdjax import train
+    from tests.test_train import tiny_digits_config
+
+    resnet = {"student.model": "resnet18_imagenet", "student.weights": _save("torchvision/resnet18", weights_dir)}
+    vit = {"teacher.model": "vit_tiny_patch16", "teacher.weights": _save("timm/vit_tiny_patch16_224", weights_dir)}
+    assert kconfig.resolve_normalization(tiny_digits_config()) == "data"
+    assert kconfig.resolve_normalization(tiny_digits_config(**resnet)) == "imagenet"
+    assert kconfig.resolve_normalization(tiny_digits_config(**vit)) == "inception"
+    assert kconfig.resolve_normalization(tiny_digits_config(**vit, **{"dataset.normalize": "imagenet"})) == "imagenet"
+    earlier = tmp_path / "earlier"  # a teacher trained by an earlier run keeps its run's normalisation
+    earlier.mkdir()
+    (earlier / "config.json").write_text(json.dumps({"dataset": {"normalize": "imagenet"}}))
+    assert kconfig.resolve_normalization(tiny_digits_config(**{"teacher.checkpoint": str(earlier)})) == "imagenet"
+    with pytest.raises(ValueError, match=f"teacher run {earlier}: its config.json 'imagenet'"):
+        kconfig.resolve_normalization(tiny_digits_config(**vit, **{"teacher.checkpoint": str(earlier)}))
+    for overrides, match in [
+        ({**vit, **resnet}, r"the teachers and weights expect different input statistics \(teacher.weights: "
+                            r"timm/vit_tiny_patch16_224 'inception', student.weights: torchvision/resnet18 "
+                            r"'imagenet'\).*set config.dataset.normalize"),
+        ({"dataset.normalize": "imagenet21k"}, "unknown config.dataset.normalize 'imagenet21k'; choose one of: data, "
+                                               "imagenet, inception"),
+    ]:
+        with pytest.raises(ValueError, match=match) as e:
+            kconfig.validate(tiny_digits_config(**overrides))
+        assert "\n" not in str(e.value)
+    with pytest.raises(kdata.DataError, match="'imagenet' has 3-channel statistics and digits's images have 1"):
+        train.load_dataset({"name": "digits", "normalize": "imagenet"}, 0)
+    ds = train.load_dataset({"name": "digits", "normalize": ""}, 0)
+    assert ds.mean == train.load_dataset({"name": "digits", "normalize": "data"}, 0).mean != (0.5,)
 
 
 def test_imported_teacher_of_other_classes_is_refused(weights_dir, tmp_path, monkeypatch):

@@ -2,7 +2,8 @@
 
 * `kdjax.data.sources`: the in-memory data sets (digits offline; mnist, fashion_mnist, cifar10,
   cifar100 through tfds or their original archives in ``manual_dir``), their train / validation /
-  test ``Split``s and normalisation statistics: ``load`` -> ``Dataset``.
+  test ``Split``s and normalisation statistics: ``load`` -> ``Dataset``; ``with_normalization``
+  swaps in the named statistics published weights expect.
 * `kdjax.data.batches`: host batches of a split, a pure function of (seed, step), in the one batch
   contract {'image' uint8 (b, H, W, C), 'label' int32 (b,), 'index' int32 (b,)} (+ 'teacher' with a
   teacher cache); fixed-shape masked evaluation batches.
@@ -26,7 +27,9 @@ from kdjax.data.sources import DIGITS_TEST_FRACTION
 from kdjax.data.sources import DataError
 from kdjax.data.sources import Dataset
 from kdjax.data.sources import Split
+from kdjax.data.sources import NORMALIZATIONS
 from kdjax.data.sources import load
+from kdjax.data.sources import with_normalization
 
 from kdjax.data.batches import batch_indices
 from kdjax.data.batches import eval_batches
@@ -54,7 +57,7 @@ from kdjax.data.cache import fingerprint
 from kdjax.data.cache import teacher_cache
 
 __all__ = [
-    "DATASETS", "IN_MEMORY_DATASETS", "STREAMED_DATASETS", "FileSplit", "DIGITS_SPLIT_SEED", "DIGITS_TEST_FRACTION", "DataError", "Dataset", "Split", "load",
+    "DATASETS", "IN_MEMORY_DATASETS", "STREAMED_DATASETS", "FileSplit", "DIGITS_SPLIT_SEED", "DIGITS_TEST_FRACTION", "DataError", "Dataset", "Split", "NORMALIZATIONS", "load", "with_normalization",
     "batch_indices", "eval_batches", "num_eval_batches", "steps_per_epoch", "train_batch",
     "CUTOUT_FILL", "RANDAUGMENT_OPS", "augment", "cutmix", "cutout", "mixup", "normalize", "rand_augment",
     "strong_augment",

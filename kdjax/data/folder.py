@@ -30,12 +30,10 @@ import os
 import numpy as np
 from absl import logging
 
-from kdjax.data.sources import DataError
+from kdjax.data.sources import NORMALIZATIONS, DataError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 TEST_SPLIT_DIRS = ('val', 'test')  # the first present is the evaluation split
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENET_CLASSES = 1000
 DEFAULT_IMAGE_SIZE = 224
 
@@ -145,4 +143,4 @@ def load_folder(name: str, data_dir, *, image_size: int | None = None, val_size:
         idx_train, idx_val = picked
         train, val = train.subset(idx_train), train.subset(idx_val, train=False)
     return Dataset(name=name, train=train, val=val, test=test, num_classes=len(classes),
-                   mean=IMAGENET_MEAN, std=IMAGENET_STD)
+                   mean=NORMALIZATIONS['imagenet'][0], std=NORMALIZATIONS['imagenet'][1])

@@ -56,6 +56,15 @@ IN_MEMORY_DATASETS = ('digits', 'mnist', 'fashion_mnist', 'cifar10', 'cifar100')
 STREAMED_DATASETS = ('folder', 'imagenet2012')
 DATASETS = IN_MEMORY_DATASETS + STREAMED_DATASETS
 
+#: The named per-channel (mean, std), in [0, 1] pixel units, that published weights expect
+#: (``config.dataset.normalize``; ``with_normalization``): torchvision's and most of timm's ImageNet
+#: weights, and the Inception-style scaling to [-1, 1] of timm's augreg ViTs. 'data' (not listed):
+#: the data set's own statistics.
+NORMALIZATIONS = {
+    'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    'inception': ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
 #: Seed of the fixed digits train/test split (independent of the run seed).
 DIGITS_SPLIT_SEED = 0
 #: Fraction of digits held out as the fixed test split.
@@ -242,6 +251,20 @@ def load(
     if train_per_class is not None:
         train = _few_shot(train, int(train_per_class), num_classes, seed)
     return Dataset(name=name, train=train, val=val, test=test, num_classes=num_classes, mean=mean, std=std)
+
+
+def with_normalization(dataset: Dataset, normalize: str) -> Dataset:
+    """`dataset` normalising with the named statistics of ``NORMALIZATIONS`` instead of its own
+    ('' or 'data': unchanged). A DataError when the names' channels are not the images'."""
+    if normalize in ('', 'data'):
+        return dataset
+    if normalize not in NORMALIZATIONS:
+        raise DataError(f"unknown normalisation {normalize!r}: choose 'data' or one of {', '.join(NORMALIZATIONS)}")
+    mean, std = NORMALIZATIONS[normalize]
+    if len(mean) != len(dataset.mean):
+        raise DataError(f"normalisation {normalize!r} has {len(mean)}-channel statistics and {dataset.name}'s "
+                        f"images have {len(dataset.mean)} channel(s); use 'data' for them")
+    return dataclasses.replace(dataset, mean=mean, std=std)
 
 
 def _keep_classes(split: Split, classes: list[int]) -> Split:

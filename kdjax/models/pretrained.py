@@ -38,11 +38,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from kdjax.data.sources import NORMALIZATIONS
+
 from .mobilenetv2 import CFG as MOBILENET_V2_CFG
 from .vit import SIZES as VIT_SIZES
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-INCEPTION_MEAN, INCEPTION_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,14 +51,23 @@ class Preprocess:
 
     Pixels are scaled to ``input_range`` (torchvision and timm: [0, 1]), the shorter side is resized
     to ``resize`` with ``interpolation``, the centre ``input_size`` x ``input_size`` is cropped, then
-    ``(x - mean) / std`` per channel. ``source``: where these values come from."""
+    ``(x - mean) / std`` per channel, with the statistics ``kdjax.data.NORMALIZATIONS[normalize]``
+    (what a run's ``config.dataset.normalize`` resolves to when a role starts from these weights).
+    ``source``: where these values come from."""
     input_size: int
     resize: int
     interpolation: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    normalize: str
     source: str
     input_range: tuple[float, float] = (0.0, 1.0)
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return NORMALIZATIONS[self.normalize][0]
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return NORMALIZATIONS[self.normalize][1]
 
     def __call__(self, images) -> Any:
         """uint8 images (H, W, 3) or (B, H, W, 3), values 0..255 -> float32 (B, input_size,
@@ -85,16 +94,17 @@ class Preprocess:
 
     def describe(self) -> str:
         return (f"resize shorter side to {self.resize} ({self.interpolation}), centre crop {self.input_size}, "
-                f"range {list(self.input_range)}, mean {list(self.mean)}, std {list(self.std)} ({self.source})")
+                f"range {list(self.input_range)}, {self.normalize} mean {list(self.mean)}, std {list(self.std)} "
+                f"({self.source})")
 
 
 def _tv(resize: int, weights: str) -> Preprocess:
-    return Preprocess(224, resize, "bilinear", IMAGENET_MEAN, IMAGENET_STD, f"torchvision {weights}.transforms()")
+    return Preprocess(224, resize, "bilinear", "imagenet", f"torchvision {weights}.transforms()")
 
 
-def _timm(crop_pct: float, mean, std, tag: str) -> Preprocess:
+def _timm(crop_pct: float, normalize: str, tag: str) -> Preprocess:
     # timm's eval transform: resize to floor(input_size / crop_pct), then centre crop input_size
-    return Preprocess(224, int(224 / crop_pct), "bicubic", mean, std, f"timm pretrained_cfg {tag} (crop_pct {crop_pct})")
+    return Preprocess(224, int(224 / crop_pct), "bicubic", normalize, f"timm pretrained_cfg {tag} (crop_pct {crop_pct})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,16 +126,16 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
     # timm's resnet50 has torchvision's keys and layout; its weights (a1_in1k) were trained with
     # other preprocessing (timm evaluates them at 288 too: test_input_size, crop_pct 1.0)
     Arch("timm/resnet50", "resnet50_imagenet", "resnet",
-         _timm(0.95, IMAGENET_MEAN, IMAGENET_STD, "resnet50.a1_in1k")),
+         _timm(0.95, "imagenet", "resnet50.a1_in1k")),
     *(Arch(f"timm/vit_{s}_patch16_224", f"vit_{s}_patch16", "vit",
-           _timm(0.9, INCEPTION_MEAN, INCEPTION_STD, f"vit_{s}_patch16_224.{tag}"))
+           _timm(0.9, "inception", f"vit_{s}_patch16_224.{tag}"))
       for s, tag in (("tiny", "augreg_in21k_ft_in1k"), ("small", "augreg_in21k_ft_in1k"),
                      ("base", "augreg2_in21k_ft_in1k"))),
     # DeiT without distillation has the keys of a ViT: name it to get DeiT's preprocessing
     *(Arch(f"timm/deit_{s}_patch16_224", f"vit_{s}_patch16", "vit",
-           _timm(0.9, IMAGENET_MEAN, IMAGENET_STD, f"deit_{s}_patch16_224.fb_in1k")) for s in ("tiny", "small", "base")),
+           _timm(0.9, "imagenet", f"deit_{s}_patch16_224.fb_in1k")) for s in ("tiny", "small", "base")),
     *(Arch(f"timm/deit_{s}_distilled_patch16_224", f"deit_{s}_distilled_patch16", "vit",
-           _timm(0.9, IMAGENET_MEAN, IMAGENET_STD, f"deit_{s}_distilled_patch16_224.fb_in1k")) for s in ("tiny", "small")),
+           _timm(0.9, "imagenet", f"deit_{s}_distilled_patch16_224.fb_in1k")) for s in ("tiny", "small")),
 )}
 # Bare names: 'resnet50' is torchvision's (timm's has the same keys: name 'timm/resnet50' for its preprocessing).
 ALIASES = {n.split("/", 1)[1]: n for n in ARCHS if n.startswith("torchvision/")}
