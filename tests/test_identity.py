@@ -38,6 +38,10 @@ PINNED = {
     "digits_transfer": ("digits_transfer-ce-s0-de13ca35", "13301bcf5cba"),
     "fashion_mnist": ("fashion_mnist-kd-s0-22026656", "acc81eb6fb52"),
     "imagenet_resnet34_resnet18": ("imagenet_resnet34_resnet18-kd-s0-dd03c7d3", "6739a1fc66e4"),
+    # added with issue 23's ImageNet pairs
+    "imagenet_function_matching": ("imagenet_function_matching-kd-s0-5c1d5bbb", "58da67f5108a"),
+    "imagenet_resnet50_deit": ("imagenet_resnet50_deit-deit-s0-afacacad", "29bf4acb8296"),
+    "imagenet_resnet50_mobilenetv2": ("imagenet_resnet50_mobilenetv2-kd-s0-56469f27", "249cfed38576"),
 }
 
 # experiments/configs/digits.py:method=<m> -> its default workdir's hash

@@ -1,5 +1,6 @@
 """What the experiment configs share: the schema `base()` (kdjax/config.py, re-exported here), the
-config-string argument parser, `smoke` and the CIFAR recipe.
+config-string argument parser, `smoke`, the CIFAR recipes and what the ImageNet recipes share
+(`imagenet_pair`, `smoke_folder`).
 
 Each config file's `get_config(arg)` starts from `base()` and changes what its experiment needs.
 Every field can be overridden from the command line, e.g. ``--config.optimizer.name=adam``; the
@@ -8,12 +9,16 @@ fields, their defaults and one comment each: kdjax/config.py.
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import ml_collections
 
 from kdjax import distill
 from kdjax.config import DEFAULT_LEARNING_RATES, base
 
-__all__ = ["DEFAULT_LEARNING_RATES", "base", "cifar_recipe", "cifar_vit_recipe", "parse_arg", "smoke"]
+__all__ = ["DEFAULT_LEARNING_RATES", "base", "cifar_recipe", "cifar_vit_recipe", "imagenet_pair", "parse_arg", "smoke",
+           "smoke_folder"]
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -129,4 +134,72 @@ def cifar_vit_recipe(arg, dataset: str, teacher: str, student: str, *, method: s
     if a.smoke:
         smoke(c)
         c.optimizer.warmup_epochs = 0.0
+    return c
+
+
+def smoke_folder(root: str, train_per_class: int = 4, val_per_class: int = 2, classes: int = 3) -> str:
+    """A tiny generated image folder (`classes` classes of 40x40 JPEGs, each class one bright colour
+    channel), written once; returns `root`."""
+    import numpy as np
+    from PIL import Image
+
+    done = os.path.join(root, ".complete")
+    if os.path.exists(done):
+        return root
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for label in range(classes):
+            folder = os.path.join(root, split, f"class{label}")
+            os.makedirs(folder, exist_ok=True)
+            for i in range(n):
+                image = rng.integers(0, 80, (40, 40, 3)).astype(np.uint8)
+                image[..., label % 3] += 150
+                Image.fromarray(image).save(os.path.join(folder, f"{i:03d}.jpg"))
+    open(done, "w").close()
+    return root
+
+
+def imagenet_pair(arg, teacher: str, student: str, *, method: str = "kd", extra_args: dict | None = None):
+    """What the ImageNet recipes share: (config, parsed arguments).
+
+    `base(method)` on `imagenet2012` (an extracted ImageNet in the folder layout, streamed: docs/data.md)
+    at 224 with flip on the loader workers, the two models, and the config-string arguments
+    `data_dir=<ROOT>` (default ~/imagenet), `teacher_weights=<file>` (torchvision / timm weights:
+    the teacher used as it is, teacher.epochs=0; docs/pretrained.md), `method=<name>`, `seed=<int>`
+    and `smoke` (plus `extra_args`, {name: default}). The recipe file sets the optimizer, the schedule
+    and the epochs, then calls `imagenet_smoke`.
+    """
+    a = parse_arg(arg, smoke=False, method=method, seed=0, data_dir="", teacher_weights="", **(extra_args or {}))
+    c = base(a.method)
+    c.seed = a.seed
+    c.dataset.name = "imagenet2012"
+    c.dataset.data_dir = a.data_dir or "~/imagenet"
+    c.dataset.image_size = 224
+    c.augment.flip = True
+    c.eval_batch_size = 500
+    c.teacher.model = teacher
+    c.student.model = student
+    return c, a
+
+
+def imagenet_smoke(c: ml_collections.ConfigDict, a) -> ml_collections.ConfigDict:
+    """`teacher_weights` and `smoke` of an ImageNet recipe, applied last. Smoke: the real models at
+    the real resolution (224) for one epoch of 3 steps of 4 images per stage, teacher and student,
+    on a tiny generated folder (3 classes of 40x40 JPEGs under the temp folder, unless `data_dir`
+    names one); a check that the pipeline runs before the real run."""
+    if a.teacher_weights:
+        c.teacher.weights = a.teacher_weights
+        c.teacher.epochs = 0
+    if a.smoke:
+        smoke(c)
+        if a.teacher_weights:
+            c.teacher.epochs = 0
+        c.stages = "teacher,student"
+        c.dataset.mock_examples = 0  # a real (tiny) folder instead of tfds mock data
+        c.dataset.name = "folder"
+        c.dataset.data_dir = a.data_dir or smoke_folder(os.path.join(tempfile.gettempdir(), "kdjax-smoke-folder-4"))
+        c.dataset.loader_workers = 1
+        c.batch_size = c.eval_batch_size = c.throughput_batch = 4
+        c.optimizer.warmup_epochs = 0.0
+        c.optimizer.schedule = "constant"
     return c
