@@ -118,6 +118,10 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
         # stage); otherwise the stage (student: also student_scratch) trains from it, with a new head
         # where the data set's class count differs from the weights'.
         m.weights = config_dict.placeholder(str)
+        # A regex of this role's parameter paths kept frozen while its stage trains, with
+        # optimizer.freeze (which every stage applies): e.g. teacher.freeze='^(?!fc/)' fine-tunes only
+        # the new head of imported teacher weights (a frozen backbone, its BatchNorm statistics too).
+        m.freeze = ""
         m.weights_arch = ""  # the weights' kdjax.models.pretrained.ARCHS name ('' = inferred from the keys)
         c[role] = m
     # Where the student's teacher comes from:
@@ -439,6 +443,8 @@ def validate(config) -> None:
         if q.calibration_batches < 0:
             raise ValueError(f"config.quant.calibration_batches must be >= 0, got {q.calibration_batches}")
     for field, regex in (("optimizer.freeze", config.optimizer.get("freeze", "")),
+                         ("teacher.freeze", config.teacher.get("freeze", "")),
+                         ("student.freeze", config.student.get("freeze", "")),
                          ("optimizer.head", config.optimizer.get("head", "")),
                          ("init.reinit", config.get("init", {}).get("reinit", ""))):
         try:

@@ -218,7 +218,10 @@ class Stage:
             rmsprop_decay=o.rmsprop_decay, adadelta_rho=o.adadelta_rho, dot_delta=o.get("dot_delta", 0.075),
         )
         tx = make(schedule)
-        self.freeze, head_scale = o.get("freeze", ""), float(o.get("head_learning_rate_scale", 1.0))
+        # optimizer.freeze (every stage) and the trained role's own <role>.freeze
+        self.freeze = "|".join(f"(?:{r})" for r in (o.get("freeze", ""), self.config[self.kind.model].get("freeze", ""))
+                               if r)
+        head_scale = float(o.get("head_learning_rate_scale", 1.0))
         if self.freeze or head_scale != 1.0:  # frozen parameters, a head with its own rate
             head_tx = make(lambda count: head_scale * schedule(count))
             tx = optim.partition({"body": tx, "head": head_tx, "frozen": optax.set_to_zero()},
@@ -277,7 +280,7 @@ class Stage:
 
     def frozen_stats(self, state) -> Any:
         """Which of the student's non-parameter variables stay fixed: the BatchNorm statistics of
-        layers whose scale is frozen (config.optimizer.freeze), all of them when the stage's terms fix the
+        layers whose scale is frozen (config.optimizer.freeze, config.<role>.freeze), all of them when the stage's terms fix the
         student (`frozen_parts`: FT's paraphraser pre-training); None when nothing is frozen."""
         if self.student_frozen:
             return jax.tree.map(lambda _: True, state.model_state["student"])

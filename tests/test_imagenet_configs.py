@@ -54,3 +54,36 @@ def test_imagenet_pair_smoke_runs_from_imported_teacher_weights(name, folder, tm
     history = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     losses = [r["loss"] for r in history if r.get("role") == "student" and "loss" in r]
     assert losses and np.all(np.isfinite(losses))
+
+
+def test_folder_finetune_fine_tunes_the_head_of_imported_weights_then_distils(folder, tmp_path):
+    """experiments/configs/folder_finetune.py (issue 23 part 4): a 1000-class torchvision ResNet-18
+    (its model read from the file) fine-tuned on a 3-class folder with `freeze` (a new 3-class head;
+    the backbone, BatchNorm statistics included, still the imported weights after training), then a
+    student distilled from it and the same student from scratch, all on the folder."""
+    from kdjax import optim, train
+    from kdjax.models import pretrained
+    from tests.test_train import final_params
+
+    torch.manual_seed(0)
+    weights = str(tmp_path / "resnet18.safetensors")
+    safetensors_torch.save_file({k: v.contiguous() for k, v in torchvision.models.resnet18().eval().state_dict().items()},
+                                weights)
+    config = importlib.import_module("experiments.configs.folder_finetune").get_config(
+        f"smoke,data_dir={folder},teacher_weights={weights},freeze,image_size=64,student=cnn_small")
+    assert config.teacher.model == "resnet18_imagenet"
+    workdir = str(tmp_path / "run")
+    summary = train.run(config, workdir)
+
+    assert set(summary) == {"teacher", "student", "student_scratch"}
+    assert summary["teacher"]["weights_arch"] == "torchvision/resnet18" and summary["teacher"]["epochs"] == 1
+    _, params = final_params(workdir, "teacher")
+    _, imported = pretrained.load(weights)
+    tuned = optim.flat_paths({"params": params["student"]})  # the teacher stage trains its model as 'student'
+    source = optim.flat_paths({"params": imported["params"]})
+    assert tuned["params/fc/kernel"].shape == (512, 3)
+    for path, value in tuned.items():
+        if not path.startswith("params/fc/"):
+            np.testing.assert_array_equal(value, source[path], err_msg=path)
+    for role in ("student", "student_scratch"):
+        assert summary[role]["steps"] == 3 and 0.0 <= summary[role]["test_accuracy"] <= 1.0
