@@ -141,6 +141,10 @@ def plan(config_argument: str, methods: list[str], seeds: list[int], root: str, 
         if default.teacher.source != "trained" or default.teacher.ensemble:
             raise ValueError("compare trains one teacher per seed: the config's teacher.source must be 'trained', "
                              "without teacher.ensemble")
+        if default.teacher.get("weights") and default.teacher.epochs == 0:
+            raise ValueError("compare trains one teacher per seed, and teacher.weights with teacher.epochs=0 is an "
+                             "imported teacher used as it is, with no stage to train: give teacher.epochs > 0 (the "
+                             "teacher run fine-tunes the weights once per seed) or run the methods one by one")
         teacher = copy.deepcopy(default)
         teacher.stages = "teacher"
         teacher_dir = os.path.join(folder, "teacher", f"seed{seed}")
@@ -168,6 +172,7 @@ def plan(config_argument: str, methods: list[str], seeds: list[int], root: str, 
                 runs.append(Planned(label, seed, os.path.join(folder, label, f"seed{seed}"), scratch))
             c.stages = _student_stages(c)
             c.teacher.checkpoint = teacher_dir
+            c.teacher.weights = None  # a teacher fine-tuned from weights: the teacher run has started from them
             students.append(Planned(m, seed, os.path.join(folder, m, f"seed{seed}"), c))
         runs.extend(students)
     return folder, runs

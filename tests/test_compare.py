@@ -205,3 +205,25 @@ def test_table_pairs_same_seed_and_same_student(tmp_path):
     assert "| `dkd` | mlp | 0 | 0.9500 (n=1) |" in md
     assert "0,1,2 (Δ: 0,1)" in md
     assert "Not finished (left out): dkd/seed1" in md and lines[-1] == "Produced by: python -m experiments.table X"
+
+
+def test_a_teacher_fine_tuned_from_weights_is_trained_once_and_an_imported_one_is_refused(tmp_path):
+    """No training: with teacher.weights and teacher.epochs > 0 the teacher run starts from the
+    weights and the method runs take that run as teacher.checkpoint (not the weights again); a
+    teacher used as it is (epochs 0) has no run to share, and is refused in one line."""
+    torchvision = pytest.importorskip("torchvision")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    from experiments import compare
+
+    weights = str(tmp_path / "resnet18.safetensors")
+    safetensors_torch.save_file({k: v.contiguous() for k, v in torchvision.models.resnet18().state_dict().items()}, weights)
+    config = f"experiments/configs/folder_finetune.py:teacher_weights={weights}"
+    _, runs = compare.plan(config, ["kd", "dkd"], [0], "/nonexistent", {})
+    teacher = [r for r in runs if r.label == "teacher"]
+    assert len(teacher) == 1 and teacher[0].config.teacher.weights == weights
+    for r in runs:
+        if r.label in ("kd", "dkd"):
+            assert r.config.teacher.checkpoint == teacher[0].workdir and r.config.teacher.weights is None
+    with pytest.raises(ValueError, match="teacher.weights with teacher.epochs=0 is an imported teacher") as e:
+        compare.plan(config, ["kd"], [0], "/nonexistent", {"teacher.epochs": 0})
+    assert "\n" not in str(e.value)

@@ -102,6 +102,24 @@ def test_teacher_relevant_fields_move_the_teacher(tmp_path):
     assert p.configs({"optimizer.learning_rate": 0.01}, str(tmp_path))[2] == base_teacher
 
 
+def test_a_teacher_from_weights_is_shared_once_fine_tuned_and_loaded_by_each_trial_when_imported(tmp_path):
+    """No training: a teacher fine-tuned from teacher.weights (epochs > 0) is one shared teacher run
+    that starts from them (the trials take it as teacher.checkpoint, without the weights); an
+    imported teacher used as it is (epochs 0) has no run to share, so every trial loads the weights."""
+    torchvision = pytest.importorskip("torchvision")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    weights = str(tmp_path / "teacher.safetensors")
+    safetensors_torch.save_file({k: v.contiguous() for k, v in torchvision.models.resnet18().state_dict().items()}, weights)
+    over = dict(TINY, **{"teacher.model": "resnet18_imagenet", "teacher.weights": weights})
+    p = sweep.parse(sweep_config(overrides=over))
+    config, teacher, teacher_dir = p.configs({"distill.temperature": 4.0}, str(tmp_path))
+    assert teacher.teacher.weights == weights and teacher.stages == "teacher"
+    assert config.teacher.checkpoint == teacher_dir and config.teacher.weights is None
+    p = sweep.parse(sweep_config(overrides=dict(over, **{"teacher.epochs": 0})))
+    config, teacher, teacher_dir = p.configs({"distill.temperature": 4.0}, str(tmp_path))
+    assert teacher is None and teacher_dir is None and config.teacher.weights == weights and not config.teacher.checkpoint
+
+
 def test_digits_kd_sweep_config():
     spec = importlib.util.spec_from_file_location("digits_kd", os.path.join(REPO, "experiments/configs/sweeps/digits_kd.py"))
     module = importlib.util.module_from_spec(spec)

@@ -273,6 +273,7 @@ class Sweep:
         teacher.stages = "teacher"
         teacher_dir = paths.absolute(os.path.join(workdir, f"teacher-{digest(teacher_identity(teacher))}"))
         config.teacher.checkpoint = teacher_dir
+        config.teacher.weights = None  # a teacher fine-tuned from weights: the shared teacher run started from them
         return config, teacher, teacher_dir
 
 
@@ -371,8 +372,9 @@ def parse(sweep_config) -> Sweep:
         raise ValueError(f"unknown config.teacher_sharing {sharing!r}; choose one of: {', '.join(TEACHER_SHARING)}")
     # With k-fold cross-validation each fold needs the teacher of its own fold, which one
     # teacher.checkpoint cannot name: each trial then trains its teachers in its own run.
+    # An imported teacher (teacher.weights, epochs 0) has no run to share: every trial loads it itself.
     share = ("teacher" in stages and objective != "teacher" and not base.teacher.checkpoint
-             and base.teacher.source == "trained" and not base.dataset.get("folds"))
+             and base.teacher.source == "trained" and not base.dataset.get("folds") and not kconfig.imported_teacher(base))
     enqueue = [dict(e) for e in (get("enqueue") or ())]
     fields = {p.field for p in params}
     for e in enqueue:
