@@ -22,7 +22,9 @@ images/s over the timed steps (median, min, max, quartiles, IQR; at least `--ste
 `--warmup` warm-ups), FLOPs per image from XLA's cost analysis of the compiled step (per device
 program, divided by the per-device batch) and the achieved FLOP/s (and MFU when `--peak_tflops`).
 
-Cases (`--list`): kd_r18_mnv2, kd_r32x4_r8x4, teacher_cnn_small, kd_mlp, eval_forward.
+Cases (`--list`): kd_r18_mnv2, kd_r32x4_r8x4, teacher_cnn_small, kd_mlp, eval_forward (the
+`--suite`), and kd_r34_r18_224, kd_r50_deit_s_224 (ImageNet shapes, by name with `--cases`: seconds
+per step on a CPU; their PyTorch counterparts are torchvision's and timm's models).
 The Fashion-MNIST cases (teacher_cnn_small, kd_mlp) take optimizer, learning rate, schedule and
 temperature from experiments/configs/fashion_mnist.py, so they time that recipe's stages.
 
@@ -112,7 +114,16 @@ DATA = {
     "cifar100": dict(image_shape=(32, 32, 3), num_classes=100, num_train=50000,
                      mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
     "fashion_mnist": dict(image_shape=(28, 28, 1), num_classes=10, num_train=60000, mean=(0.2860,), std=(0.3530,)),
+    "imagenet": dict(image_shape=(224, 224, 3), num_classes=1000, num_train=1281167,
+                     mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
 }
+# The ImageNet recipes' optimizers (experiments/configs/imagenet_resnet34_resnet18.py, imagenet_resnet50_deit.py)
+IMAGENET_SGD = dict(name="sgd", lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4, decay_all=False,
+                    schedule="multistep", epochs=100, decay_epochs=(30, 60, 90), decay_factor=0.1)
+DEIT_ADAMW = dict(name="adamw", lr=1e-3, weight_decay=0.05, decay_all=False, b1=0.9, b2=0.999, schedule="cosine",
+                  epochs=300)
+# Cases at 224 x 224: too slow for a CPU's --suite (seconds per step), run by name (experiments/gpu_bench.sh).
+IMAGENET_CASES = ("kd_r34_r18_224", "kd_r50_deit_s_224")
 
 # RepDistiller's CIFAR optimizer (SGD momentum 0.9, lr 0.05, wd 5e-4 on kernels, x0.1 at 150/180/210 of 240).
 CIFAR_SGD = dict(name="sgd", lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4, decay_all=False,
@@ -172,6 +183,14 @@ def suite_cases() -> dict[str, Case]:
              cached_teacher=True, method=fm["method"], temperature=fm["temperature"]),
         Case("eval_forward", "eval-mode forward (the trainer's eval step) of ResNet-18, CIFAR-10 shapes",
              "eval", "resnet18", None, "cifar10", 256),
+        Case("kd_r34_r18_224", "KD step ResNet-34 -> ResNet-18 (torchvision layouts), ImageNet shapes 224, "
+             "the torchdistill/mdistiller recipe's optimizer (SGD 0.1, multistep), KD T=1",
+             "train", "resnet18_imagenet", "resnet34_imagenet", "imagenet", 128, dict(IMAGENET_SGD),
+             method="kd", temperature=1.0),
+        Case("kd_r50_deit_s_224", "KD step ResNet-50 -> DeiT-S (distilled, the mean of its two heads), ImageNet "
+             "shapes 224, DeiT's AdamW (1e-3, wd 0.05, cosine), KD T=1",
+             "train", "deit_small_distilled_patch16", "resnet50_imagenet", "imagenet", 128, dict(DEIT_ADAMW),
+             method="kd", temperature=1.0),
     ]
     return {c.name: c for c in cases}
 
@@ -547,7 +566,8 @@ def main(argv):
         unknown = [n for n in FLAGS.cases if n not in available]
         if unknown:
             _fail(f"unknown case(s) {', '.join(unknown)}; choose from: {', '.join(available)}")
-        cases = [available[n] for n in FLAGS.cases] if FLAGS.cases else list(available.values())
+        cases = ([available[n] for n in FLAGS.cases] if FLAGS.cases
+                 else [c for n, c in available.items() if n not in IMAGENET_CASES])
         if FLAGS["batch"].present:
             cases = [dataclasses.replace(c, batch=FLAGS.batch) for c in cases]
     else:

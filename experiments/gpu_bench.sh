@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark suite on one GPU, in float32 and bfloat16, against PyTorch eager and torch.compile
-# on the same GPU; designed to finish in under 5 minutes (each part has its own time limit, and the
+# on the same GPU; designed to finish in under 7 minutes (each part has its own time limit, and the
 # suite writes its JSON after every case, so a part cut short keeps the cases it finished).
 #
 #   bash experiments/gpu_bench.sh            # from the repository root; results in $OUT or ./gpu_bench_results
@@ -9,6 +9,7 @@
 #   1. float32  suite, kdjax vs PyTorch eager                      -> bench_float32.json   (95)
 #   2. bfloat16 suite, kdjax vs PyTorch eager                      -> bench_bfloat16.json  (85)
 #   3. bfloat16 teacher_cnn_small + kd_r18_mnv2, + torch.compile   -> bench_bfloat16_compile.json (95)
+#   4. bfloat16 kd_r34_r18_224 + kd_r50_deit_s_224 (ImageNet, 224) -> bench_bfloat16_imagenet.json (120)
 # bfloat16 = bf16 compute with float32 parameters and BatchNorm statistics on both sides (kdjax's
 # --dtype; PyTorch autocast). On a GPU a timing sample is 10 steps with one synchronisation, so
 # both frameworks overlap dispatch with compute; the ratio is kdjax / torch images/s, interleaved
@@ -75,6 +76,8 @@ start=$SECONDS
 part 95 bench_float32 --suite "${cases[@]}" --dtype float32 --peak_tflops 494.7 "${common[@]}"
 part 85 bench_bfloat16 --suite "${cases[@]}" --dtype bfloat16 --peak_tflops 989 "${common[@]}"
 part 95 bench_bfloat16_compile --cases "$compile_cases" --dtype bfloat16 --peak_tflops 989 --torch-compile "${common[@]}"
+# ImageNet shapes at 224 (torchvision's ResNets and timm's DeiT-S on the PyTorch side: torchvision and timm must import there)
+part 120 bench_bfloat16_imagenet --cases kd_r34_r18_224,kd_r50_deit_s_224 --dtype bfloat16 --peak_tflops 989 "${common[@]}"
 echo "== total $((SECONDS - start)) s; results in $OUT"
 
 "$PY" - "$OUT" <<'EOF'

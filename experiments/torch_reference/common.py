@@ -45,8 +45,9 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def make_optimizer(model: torch.nn.Module, spec: dict) -> torch.optim.Optimizer:
-    """kdjax.optim.make_optimizer for 'sgd' and 'adam': weight decay (coupled L2, as torch does it)
-    on kernels only (parameters with ndim > 1) unless spec['decay_all']."""
+    """kdjax.optim.make_optimizer for 'sgd', 'adam' and 'adamw': weight decay (coupled L2 for sgd and
+    adam, as torch does it; decoupled for adamw) on kernels only (parameters with ndim > 1) unless
+    spec['decay_all']."""
     wd = float(spec.get("weight_decay", 0.0))
     decay = [p for p in model.parameters() if p.ndim > 1 or spec.get("decay_all")]
     rest = [p for p in model.parameters() if not (p.ndim > 1 or spec.get("decay_all"))]
@@ -55,11 +56,12 @@ def make_optimizer(model: torch.nn.Module, spec: dict) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=float(spec.get("momentum", 0.9)),
                                nesterov=bool(spec.get("nesterov", False)))
-    if name == "adam":
+    if name in ("adam", "adamw"):  # adamw: decoupled decay, p -= lr * wd * p (optax.adamw's, torch's AdamW's)
         eps = spec.get("eps")
-        return torch.optim.Adam(groups, lr=lr, betas=(float(spec.get("b1", 0.9)), float(spec.get("b2", 0.999))),
-                                eps=1e-8 if eps is None else float(eps))
-    raise ValueError(f"optimizer {name!r}: only sgd and adam have a PyTorch counterpart here")
+        return (torch.optim.AdamW if name == "adamw" else torch.optim.Adam)(
+            groups, lr=lr, betas=(float(spec.get("b1", 0.9)), float(spec.get("b2", 0.999))),
+            eps=1e-8 if eps is None else float(eps))
+    raise ValueError(f"optimizer {name!r}: only sgd, adam and adamw have a PyTorch counterpart here")
 
 
 def lr_factor(spec: dict):

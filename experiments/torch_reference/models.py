@@ -164,7 +164,25 @@ MODELS = {
     "cnn_small": lambda nc, shape: SmallCNN(nc, (32, 64), (2, 2), in_ch=shape[-1]),
     "cnn_tiny": lambda nc, shape: SmallCNN(nc, (16, 32), (2, 1), in_ch=shape[-1]),
     "mlp": lambda nc, shape: MLP(nc, (32,), in_features=math.prod(shape)),
+    # kdjax's ImageNet layouts are torchvision's and timm's own (parity-tested in tests/test_pretrained.py):
+    # their counterparts are those libraries' models, imported only when asked for
+    "resnet18_imagenet": lambda nc, shape: _torchvision("resnet18", nc),
+    "resnet34_imagenet": lambda nc, shape: _torchvision("resnet34", nc),
+    "resnet50_imagenet": lambda nc, shape: _torchvision("resnet50", nc),
+    "deit_small_distilled_patch16": lambda nc, shape: _timm("deit_small_distilled_patch16_224", nc),
 }
+
+
+def _torchvision(name: str, num_classes: int) -> nn.Module:
+    import torchvision
+
+    return getattr(torchvision.models, name)(num_classes=num_classes)
+
+
+def _timm(name: str, num_classes: int) -> nn.Module:
+    import timm
+
+    return timm.create_model(name, num_classes=num_classes)  # distilled: the mean of both heads, as kdjax
 
 
 def init_like_flax(model: nn.Module) -> nn.Module:
