@@ -258,7 +258,7 @@ def test_bad_record_sources_are_refused_in_one_line(prepared, tmp_path):
     message = _refusal("tfds:tiny_shapes", os.path.join(prepared, "tfrecord"))
     assert "is prepared as tfrecord, not array_record" in message
     message = _refusal("tfds:tiny_no_image", good)
-    assert "has no Image feature (the images); its features: pixels: Tensor, label: ClassLabel" in message
+    assert "has no Image feature (the images); its features: label: ClassLabel, pixels: Tensor" in message
     message = _refusal("tfds:tiny_no_label", good)
     assert "has no ClassLabel feature (the labels); its features: image: Image, label: Scalar" in message
     assert "takes data_dir, image_size and val_size" in _refusal("tfds:tiny_shapes", good, classes=(0, 1))

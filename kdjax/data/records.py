@@ -4,8 +4,9 @@
 prepared in (``<name>`` as tfds spells it, optionally with a config and version:
 ``tfds:cifar10``, ``tfds:imagenet2012``, ``tfds:my_set/small:1.0.0``). The data set must already be
 prepared there with ``file_format='array_record'`` (docs/data.md shows how; preparing may use
-TensorFlow); kdjax never downloads or prepares it. Reading is ``tfds.data_source`` (random access
-by record index, the ``array_record`` reader, tfds' numpy example parser): TensorFlow is not
+TensorFlow); kdjax never downloads or prepares it. Reading is tfds' data source
+(``builder.as_data_source``, what ``tfds.data_source`` returns: random access by record index, the
+``array_record`` reader, tfds' numpy example parser): TensorFlow is not
 imported (``tests/test_records.py`` runs a whole KD run with TensorFlow made unimportable).
 
 What is read from the builder's ``info``:
@@ -114,11 +115,12 @@ class RecordSplit:
 
 
 def open_source(name: str, data_dir: str, split: str, image_key: str):
-    """``tfds.data_source`` of one prepared split, the image feature left encoded; never downloads."""
+    """The ArrayRecord data source of one prepared split (``builder.as_data_source``, what
+    ``tfds.data_source`` returns), the image feature left encoded; never downloads."""
     import tensorflow_datasets as tfds
 
-    return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
-                            decoders={image_key: tfds.decode.SkipDecoding()})
+    return tfds.builder(name, data_dir=data_dir).as_data_source(
+        split=split, decoders={image_key: tfds.decode.SkipDecoding()}, file_format=tfds.core.FileFormat.ARRAY_RECORD)
 
 
 def _builder(tfds, name: str, root: str):
@@ -134,9 +136,9 @@ def _builder(tfds, name: str, root: str):
         raise DataError(f'tfds data set {name!r} in {root}: {type(e).__name__}: {first}') from None
     if not builder.is_prepared():
         raise DataError(f'tfds data set {name!r} is not prepared in {root}; {hint}')
-    file_format = builder.info.file_format
-    if file_format != tfds.core.FileFormat.ARRAY_RECORD:
-        shown = getattr(file_format, 'value', file_format)
+    formats = builder.info.available_file_formats()  # the prepared format and any converted alongside
+    if tfds.core.FileFormat.ARRAY_RECORD not in formats:
+        shown = ' and '.join(sorted(getattr(f, 'value', str(f)) for f in formats)) or 'no known format'
         raise DataError(f'tfds data set {name!r} in {builder.data_dir} is prepared as {shown}, not array_record, '
                         f'which kdjax reads by record index; prepare it again into another data_dir '
                         f"with file_format='array_record'")
@@ -146,7 +148,7 @@ def _builder(tfds, name: str, root: str):
 def _feature(info, kind, default: str, what: str, name: str) -> str:
     """The name of the top-level feature of type `kind` that holds the `what` (see the module docstring)."""
     features = info.features
-    found = [k for k, f in features.items() if isinstance(f, kind)]
+    found = sorted(k for k, f in features.items() if isinstance(f, kind))
     keys = info.supervised_keys
     position = 0 if default == 'image' else 1
     if isinstance(keys, (tuple, list)) and len(keys) == 2 and isinstance(keys[position], str) and keys[position] in found:
@@ -155,7 +157,7 @@ def _feature(info, kind, default: str, what: str, name: str) -> str:
         return default
     if len(found) == 1:
         return found[0]
-    listed = ', '.join(f'{k}: {type(f).__name__}' for k, f in features.items())
+    listed = ', '.join(f'{k}: {type(features[k]).__name__}' for k in sorted(features.keys()))
     if not found:
         raise DataError(f'tfds data set {name!r} has no {kind.__name__} feature ({what}); its features: {listed}. '
                         f'kdjax streams image classification data sets (an Image and a ClassLabel feature)')
