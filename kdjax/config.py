@@ -75,7 +75,7 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
     # +- std over folds in <workdir>/cv.json. `fold` is set per run by the trainer.
     c.dataset.folds = 0
     c.dataset.fold = 0
-    c.dataset.download = True  # let tfds try to download when the data is not prepared
+    c.dataset.download = True  # let tfds try to download when the data is not prepared (never for tfds:<name>)
     c.dataset.mock_examples = 0  # > 0: use tfds.testing.mock_data with this many examples
     c.dataset.classes = ""  # e.g. '5,6,7,8,9': only these classes, relabelled 0..k-1 ('' = all)
     c.dataset.train_per_class = config_dict.placeholder(int)  # few-shot: this many training examples per class
