@@ -5,6 +5,7 @@ TensorFlow, reading must not), batches independent of the loader's workers and p
 end to end through the command line with TensorFlow made unimportable in every process, and the
 bad inputs, each one line."""
 
+import io
 import json
 import os
 import subprocess
@@ -45,8 +46,11 @@ class _Generated(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _features(self):
         return {"image": tfds.features.Image(shape=(None, None, 3)), "label": tfds.features.ClassLabel(names=CLASSES)}
 
+    SUPERVISED_KEYS = None
+
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(self._features()))
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(self._features()),
+                                     supervised_keys=self.SUPERVISED_KEYS)
 
     def _split_generators(self, dl_manager):
         return {split: self._generate_examples(split) for split in self.PER_CLASS}
@@ -83,11 +87,32 @@ class TinyNoLabel(_Generated, skip_registration=True):
         return {"image": tfds.features.Image(shape=(None, None, 3)), "label": tfds.features.Scalar(dtype=np.int64)}
 
 
+class TinyRenamed(_Generated, skip_registration=True):
+    """ImageNet's split names (train, validation); two Image features, the one to read named by
+    supervised_keys; a Text feature beside them."""
+
+    PER_CLASS = {"train": 4, "validation": 2}
+    SUPERVISED_KEYS = ("photo", "y")
+
+    def _features(self):
+        return {"photo": tfds.features.Image(shape=(None, None, 3)), "thumb": tfds.features.Image(shape=(4, 4, 3)),
+                "y": tfds.features.ClassLabel(names=CLASSES), "file_name": tfds.features.Text()}
+
+    def _example(self, pixels, label):
+        return {"photo": pixels, "thumb": pixels[:4, :4], "y": label, "file_name": f"{label}.png"}
+
+
+class TinyAmbiguous(TinyRenamed, skip_registration=True):
+    """Two Image features and nothing to choose one."""
+
+    SUPERVISED_KEYS = None
+
+
 def prepare(root):
     """Prepares every test data set under `root` with tfds (run in a subprocess: imports TensorFlow)."""
     TinyShapes(data_dir=os.path.join(root, "array_record"), file_format="array_record").download_and_prepare()
     TinyShapes(data_dir=os.path.join(root, "tfrecord"), file_format="tfrecord").download_and_prepare()
-    for builder in (TinyNoImage, TinyNoLabel):
+    for builder in (TinyNoImage, TinyNoLabel, TinyRenamed, TinyAmbiguous):
         builder(data_dir=os.path.join(root, "array_record"), file_format="array_record").download_and_prepare()
 
 
@@ -154,6 +179,19 @@ def test_batches_do_not_depend_on_workers_processes_or_the_start_step(prepared):
         assert not set(first[0]) & set(second[0])
         for k in range(3):
             np.testing.assert_array_equal(np.concatenate([first[k], second[k]]), one[step][k])
+
+
+def test_features_and_splits_are_read_from_info(prepared):
+    """supervised_keys pick the image among two Image features; 'validation' is the test split."""
+    ds = kdata.load("tfds:tiny_renamed", data_dir=_data_dir(prepared), image_size=8)
+    assert (ds.train.image_key, ds.test.split, len(ds.train), len(ds.test)) == ("photo", "validation", 12, 6)
+    # the photo, not the 4 x 4 thumbnail, is what is decoded
+    from PIL import Image
+
+    assert min(Image.open(io.BytesIO(ds.test.encoded(0)[0])).size) >= 18
+    images, labels, mask = next(iter(kdata.eval_batches(ds.test, 6)))
+    means = images.reshape(6, -1, 3).astype(np.float32).mean(1)
+    np.testing.assert_array_equal(means.argmax(-1), labels)
 
 
 # ------------------------------------------------------------------------ end to end, no TensorFlow
@@ -261,6 +299,8 @@ def test_bad_record_sources_are_refused_in_one_line(prepared, tmp_path):
     assert "has no Image feature (the images); its features: label: ClassLabel, pixels: Tensor" in message
     message = _refusal("tfds:tiny_no_label", good)
     assert "has no ClassLabel feature (the labels); its features: image: Image, label: Scalar" in message
+    message = _refusal("tfds:tiny_ambiguous", good)
+    assert "has 2 Image features (photo, thumb), none called 'image' nor named by supervised_keys" in message
     assert "takes data_dir, image_size and val_size" in _refusal("tfds:tiny_shapes", good, classes=(0, 1))
     assert "val_size=300" in _refusal("tfds:tiny_shapes", good, val_size=300)
 
