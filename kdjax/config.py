@@ -62,9 +62,12 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
     c.dataset = ml_collections.ConfigDict()
     # a kdjax.data.DATASETS name: in memory: digits (offline), mnist, fashion_mnist, cifar10, cifar100;
     # streamed through Grain (docs/data.md): 'folder' (an image folder: data_dir/train/<class>/<image>
-    # and data_dir/val/<class>/<image> or data_dir/test/...) and 'imagenet2012' (the same layout, 1000 classes)
+    # and data_dir/val/<class>/<image> or data_dir/test/...), 'imagenet2012' (the same layout, 1000 classes)
+    # and 'tfds:<name>' (any tfds image-classification data set prepared as ArrayRecord in data_dir,
+    # e.g. 'tfds:cifar10', 'tfds:imagenet2012'; read without TensorFlow)
     c.dataset.name = "digits"
-    c.dataset.data_dir = config_dict.placeholder(str)  # a prepared tfds data_dir; for 'folder'/'imagenet2012': the ROOT
+    # a prepared tfds data_dir (for 'tfds:<name>': where it was prepared as ArrayRecord); for 'folder'/'imagenet2012': the ROOT
+    c.dataset.data_dir = config_dict.placeholder(str)
     c.dataset.manual_dir = config_dict.placeholder(str)  # a folder of the original archives
     c.dataset.val_size = 0.0  # fraction (or count) of train held out for checkpoint selection
     # k-fold cross-validation: folds >= 2 runs the whole experiment once per fold (fold k of a
@@ -72,7 +75,7 @@ def base(method: str = "kd") -> ml_collections.ConfigDict:
     # +- std over folds in <workdir>/cv.json. `fold` is set per run by the trainer.
     c.dataset.folds = 0
     c.dataset.fold = 0
-    c.dataset.download = True  # let tfds try to download when the data is not prepared
+    c.dataset.download = True  # let tfds try to download when the data is not prepared (never for tfds:<name>)
     c.dataset.mock_examples = 0  # > 0: use tfds.testing.mock_data with this many examples
     c.dataset.classes = ""  # e.g. '5,6,7,8,9': only these classes, relabelled 0..k-1 ('' = all)
     c.dataset.train_per_class = config_dict.placeholder(int)  # few-shot: this many training examples per class
@@ -453,7 +456,7 @@ def validate(config) -> None:
             raise ValueError(f"config.{field}={regex!r} is not a valid regular expression ({e})") from None
     if float(config.optimizer.get("head_learning_rate_scale", 1.0)) < 0:
         raise ValueError("config.optimizer.head_learning_rate_scale must be >= 0")
-    if config.dataset.name not in kdata.DATASETS:
+    if not kdata.is_known(config.dataset.name):
         raise ValueError(f"unknown data set {config.dataset.name!r}; choose one of: {', '.join(kdata.DATASETS)}")
     _validate_streamed(config)
     opt = config.optimizer
@@ -502,7 +505,7 @@ def _validate_streamed(config) -> None:
 
     d = config.dataset
     size, workers = d.get("image_size"), d.get("loader_workers")
-    if d.name not in kdata.STREAMED_DATASETS:
+    if not kdata.is_streamed(d.name):
         for field, value in (("image_size", size), ("loader_workers", workers)):
             if value is not None:
                 raise ValueError(f"config.dataset.{field}={value} is for the streamed data sets "
@@ -511,9 +514,22 @@ def _validate_streamed(config) -> None:
     if importlib.util.find_spec("grain") is None or importlib.util.find_spec("PIL") is None:
         raise ValueError(f"config.dataset.name={d.name!r} is streamed through Grain, which is not installed: "
                          "pip install 'kdjax[stream]'")
+    tfds_name = d.name.startswith(kdata.TFDS_PREFIX)
+    if tfds_name and (importlib.util.find_spec("tensorflow_datasets") is None
+                      or importlib.util.find_spec("array_record") is None):
+        raise ValueError(f"config.dataset.name={d.name!r} is read with tensorflow-datasets' ArrayRecord reader, which "
+                         "is not installed: pip install 'kdjax[arrayrecord]'")
+    if tfds_name and not d.name[len(kdata.TFDS_PREFIX):].strip():
+        raise ValueError(f"config.dataset.name={d.name!r} names no tfds data set: give tfds:<name>, e.g. tfds:cifar10")
+    if not d.data_dir and tfds_name:
+        raise ValueError(f"config.dataset.name={d.name!r} reads a tfds data set prepared as ArrayRecord: set "
+                         "config.dataset.data_dir to the tfds data_dir it was prepared in (e.g. ~/tensorflow_datasets)")
     if not d.data_dir:
         raise ValueError(f"config.dataset.name={d.name!r} reads an image folder: set config.dataset.data_dir to its "
                          "ROOT (ROOT/train/<class>/<image>, ROOT/val/<class>/<image>)")
+    if d.get("mock_examples", 0):
+        raise ValueError(f"config.dataset.mock_examples={d.mock_examples} mocks the in-memory tfds data sets; "
+                         f"{d.name!r} is streamed: unset it")
     if size is not None and not 8 <= size <= 4096:
         raise ValueError(f"config.dataset.image_size={size}: choose a side in 8..4096 pixels (None: 224)")
     if workers is not None:
@@ -527,7 +543,7 @@ def cache_obstacle(config) -> str | None:
     """Why config's teacher sees a different input for an example each epoch (see kdata.cache_obstacle)."""
     from kdjax import data as kdata
 
-    if config.dataset.name in kdata.STREAMED_DATASETS:
+    if kdata.is_streamed(config.dataset.name):
         return "a streamed data set's random-resized crops differ every epoch"
     a = config.augment
     return kdata.cache_obstacle(crop_padding=a.crop_padding, flip=a.flip, mixup_alpha=a.mixup_alpha,

@@ -11,6 +11,8 @@
   augmented views, mixup and CutMix.
 * `kdjax.data.folder`: image folders (``folder``, ``imagenet2012``): ``FileSplit``s of file paths and
   labels, for data sets too large for host memory.
+* `kdjax.data.records`: tfds data sets prepared as ArrayRecord (``tfds:<name>``): ``RecordSplit``s of
+  record indices and labels, read by ``tfds.data_source`` without TensorFlow.
 * `kdjax.data.stream`: the streamed path on Grain: ``TrainLoader`` (decode, random-resized crop and
   flip on worker processes; batch k a pure function of (seed, k)) and the eval transform.
 * `kdjax.data.cache`: the frozen teacher's outputs computed once, carried by the batches.
@@ -22,6 +24,9 @@ here reads flags or configs: everything is a plain argument.
 from kdjax.data.sources import DATASETS
 from kdjax.data.sources import IN_MEMORY_DATASETS
 from kdjax.data.sources import STREAMED_DATASETS
+from kdjax.data.sources import TFDS_PREFIX
+from kdjax.data.sources import is_known
+from kdjax.data.sources import is_streamed
 from kdjax.data.sources import DIGITS_SPLIT_SEED
 from kdjax.data.sources import DIGITS_TEST_FRACTION
 from kdjax.data.sources import DataError
@@ -57,7 +62,7 @@ from kdjax.data.cache import fingerprint
 from kdjax.data.cache import teacher_cache
 
 __all__ = [
-    "DATASETS", "IN_MEMORY_DATASETS", "STREAMED_DATASETS", "FileSplit", "DIGITS_SPLIT_SEED", "DIGITS_TEST_FRACTION", "DataError", "Dataset", "Split", "NORMALIZATIONS", "load", "with_normalization",
+    "DATASETS", "IN_MEMORY_DATASETS", "STREAMED_DATASETS", "TFDS_PREFIX", "is_known", "is_streamed", "FileSplit", "DIGITS_SPLIT_SEED", "DIGITS_TEST_FRACTION", "DataError", "Dataset", "Split", "NORMALIZATIONS", "load", "with_normalization",
     "batch_indices", "eval_batches", "num_eval_batches", "steps_per_epoch", "train_batch",
     "CUTOUT_FILL", "RANDAUGMENT_OPS", "augment", "cutmix", "cutout", "mixup", "normalize", "rand_augment",
     "strong_augment",

@@ -66,6 +66,10 @@ class FileSplit:
     def image_shape(self) -> tuple[int, int, int]:
         return (self.image_size, self.image_size, 3)
 
+    def encoded(self, i: int) -> tuple[str, None]:
+        """(what the loader decodes for example `i`: its path, how a refusal names it: by the path)."""
+        return self.files[i], None
+
     def subset(self, idx: np.ndarray, train: bool | None = None) -> 'FileSplit':
         return FileSplit(tuple(self.files[i] for i in idx), self.labels[idx], self.image_size,
                          self.train if train is None else train)

@@ -52,9 +52,24 @@ from typing import Sequence
 import numpy as np
 
 IN_MEMORY_DATASETS = ('digits', 'mnist', 'fashion_mnist', 'cifar10', 'cifar100')
-#: Image folders read file by file through Grain (kdjax.data.folder, kdjax.data.stream).
-STREAMED_DATASETS = ('folder', 'imagenet2012')
+#: The name of a tfds data set prepared as ArrayRecord, streamed without TensorFlow
+#: (kdjax.data.records): 'tfds:' + its tfds name, e.g. 'tfds:cifar10', 'tfds:imagenet2012'.
+TFDS_PREFIX = 'tfds:'
+#: Streamed through Grain (kdjax.data.stream): image folders read file by file (kdjax.data.folder)
+#: and any 'tfds:<name>' (kdjax.data.records); see is_streamed.
+STREAMED_DATASETS = ('folder', 'imagenet2012', TFDS_PREFIX + '<name>')
 DATASETS = IN_MEMORY_DATASETS + STREAMED_DATASETS
+
+
+def is_streamed(name) -> bool:
+    """Whether data set `name` is streamed: 'folder', 'imagenet2012' or 'tfds:<name>'."""
+    return name in ('folder', 'imagenet2012') or (isinstance(name, str) and name.startswith(TFDS_PREFIX))
+
+
+def is_known(name) -> bool:
+    """Whether `name` is a data set kdjax loads (one of DATASETS, any 'tfds:<name>')."""
+    return name in IN_MEMORY_DATASETS or is_streamed(name)
+
 
 #: The named per-channel (mean, std), in [0, 1] pixel units, that published weights expect
 #: (``config.dataset.normalize``; ``with_normalization``): torchvision's and most of timm's ImageNet
@@ -144,7 +159,7 @@ class Dataset:
     """
 
     name: str
-    train: Split  # (or kdjax.data.folder.FileSplit for a streamed data set, likewise val and test)
+    train: Split  # (or a FileSplit / records.RecordSplit for a streamed data set, likewise val and test)
     val: Split | None
     test: Split
     num_classes: int
@@ -160,7 +175,7 @@ class Dataset:
 
     @property
     def streamed(self) -> bool:
-        """Whether the splits are files decoded by the loader (kdjax.data.folder.FileSplit)."""
+        """Whether the splits are files or records decoded by the loader (FileSplit, RecordSplit)."""
         return not isinstance(self.train, Split)
 
 
@@ -182,7 +197,7 @@ def load(
     image_size: int | None = None,
 ) -> Dataset:
     """Loads a data set fully into host memory (or, for ``STREAMED_DATASETS``, lists its files:
-    ``kdjax.data.folder.load_folder``).
+    ``kdjax.data.folder.load_folder``, or its records' labels: ``kdjax.data.records.load_records``).
 
     Every process of a multi-process run loads the full arrays (these data sets
     are small) and later device-puts only its own slice (see ``batch_indices``).
@@ -207,7 +222,8 @@ def load(
         validation split is fold ``fold`` (0-based) of a seeded stratified k-fold partition of
         train (sklearn's StratifiedKFold), the other folds are the training split.
       image_size: streamed data sets only: the side of the square images the loader makes
-        (None: 224). ``data_dir`` is then the folder's ROOT.
+        (None: 224). ``data_dir`` is then the folder's ROOT (for 'tfds:<name>': the tfds data_dir
+        the data set was prepared in as ArrayRecord).
 
     The normalisation statistics are always those of the full official train split, so a model
     trained on a subset normalises its inputs as one trained on the whole data set.
@@ -218,12 +234,16 @@ def load(
     Raises:
       DataError: unknown name, missing data/files, no network, bad ``val_size``.
     """
-    if name not in DATASETS:
+    if not is_known(name):
         raise DataError(f'unknown data set {name!r}: choose one of {", ".join(DATASETS)}')
-    if name in STREAMED_DATASETS:
+    if is_streamed(name):
         if manual_dir is not None or classes is not None or train_per_class is not None or folds:
-            raise DataError(f'data set {name!r} (an image folder) takes data_dir, image_size and val_size; '
+            raise DataError(f'data set {name!r} (streamed) takes data_dir, image_size and val_size; '
                             'manual_dir, classes, train_per_class and folds are for the in-memory data sets')
+        if name.startswith(TFDS_PREFIX):
+            from kdjax.data.records import load_records
+
+            return load_records(name, data_dir, image_size=image_size, val_size=val_size, seed=seed)
         from kdjax.data.folder import load_folder
 
         return load_folder(name, data_dir, image_size=image_size, val_size=val_size, seed=seed)

@@ -1,5 +1,8 @@
-"""The streamed input path: image-folder splits (``kdjax.data.folder.FileSplit``) decoded, cropped
-and batched on Grain workers (PyPI ``grain``; TF-free), in the batch contract of the in-memory path.
+"""The streamed input path: image-folder splits (``kdjax.data.folder.FileSplit``) and tfds
+ArrayRecord splits (``kdjax.data.records.RecordSplit``) decoded, cropped and batched on Grain
+workers (PyPI ``grain``; TF-free), in the batch contract of the in-memory path. A split gives the
+loader ``len``, ``labels``, ``image_size`` and ``encoded(i)``: a file path or the record's encoded
+JPEG/PNG bytes, both decoded by the same PIL code (``train_image``, ``eval_image``).
 
 Training batches (``TrainLoader``) are a Grain ``MapDataset`` over this process's example
 *positions* in the run (position = step * b + row, b = global batch / processes):
@@ -11,8 +14,8 @@ Training batches (``TrainLoader``) are a Grain ``MapDataset`` over this process'
 
 The example index of a position is ``kdjax.data.batch_indices`` (the global permutation of epoch
 ``e`` by ``(seed, e)``, this process's contiguous part of each global batch): the same order as an
-in-memory data set, and each process reads only its own files. The crop and flip of an example are
-drawn from ``np.random.default_rng((seed, epoch, index, CROP_STREAM))``, so they are replayable
+in-memory data set, and each process reads only its own files (records). The crop and flip of an
+example are drawn from ``np.random.default_rng((seed, epoch, index, CROP_STREAM))``, so they are replayable
 (the same (seed, epoch, example) always gets the same crop, whichever process or worker reads it).
 Batch ``k`` is therefore a pure function of (seed, k): a resumed run starts the pipeline at its
 checkpoint's step and sees exactly the batches an uninterrupted run sees; no iterator state is
@@ -32,6 +35,7 @@ SIGKILLed run leaves no workers behind. Entry points that start workers need the
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import threading
@@ -78,26 +82,30 @@ def crop_params(rng: np.random.Generator, height: int, width: int, scale=RRC_SCA
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _open_rgb(path: str):
+def _open_rgb(source, what: str | None = None):
+    """The RGB PIL image of `source`: a file path (an image folder) or the encoded bytes of a record
+    (a tfds ArrayRecord data set); `what` names it in the refusal (default: the path)."""
     from PIL import Image
 
     try:
-        image = Image.open(path)
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
         image.load()
     except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f'{path} is not a readable JPEG/PNG image ({type(e).__name__}: {e}); '
-                        'delete or replace it') from None
+        fix = 'delete or replace it' if what is None else 'prepare the data set again'
+        raise DataError(f'{source if what is None else what} is not a readable JPEG/PNG image '
+                        f'({type(e).__name__}: {e}); {fix}') from None
     if image.mode != 'RGB':  # grayscale, palette, RGBA, CMYK, 16-bit
         image = image.convert('RGB')
     return image
 
 
-def train_image(path: str, size: int, rng: np.random.Generator, flip: bool) -> np.ndarray:
+def train_image(source, size: int, rng: np.random.Generator, flip: bool, what: str | None = None) -> np.ndarray:
     """uint8 (size, size, 3): the decoded image's random-resized crop (bilinear) and, if `flip`,
-    a horizontal flip with probability 1/2; all draws from `rng`."""
+    a horizontal flip with probability 1/2; all draws from `rng`. `source`: a file path or the
+    encoded JPEG/PNG bytes (one code path for folders and records; `what` names it in a refusal)."""
     from PIL import Image
 
-    image = _open_rgb(path)
+    image = _open_rgb(source, what)
     top, left, h, w = crop_params(rng, image.height, image.width)
     out = np.asarray(image.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h)), np.uint8)
     if flip and rng.random() < 0.5:
@@ -105,12 +113,12 @@ def train_image(path: str, size: int, rng: np.random.Generator, flip: bool) -> n
     return np.ascontiguousarray(out)
 
 
-def eval_image(path: str, size: int) -> np.ndarray:
+def eval_image(source, size: int, what: str | None = None) -> np.ndarray:
     """uint8 (size, size, 3): shorter side resized to round(size / EVAL_CROP_FRACTION) (bilinear),
-    then the center size x size crop."""
+    then the center size x size crop. `source`, `what`: as `train_image`."""
     from PIL import Image
 
-    image = _open_rgb(path)
+    image = _open_rgb(source, what)
     short = int(round(size / EVAL_CROP_FRACTION))
     w, h = image.size
     nw, nh = (short, max(short, int(short * h / w))) if w <= h else (max(short, int(short * w / h)), short)
@@ -125,7 +133,7 @@ class _TrainExample:
 
     def __init__(self, split, global_batch: int, seed: int, steps_per_epoch: int, flip: bool,
                  process_index: int, process_count: int):
-        self.files, self.labels, self.size = split.files, split.labels, split.image_size
+        self.split, self.labels, self.size = split, split.labels, split.image_size
         self.global_batch, self.seed, self.spe, self.flip = global_batch, seed, steps_per_epoch, flip
         self.process_index, self.process_count = process_index, process_count
         self.per_process = global_batch // process_count
@@ -133,15 +141,16 @@ class _TrainExample:
     def __call__(self, position):
         step, row = divmod(int(position), self.per_process)
         epoch, in_epoch = divmod(step, self.spe)
-        index = int(batch_indices(len(self.files), self.global_batch, seed=self.seed, epoch=epoch,
+        index = int(batch_indices(len(self.split), self.global_batch, seed=self.seed, epoch=epoch,
                                   step_in_epoch=in_epoch, process_index=self.process_index,
                                   process_count=self.process_count)[row])
         rng = np.random.default_rng((self.seed, epoch, index, CROP_STREAM))
-        return {'image': train_image(self.files[index], self.size, rng, self.flip),
+        source, what = self.split.encoded(index)
+        return {'image': train_image(source, self.size, rng, self.flip, what),
                 'label': np.int32(self.labels[index]), 'index': np.int32(index)}
 
     def __repr__(self):
-        return (f'_TrainExample(n={len(self.files)}, size={self.size}, batch={self.global_batch}, seed={self.seed}, '
+        return (f'_TrainExample({self.split!r}, size={self.size}, batch={self.global_batch}, seed={self.seed}, '
                 f'flip={self.flip}, process={self.process_index}/{self.process_count})')
 
 
@@ -149,18 +158,19 @@ class _EvalExample:
     """Row of this process's padded eval stream -> (image, label, mask)."""
 
     def __init__(self, split, global_batch: int, process_index: int, process_count: int):
-        self.files, self.labels, self.size = split.files, split.labels, split.image_size
+        self.split, self.labels, self.size = split, split.labels, split.image_size
         self.global_batch, self.per_process, self.process_index = global_batch, global_batch // process_count, process_index
 
     def __call__(self, k):
         b, row = divmod(int(k), self.per_process)
         i = b * self.global_batch + self.process_index * self.per_process + row
-        if i >= len(self.files):
+        if i >= len(self.split):
             return np.zeros((self.size, self.size, 3), np.uint8), np.int32(0), np.float32(0.0)
-        return eval_image(self.files[i], self.size), np.int32(self.labels[i]), np.float32(1.0)
+        source, what = self.split.encoded(i)
+        return eval_image(source, self.size, what), np.int32(self.labels[i]), np.float32(1.0)
 
     def __repr__(self):
-        return f'_EvalExample(n={len(self.files)}, size={self.size}, batch={self.global_batch})'
+        return f'_EvalExample({self.split!r}, size={self.size}, batch={self.global_batch})'
 
 
 def _watch_parent(worker_index: int, worker_count: int) -> None:
