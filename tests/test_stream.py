@@ -210,9 +210,9 @@ def test_bad_loader_settings_are_refused(folder):
     c.dataset.image_size = 32
     with pytest.raises(ValueError, match="is held in memory: unset it"):
         kconfig.validate(c)
-    c = _config(data_dir=folder)
-    c.distill.cache_teacher = "on"
-    with pytest.raises(ValueError, match="random-resized crops differ every epoch"):
+    c = _config(data_dir=folder)  # the crops are replayed (kdjax.data.store), mixup is not
+    c.distill.cache_teacher, c.augment.mixup_alpha = "on", 0.2
+    with pytest.raises(ValueError, match="cache_teacher='on' is invalid here: augmentation"):
         kconfig.validate(c)
 
 
