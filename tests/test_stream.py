@@ -1,8 +1,8 @@
 """The streamed input path (kdjax.data.folder, kdjax.data.stream) on a generated image folder of a
 few hundred tiny JPEG/PNG files: batches independent of the loader's workers and processes,
-replayable crops, the bad inputs, and a KD run end to end through the command line, SIGKILLed
-mid-epoch with its Grain workers on and rerun, bit-identical to an uninterrupted one, leaving no
-worker behind."""
+replayable crops, the bad inputs, and a KD run end to end through the command line (the teacher's
+soft labels stored under the crops, kdjax.data.store), SIGKILLed mid-epoch with its Grain workers on
+and rerun, bit-identical to an uninterrupted one, leaving no worker behind."""
 
 import json
 import os
@@ -280,6 +280,11 @@ def test_kd_run_sigkilled_mid_epoch_reruns_bit_identical_and_leaves_no_workers(t
     out, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, out[-3000:]
     assert "resuming stage 'student' from step" in out and "Traceback" not in out
+    # kd on replayable crops: distill.cache_teacher='auto' stored the teacher's logits (kdjax.data.store)
+    # before the student stage, and the rerun read them back instead of recomputing them
+    assert "teacher soft labels read from" in out
+    for workdir in (reference, killed_dir):
+        assert os.listdir(os.path.join(workdir, "student", "soft_labels"))
     ref_step, ref_params = final_params(reference, "student")
     step, params = final_params(killed_dir, "student")
     assert step == ref_step == 26
