@@ -758,8 +758,14 @@ def load_imported_teacher(config, dataset: kdata.Dataset, dtype) -> tuple[Any, d
         raise ValueError(f"config.teacher.weights={c.weights} classifies {model.num_classes} classes and {dataset.name} "
                          f"has {dataset.num_classes}: a teacher used as it is (teacher.epochs=0) needs the same classes; "
                          "set teacher.epochs > 0 to fine-tune it with a new head")
-    logits = inference.predict_logits(model, variables, dataset.test.images, dataset.mean, dataset.std,
-                                      config.eval_batch_size)
+    if dataset.streamed:  # decoded on the loader's worker count of threads, as every evaluation
+        workers = config.dataset.get("loader_workers")
+        logits = inference.predict_split_logits(model, variables, dataset.test, dataset.mean, dataset.std,
+                                                config.eval_batch_size, threads=max(1, kdata.stream.default_workers()
+                                                                                    if workers is None else workers))
+    else:
+        logits = inference.predict_logits(model, variables, dataset.test.images, dataset.mean, dataset.std,
+                                          config.eval_batch_size)
     accuracy = float(np.mean(np.argmax(logits, -1) == np.asarray(dataset.test.labels)))
     logging.info("teacher: %s weights from %s, used as they are: test accuracy %.4f (their preprocessing: %s; the "
                  "step normalises with %s's mean and std)", arch.name, c.weights, accuracy, arch.preprocess.describe(),
