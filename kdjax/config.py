@@ -480,21 +480,25 @@ def _validate_streamed(config) -> None:
 
 
 def _validate_store(config) -> None:
-    """distill.cache_top_k, and what the streamed data's soft-label store (kdjax.data.store) cannot serve."""
+    """distill.cache_top_k / cache_dir, and what the streamed data's soft-label store (kdjax.data.store) cannot serve."""
     from kdjax import data as kdata
     from kdjax import distill
 
     d = config.distill
-    top_k, streamed = d.get("cache_top_k"), config.dataset.name in kdata.STREAMED_DATASETS
-    if top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"config.distill.cache_top_k={top_k!r}: choose a number of classes >= 1 (unset: all)")
-        if not streamed:
-            raise ValueError(f"config.distill.cache_top_k={top_k} is for the streamed data sets' soft-label store; "
+    top_k, shared, streamed = d.get("cache_top_k"), d.get("cache_dir", ""), config.dataset.name in kdata.STREAMED_DATASETS
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"config.distill.cache_top_k={top_k!r}: choose a number of classes >= 1 (unset: all)")
+    for field, value in (("cache_top_k", top_k), ("cache_dir", shared or None)):
+        if value is not None and not streamed:
+            raise ValueError(f"config.distill.{field}={value!r} is for the streamed data sets' soft-label store; "
                              f"{config.dataset.name!r} is held in memory and caches every logit: unset it")
-        if d.cache_teacher == "off":
-            raise ValueError(f"config.distill.cache_top_k={top_k} needs the soft-label store, which "
-                             "config.distill.cache_teacher='off' turns off: unset one of the two")
+        if value is not None and d.cache_teacher != "on":
+            raise ValueError(f"config.distill.{field}={value!r} sets up the soft-label store, which only "
+                             f"config.distill.cache_teacher='on' builds (it is {d.cache_teacher!r}): set 'on' or unset it")
+    if shared:
+        from kdjax import paths
+
+        paths.check_remote(shared)
     if streamed and d.cache_teacher == "on":
         terms = distill.build_terms(d.to_dict())
         reads = sorted({n for t in terms for n in t.teacher} - {"logits"})

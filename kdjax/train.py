@@ -530,7 +530,8 @@ class Stage:
         store = kdata.store.open_store(
             c.distill.cache_teacher, self.teachers, self.teacher_vars, self.terms, self.ds.train,
             top_k=c.distill.get("cache_top_k"), num_classes=self.ds.num_classes, total_steps=self.total_steps,
-            dtype=self.step_cfg.dtype, obstacle=kconfig.cache_obstacle(c), root=self.dir, **common)
+            dtype=self.step_cfg.dtype, obstacle=kconfig.cache_obstacle(c),
+            root=c.distill.get("cache_dir") or os.path.join(self.dir, "soft_labels"), **common)
         if store is not None:
             kdata.store.build(store, self.teachers, self.teacher_vars, self.ds.train, workers=self.loader_workers,
                               mean=self.step_cfg.mean, std=self.step_cfg.std, dtype=self.step_cfg.dtype,

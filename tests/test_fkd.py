@@ -139,17 +139,21 @@ def _one_line(match, fn, *args, **kw):
 
 
 def test_bad_settings_are_refused_in_one_line(folder):  # noqa: F811
+    on = {"distill.cache_teacher": "on"}
     for overrides, match in [
-        ({"distill.cache_top_k": 0}, "cache_top_k=0: choose a number of classes >= 1"),
-        ({"distill.cache_top_k": 2, "distill.cache_teacher": "off"}, "cache_top_k=2 needs the soft-label store"),
-        ({"distill.cache_teacher": "on", "distill.method": "fitnet"}, "reads the teacher's stage2, and a streamed"),
-        ({"distill.cache_teacher": "on", "augment.cutmix_alpha": 1.0}, "cache_teacher='on' is invalid here: augm"),
+        ({**on, "distill.cache_top_k": 0}, "cache_top_k=0: choose a number of classes >= 1"),
+        ({"distill.cache_top_k": 2}, "cache_top_k=2 sets up the soft-label store, which only config.distill.cache_"
+                                     "teacher='on' builds \\(it is 'auto'\\)"),
+        ({"distill.cache_dir": "/tmp/x", "distill.cache_teacher": "off"}, "cache_dir='/tmp/x' sets up the soft-label"),
+        ({**on, "distill.method": "fitnet"}, "reads the teacher's stage2, and a streamed data set's soft-label store"),
+        ({**on, "augment.cutmix_alpha": 1.0}, "cache_teacher='on' is invalid here: augmentation"),
     ]:
         _one_line(match, kconfig.validate, _config(folder, stages="teacher,student", **overrides))
-    c = _config(folder)
-    c.dataset.name, c.dataset.data_dir, c.dataset.image_size, c.dataset.loader_workers = "digits", None, None, None
-    c.distill.cache_top_k = 3
-    _one_line("is held in memory and caches every logit", kconfig.validate, c)
+    for field, value in (("cache_top_k", 3), ("cache_dir", "/tmp/x")):
+        c = _config(folder, **on, **{"augment.flip": False})
+        c.dataset.name, c.dataset.data_dir, c.dataset.image_size, c.dataset.loader_workers = "digits", None, None, None
+        c.distill[field] = value
+        _one_line(f"{field}=.* is held in memory and caches every logit", kconfig.validate, c)
 
 
 def _open(mode, terms, teacher, variables, ds, **kw):
@@ -158,21 +162,21 @@ def _open(mode, terms, teacher, variables, ds, **kw):
     return kstore.open_store(mode, (teacher,), (variables,), terms, ds.train, **{**args, **kw})
 
 
-def test_the_store_refuses_or_falls_back(folder, teacher_run, caplog):  # noqa: F811
+def test_the_store_refuses_or_is_not_used(folder, teacher_run, caplog):  # noqa: F811
     ds = kdata.load("folder", data_dir=folder, image_size=16)
     teacher, variables, _ = runs.load_trained_model(teacher_run, "teacher", ds, jnp.float32)
     kd, fitnet = distill.build_terms({"method": "kd"}), distill.build_terms({"method": "fitnet"})
     for k in (4, 0, 2.5):
-        _one_line(f"cache_top_k={k!r}: choose 1..3", _open, "auto", kd, teacher, variables, ds, top_k=k)
+        _one_line(f"cache_top_k={k!r}: choose 1..3", _open, "on", kd, teacher, variables, ds, top_k=k)
     _one_line("term 'fitnet' reads teacher features other than the logits", _open, "on", fitnet, teacher, variables, ds)
     _one_line(r"store would need 2176.0 GiB, more than 256 GiB: set distill.cache_top_k lower", _open, "on", kd,
               teacher, variables, ds, total_steps=2**32)
     with caplog.at_level("INFO"):
-        assert _open("auto", fitnet, teacher, variables, ds) is None
-        assert _open("auto", kd, teacher, variables, ds, total_steps=2**24) is None  # 8.5 GiB > 2 GiB
-        store = _open("auto", kd, teacher, variables, ds, top_k=2)
-    assert "teacher soft labels not stored: term 'fitnet' reads teacher features" in caplog.text
-    assert "cache_top_k lower" in caplog.text
+        assert _open("off", kd, teacher, variables, ds) is None
+        assert _open("auto", kd, teacher, variables, ds) is None  # the teacher in the step: nothing to reuse
+        store = _open("on", kd, teacher, variables, ds, top_k=2)
+    assert "teacher soft labels not stored: on a streamed data set the store runs the teacher" in caplog.text
     # 26 steps x batch 16 x (2 x (4 + 2) + 4 + 8 + 4) bytes, logged before anything is computed
-    assert "26 steps x batch 16 x 28 bytes (top 2 of 3 classes, 1 teacher(s))" in caplog.text
-    assert store is not None and store.top_k == 2 and store.num_pieces == 1
+    assert "26 steps x batch 16 x 28 bytes (top 2 of 3 classes, 1 teacher(s)) = 0.000 GiB" in caplog.text
+    assert store.top_k == 2 and store.num_pieces == 1 and store.directory.startswith("/tmp/unused/")
+    assert not os.path.exists("/tmp/unused")  # nothing is written before `build`

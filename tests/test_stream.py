@@ -223,7 +223,7 @@ CLI = ["--config.dataset.name=folder", "--config.dataset.image_size=16", "--conf
        "--config.teacher.epochs=1", "--config.student.epochs=2", "--config.stages=teacher,student",
        "--config.batch_size=16", "--config.eval_batch_size=64", "--config.throughput_batch=16",
        "--config.log_every_steps=1", "--config.checkpoint.every_steps=3", "--config.log.report=False",
-       "--config.log.progress=False", "--verbosity=1"]
+       "--config.log.progress=False", "--config.distill.cache_teacher=on", "--verbosity=1"]
 
 
 def _start(workdir, folder):
@@ -280,7 +280,7 @@ def test_kd_run_sigkilled_mid_epoch_reruns_bit_identical_and_leaves_no_workers(t
     out, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, out[-3000:]
     assert "resuming stage 'student' from step" in out and "Traceback" not in out
-    # kd on replayable crops: distill.cache_teacher='auto' stored the teacher's logits (kdjax.data.store)
+    # kd on replayable crops: distill.cache_teacher='on' stored the teacher's logits (kdjax.data.store)
     # before the student stage, and the rerun read them back instead of recomputing them
     assert "teacher soft labels read from" in out
     for workdir in (reference, killed_dir):

@@ -23,11 +23,18 @@ sees the filled value: only k = K (the default, ``distill.cache_top_k`` unset) g
 teacher's logits, and then the run equals the teacher-in-the-step run to float tolerance (the
 store's teacher pass is its own XLA program, not the step's).
 
-Size: positions x (n x (k x (4 + index bytes) + 4) + 12) bytes, positions = total steps x global
-batch (`store_bytes`), logged before computing; 'auto' stores at most `cache.CACHE_MAX_BYTES`, 'on'
-refuses more than `STORE_MAX_BYTES` or more than the local disk's free space.
+When: only with ``distill.cache_teacher='on'``. The store runs the teacher once per (example,
+epoch-crop), as many forward passes as the teacher in the step, plus one more decode of every crop:
+a single run gains nothing, a store reused (several students of one teacher, reruns, a sweep, through
+``distill.cache_dir``) skips the teacher in all of them. So 'auto' runs the teacher in the step on
+streamed data (an info log says why).
 
-Layout: ``<stage dir>/soft_labels/<key>/p<process>_s<first step>.npz``, one file per piece of
+Size: positions x (n x (k x (4 + index bytes) + 4) + 12) bytes, positions = total steps x global
+batch (`store_bytes`), logged before computing; 'on' refuses more than `STORE_MAX_BYTES` or more
+than the local disk's free space.
+
+Layout: ``<root>/<key>/p<process>_s<first step>.npz`` (root: ``<stage dir>/soft_labels``, or
+``distill.cache_dir`` to share stores between runs), one file per piece of
 `piece_steps` consecutive steps, each written whole (`paths.save_npz`: tmp + rename, one object on
 GCS). `key` hashes everything a stored value depends on (the teacher's variables, the files and
 labels, seed, image size, flip, batch, processes, k, dtype, piece size), so a changed run never reads a stale
@@ -51,7 +58,7 @@ from absl import logging
 from kdjax import paths
 from kdjax.data import stream
 from kdjax.data.augmentation import normalize
-from kdjax.data.cache import CACHE_MAX_BYTES, fingerprint
+from kdjax.data.cache import fingerprint
 from kdjax.data.sources import DataError
 
 STORE_MAX_BYTES = 256 * 2**30  # 'on' refuses a store larger than this
@@ -181,15 +188,22 @@ def open_store(mode: str, teachers: tuple, teacher_vars: tuple, terms: Sequence,
                obstacle: str | None, root: str, process_index: int = 0, process_count: int = 1,
                label: str = "") -> SoftLabelStore | None:
     """The stage's `SoftLabelStore` (not computed yet: `build`), or None to run the teacher in
-    the step. `mode` is config.distill.cache_teacher: 'off'; 'auto' (when valid and at most
-    `CACHE_MAX_BYTES`, else an info log); 'on' (a one-line ValueError naming the reason when invalid
-    or larger than `STORE_MAX_BYTES` or the free disk). The size is logged before anything is
-    computed. `root`: the stage's folder (the store is `root`/soft_labels/<key>)."""
+    the step. `mode` is config.distill.cache_teacher: 'off'; 'auto' (None, with an info log: on
+    streamed data the store runs the teacher as often as the steps would, plus one more decode
+    pass, so it pays off only when it is reused, which 'on' asks for); 'on' (a one-line ValueError
+    naming the reason when invalid, or larger than `STORE_MAX_BYTES` or the free disk). The size
+    is logged before anything is computed. `root`: the folder of stores (the stage's
+    soft_labels/, or config.distill.cache_dir shared between runs); this one is `root`/<key>."""
     if mode == "off" or not teachers:
         return None
     from kdjax import step as kstep
 
     k = check_top_k(top_k, num_classes)  # a bad k is refused whatever the mode
+    if mode == "auto":
+        logging.info("%s teacher soft labels not stored: on a streamed data set the store runs the teacher once per "
+                     "step as well (and decodes every crop once more); it pays off when reused, e.g. by several "
+                     "students: set distill.cache_teacher='on' (and distill.cache_dir to share it)", label)
+        return None
     abstract = jax.ShapeDtypeStruct((1, split.image_size, split.image_size, 3), jnp.float32)
     feats = jax.eval_shape(lambda tv, x: kstep.teacher_features(teachers, tv, x), tuple(teacher_vars), abstract)
     reason = obstacle or store_obstacle(terms, feats)
@@ -200,28 +214,22 @@ def open_store(mode: str, teachers: tuple, teacher_vars: tuple, terms: Sequence,
                      "%.3f GiB", label, total_steps, global_batch, example_bytes(k, num_classes, n_teachers), k,
                      num_classes, n_teachers, nbytes / 2**30)
         free = _free_bytes(root)
-        if mode == "auto" and nbytes > CACHE_MAX_BYTES:
-            reason = f"the soft-label store would need {nbytes / 2**30:.1f} GiB (set distill.cache_top_k lower)"
-        elif nbytes > STORE_MAX_BYTES:
+        if nbytes > STORE_MAX_BYTES:
             reason = (f"the soft-label store would need {nbytes / 2**30:.1f} GiB, more than "
                       f"{STORE_MAX_BYTES / 2**30:.0f} GiB: set distill.cache_top_k lower or train fewer epochs")
         elif free is not None and nbytes > free:
             reason = (f"the soft-label store would need {nbytes / 2**30:.1f} GiB and {root} has "
                       f"{free / 2**30:.1f} GiB free: set distill.cache_top_k lower or free disk space")
     if reason:
-        if mode == "on":
-            raise ValueError(f"config.distill.cache_teacher='on' is invalid here: {reason}; use 'auto' or 'off'")
-        logging.info("%s teacher soft labels not stored: %s", label, reason)
-        return None
+        raise ValueError(f"config.distill.cache_teacher='on' is invalid here: {reason}; use 'auto' or 'off'")
     h = hashlib.sha256()
     files = "\n".join(split.files).encode()
     for part in (STORE_VERSION, PIECE_BYTES, fingerprint(teacher_vars), hashlib.sha256(files).hexdigest(),
                  fingerprint(np.asarray(split.labels)), split.image_size, seed, flip, global_batch, steps_per_epoch,
                  total_steps, process_count, k, str(np.dtype(dtype))):
         h.update(f"{part};".encode())
-    directory = os.path.join(root, "soft_labels", h.hexdigest()[:16])
-    return SoftLabelStore(directory, top_k=k, num_classes=num_classes, teachers=n_teachers,
-                          per_process=global_batch // process_count, total_steps=total_steps,
+    return SoftLabelStore(os.path.join(root, h.hexdigest()[:16]), top_k=k, num_classes=num_classes,
+                          teachers=n_teachers, per_process=global_batch // process_count, total_steps=total_steps,
                           process_index=process_index, dtype=dtype)
 
 
