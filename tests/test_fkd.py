@@ -52,10 +52,20 @@ def _pieces(workdir):
     return sorted(glob.glob(os.path.join(workdir, "student", "soft_labels", "*", "*.npz")))
 
 
-def test_all_classes_equal_the_teacher_in_the_step(tmp_path, folder, teacher_run):  # noqa: F811
+def test_all_classes_equal_the_teacher_in_the_step(tmp_path, folder, teacher_run, caplog):  # noqa: F811
     off = _student(folder, teacher_run, str(tmp_path / "off"), **{"distill.cache_teacher": "off"})
     on = _student(folder, teacher_run, str(tmp_path / "on"), **{"distill.cache_teacher": "on"})
     assert not _pieces(off) and len(_pieces(on)) == 1  # 26 steps x 16 x 34 bytes: one piece
+    # a shared folder (distill.cache_dir): the second run of the same teacher, data and crops reads it
+    shared = {"distill.cache_teacher": "on", "distill.cache_dir": str(tmp_path / "shared")}
+    with caplog.at_level("INFO"):
+        first = _student(folder, teacher_run, str(tmp_path / "first"), **shared)
+        assert "teacher soft labels read from" not in caplog.text
+        second = _student(folder, teacher_run, str(tmp_path / "second"), **shared)
+    assert f"teacher soft labels read from {tmp_path / 'shared'}" in caplog.text
+    assert not _pieces(first) and len(glob.glob(str(tmp_path / "shared" / "*" / "*.npz"))) == 1
+    for w in (first, second):
+        assert read_metrics(w, "student") == read_metrics(on, "student")
     rows = {w: np.array([[r["loss"], r["loss/kd"], r["grad_norm"]] for r in read_metrics(w, "student")])
             for w in (off, on)}
     assert rows[on].shape == (26, 3)  # 210 images, batch 16: 13 steps an epoch, 2 epochs
