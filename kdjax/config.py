@@ -484,6 +484,7 @@ def validate(config) -> None:
         raise ValueError(f"unknown config.distill.cache_teacher {cache!r}; choose one of: {', '.join(kdata.CACHE_MODES)}")
     if cache == "on" and (obstacle := cache_obstacle(config)):
         raise ValueError(f"config.distill.cache_teacher='on' is invalid here: {obstacle}; use 'auto' or 'off'")
+    _validate_store(config)
     patience = config.get("train", {}).get("early_stop_patience", 0)
     if patience and (patience < 0 or not (config.dataset.val_size or config.dataset.get("folds"))):
         raise ValueError(f"config.train.early_stop_patience={patience} needs a validation split to watch "
@@ -539,16 +540,46 @@ def _validate_streamed(config) -> None:
                          "the loader (random-resized crop); set augment.crop_padding=0")
 
 
+def _validate_store(config) -> None:
+    """distill.cache_top_k / cache_dir, and what the streamed data's soft-label store (kdjax.data.store) cannot serve."""
+    from kdjax import data as kdata
+    from kdjax import distill
+
+    d = config.distill
+    top_k, shared, streamed = d.get("cache_top_k"), d.get("cache_dir", ""), kdata.is_streamed(config.dataset.name)
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"config.distill.cache_top_k={top_k!r}: choose a number of classes >= 1 (unset: all)")
+    for field, value in (("cache_top_k", top_k), ("cache_dir", shared or None)):
+        if value is not None and not streamed:
+            raise ValueError(f"config.distill.{field}={value!r} is for the streamed data sets' soft-label store; "
+                             f"{config.dataset.name!r} is held in memory and caches every logit: unset it")
+        if value is not None and d.cache_teacher != "on":
+            raise ValueError(f"config.distill.{field}={value!r} sets up the soft-label store, which only "
+                             f"config.distill.cache_teacher='on' builds (it is {d.cache_teacher!r}): set 'on' or unset it")
+    if shared:
+        from kdjax import paths
+
+        paths.check_remote(shared)
+    if streamed and d.cache_teacher == "on":
+        terms = distill.build_terms(d.to_dict())
+        reads = sorted({n for t in terms for n in t.teacher} - {"logits"})
+        if reads:
+            raise ValueError(f"config.distill.cache_teacher='on' is invalid here: the method reads the teacher's "
+                             f"{', '.join(reads)}, and a streamed data set's soft-label store keeps the logits only; "
+                             "use 'auto' or 'off'")
+
+
 def cache_obstacle(config) -> str | None:
-    """Why config's teacher sees a different input for an example each epoch (see kdata.cache_obstacle)."""
+    """Why config's teacher sees a different input for an example each epoch (see kdata.cache_obstacle).
+    A streamed data set's random-resized crops and flips are no obstacle: they are replayed
+    (kdjax.data.store keeps the teacher's logits for every epoch's crops)."""
     from kdjax import data as kdata
 
-    if kdata.is_streamed(config.dataset.name):
-        return "a streamed data set's random-resized crops differ every epoch"
     a = config.augment
-    return kdata.cache_obstacle(crop_padding=a.crop_padding, flip=a.flip, mixup_alpha=a.mixup_alpha,
-                                cutmix_alpha=a.cutmix_alpha, teacher_source=config.teacher.source,
-                                views=a.get("views", ""))
+    streamed = kdata.is_streamed(config.dataset.name)
+    return kdata.cache_obstacle(crop_padding=0 if streamed else a.crop_padding, flip=a.flip and not streamed,
+                                mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha,
+                                teacher_source=config.teacher.source, views=a.get("views", ""))
 
 
 def parse_classes(value) -> tuple[int, ...] | None:

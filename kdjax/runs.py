@@ -78,7 +78,7 @@ def agree(what: str, value: int, where: str) -> None:
 # so changing them neither moves the default workdir nor blocks a resume (e.g. on another machine).
 RUNTIME_FIELDS = ("compile_cache_dir", "log", "log_every_steps", "throughput_batch", "eval_batch_size", "parallel",
                   "num_devices", "checkpoint", "dataset.data_dir", "dataset.manual_dir", "dataset.download",
-                  "distill.cache_teacher")
+                  "distill.cache_teacher", "distill.cache_dir")
 
 
 def flatten_dict(tree: dict, prefix: str = "") -> dict:

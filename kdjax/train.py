@@ -7,9 +7,8 @@ A run has up to three stages, each one model trained to completion (`config.stag
     student          the student distilled from the teacher (`config.distill`)
     student_scratch  the same student from labels only: the baseline
 
-and optional ones around them: `student_init` (two-stage methods' first stage), `prune` (the
-distilled student pruned, `config.prune`) and `qat` (quantisation-aware training, `config.quant`);
-both of the last two fine-tune with the student's distillation objective.
+and optional ones: `student_init` (two-stage methods' first stage), `prune` (`config.prune`) and
+`qat` (`config.quant`), the last two fine-tuning with the student's distillation objective.
 
 Every stage checkpoints into ``<workdir>/<stage>/checkpoints`` and writes
 ``<workdir>/<stage>/result.json`` when finished; rerunning the same command skips finished stages
@@ -369,7 +368,7 @@ class Stage:
             tensorboard=lc.get("tensorboard", True), wandb=lc.get("wandb", False), config=runs.run_identity(c))
 
         cache_start = time.time()
-        cache = self._teacher_cache()  # frozen teacher outputs computed once, or None
+        cache = self._teacher_cache(latest or 0)  # frozen teacher outputs computed once, or None
         cache_seconds = time.time() - cache_start
         teachers = () if cache is not None else self.teachers
         train_step = self.par.wrap(
@@ -433,14 +432,20 @@ class Stage:
                                                                  step=step, steps_per_epoch=self.spe, cache=cache))
         ahead = collections.deque()
 
+        def joined(step):  # the soft-label store's teacher logits, by position (kdjax.data.store)
+            batch = next(self.loader)
+            if cache is not None:
+                batch["teacher"] = cache.teacher(step, batch["index"], batch.pop("crop"))
+            return batch
+
         def next_batch(step):
             if self.loader is None:  # on the first step only: a finished or early-stopped stage starts no workers
                 self.loader = kdata.stream.TrainLoader(
                     self.ds.train, self.batch_size, seed=c.seed, start_step=start, total_steps=self.total_steps,
                     steps_per_epoch=self.spe, flip=c.augment.flip, workers=self.loader_workers,
-                    process_index=jax.process_index(), process_count=jax.process_count())
+                    process_index=jax.process_index(), process_count=jax.process_count(), crops=cache is not None)
             while len(ahead) < PREFETCH and step + len(ahead) < self.total_steps:
-                ahead.append(self.par.shard(next(self.loader)))
+                ahead.append(self.par.shard(joined(step + len(ahead))))
             return ahead.popleft()
 
         return next_batch
@@ -506,17 +511,34 @@ class Stage:
             paths.save_npz(os.path.join(self.dir, "predictions.npz"), logits=logits,
                            labels=np.asarray(self.ds.test.labels))
 
-    def _teacher_cache(self) -> dict | None:
+    def _teacher_cache(self, start: int):
         """The frozen teacher's outputs for every training example (config.distill.cache_teacher),
-        or None: the teacher then runs in the step. See kdjax.data.teacher_cache."""
+        or None: the teacher then runs in the step. See kdjax.data.teacher_cache; on streamed data
+        the soft-label store of every epoch's crops (kdjax.data.store), its pieces from step
+        `start` on computed here (each process its own part of the batches)."""
         c = self.config
-        if self.ds.streamed:  # random-resized crops: kconfig.cache_obstacle, 'on' is refused by validate
-            return None
+        if self.ds.streamed:
+            return self._soft_label_store(start)
         return kdata.teacher_cache(
             c.distill.cache_teacher, self.teachers, self.teacher_vars, self.terms, self.ds.train.images,
             mean=self.step_cfg.mean, std=self.step_cfg.std, dtype=self.step_cfg.dtype, obstacle=kconfig.cache_obstacle(c),
             path=os.path.join(self.dir, "teacher_cache.npz"), chunk=c.eval_batch_size, write=runs.is_main(),
             label=f"[{self.role}]")
+
+    def _soft_label_store(self, start: int):
+        c = self.config
+        common = dict(global_batch=self.batch_size, steps_per_epoch=self.spe, seed=c.seed, flip=c.augment.flip,
+                      process_index=jax.process_index(), process_count=jax.process_count(), label=f"[{self.role}]")
+        store = kdata.store.open_store(
+            c.distill.cache_teacher, self.teachers, self.teacher_vars, self.terms, self.ds.train,
+            top_k=c.distill.get("cache_top_k"), num_classes=self.ds.num_classes, total_steps=self.total_steps,
+            dtype=self.step_cfg.dtype, obstacle=kconfig.cache_obstacle(c),
+            root=c.distill.get("cache_dir") or os.path.join(self.dir, "soft_labels"), **common)
+        if store is not None:
+            kdata.store.build(store, self.teachers, self.teacher_vars, self.ds.train, workers=self.loader_workers,
+                              mean=self.step_cfg.mean, std=self.step_cfg.std, dtype=self.step_cfg.dtype,
+                              start_step=start, **common)
+        return store
 
     def _check_finite(self, pending, ckpts) -> int:
         """Stops the run at the first non-finite step (nan_policy 'stop'), or counts them ('skip').
@@ -728,18 +750,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool, on_ep
     return summary
 
 
-def loader_workers(config) -> int:
-    """config.dataset.loader_workers, None read as the machine's (kdjax.data.stream.default_workers)."""
-    workers = config.dataset.get("loader_workers")
-    return kdata.stream.default_workers() if workers is None else int(workers)
+def loader_workers(config) -> int:  # config.dataset.loader_workers, None: the machine's
+    return kdata.stream.default_workers() if config.dataset.get("loader_workers") is None else int(config.dataset.loader_workers)
 
 
 def load_imported_teacher(config, dataset: kdata.Dataset, dtype) -> tuple[Any, dict, dict]:
-    """config.teacher.weights as the teacher, untrained (teacher.epochs=0): (Linen model, variables,
-    result). The weights' classifier must fit the data set's classes (a one-line ValueError
-    otherwise). The result has the model, the weights' file and architecture, the preprocessing
-    they were trained with, and the test accuracy kdjax measures for them here (inputs normalised
-    as every stage's: config.dataset.normalize, by default the weights' own statistics)."""
+    """config.teacher.weights as the teacher as it is (teacher.epochs=0): (model, variables, result:
+    the file, arch, preprocessing and the test accuracy measured here, inputs normalised as every
+    stage's). Its classifier must fit the data set's classes (one-line ValueError otherwise)."""
     from kdjax.models import pretrained
 
     c = config.teacher

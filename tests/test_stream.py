@@ -1,8 +1,8 @@
 """The streamed input path (kdjax.data.folder, kdjax.data.stream) on a generated image folder of a
 few hundred tiny JPEG/PNG files: batches independent of the loader's workers and processes,
-replayable crops, the bad inputs, and a KD run end to end through the command line, SIGKILLed
-mid-epoch with its Grain workers on and rerun, bit-identical to an uninterrupted one, leaving no
-worker behind."""
+replayable crops, the bad inputs, and a KD run end to end through the command line (the teacher's
+soft labels stored under the crops, kdjax.data.store), SIGKILLed mid-epoch with its Grain workers on
+and rerun, bit-identical to an uninterrupted one, leaving no worker behind."""
 
 import json
 import os
@@ -210,9 +210,9 @@ def test_bad_loader_settings_are_refused(folder):
     c.dataset.image_size = 32
     with pytest.raises(ValueError, match="is held in memory: unset it"):
         kconfig.validate(c)
-    c = _config(data_dir=folder)
-    c.distill.cache_teacher = "on"
-    with pytest.raises(ValueError, match="random-resized crops differ every epoch"):
+    c = _config(data_dir=folder)  # the crops are replayed (kdjax.data.store), mixup is not
+    c.distill.cache_teacher, c.augment.mixup_alpha = "on", 0.2
+    with pytest.raises(ValueError, match="cache_teacher='on' is invalid here: augmentation"):
         kconfig.validate(c)
 
 
@@ -223,7 +223,7 @@ CLI = ["--config.dataset.name=folder", "--config.dataset.image_size=16", "--conf
        "--config.teacher.epochs=1", "--config.student.epochs=2", "--config.stages=teacher,student",
        "--config.batch_size=16", "--config.eval_batch_size=64", "--config.throughput_batch=16",
        "--config.log_every_steps=1", "--config.checkpoint.every_steps=3", "--config.log.report=False",
-       "--config.log.progress=False", "--verbosity=1"]
+       "--config.log.progress=False", "--config.distill.cache_teacher=on", "--verbosity=1"]
 
 
 def _start(workdir, folder):
@@ -280,6 +280,11 @@ def test_kd_run_sigkilled_mid_epoch_reruns_bit_identical_and_leaves_no_workers(t
     out, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, out[-3000:]
     assert "resuming stage 'student' from step" in out and "Traceback" not in out
+    # kd on replayable crops: distill.cache_teacher='on' stored the teacher's logits (kdjax.data.store)
+    # before the student stage, and the rerun read them back instead of recomputing them
+    assert "teacher soft labels read from" in out
+    for workdir in (reference, killed_dir):
+        assert os.listdir(os.path.join(workdir, "student", "soft_labels"))
     ref_step, ref_params = final_params(reference, "student")
     step, params = final_params(killed_dir, "student")
     assert step == ref_step == 26

@@ -16,6 +16,8 @@
 * `kdjax.data.stream`: the streamed path on Grain: ``TrainLoader`` (decode, random-resized crop and
   flip on worker processes; batch k a pure function of (seed, k)) and the eval transform.
 * `kdjax.data.cache`: the frozen teacher's outputs computed once, carried by the batches.
+* `kdjax.data.store`: on streamed data, the teacher's (top-k) soft labels of every (example,
+  epoch-crop) computed once before the stage and joined to the batches by position (FKD).
 
 Every public name is importable from here (``from kdjax import data; data.load(...)``). Nothing
 here reads flags or configs: everything is a plain argument.
@@ -60,6 +62,7 @@ from kdjax.data.cache import CACHE_MODES
 from kdjax.data.cache import cache_obstacle
 from kdjax.data.cache import fingerprint
 from kdjax.data.cache import teacher_cache
+from kdjax.data import store
 
 __all__ = [
     "DATASETS", "IN_MEMORY_DATASETS", "STREAMED_DATASETS", "TFDS_PREFIX", "is_known", "is_streamed", "FileSplit", "DIGITS_SPLIT_SEED", "DIGITS_TEST_FRACTION", "DataError", "Dataset", "Split", "NORMALIZATIONS", "load", "with_normalization",

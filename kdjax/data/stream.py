@@ -99,18 +99,34 @@ def _open_rgb(source, what: str | None = None):
     return image
 
 
-def train_image(source, size: int, rng: np.random.Generator, flip: bool, what: str | None = None) -> np.ndarray:
-    """uint8 (size, size, 3): the decoded image's random-resized crop (bilinear) and, if `flip`,
-    a horizontal flip with probability 1/2; all draws from `rng`. `source`: a file path or the
-    encoded JPEG/PNG bytes (one code path for folders and records; `what` names it in a refusal)."""
+def train_view(source, size: int, rng: np.random.Generator, flip: bool, what: str | None = None) -> tuple[np.ndarray, tuple]:
+    """(uint8 (size, size, 3), (top, left, h, w, flipped)): the decoded image's random-resized crop
+    (bilinear) and, if `flip`, a horizontal flip with probability 1/2 (all draws from `rng`), with
+    the crop's parameters (what `kdjax.data.store` checks its soft labels against). `source`: a
+    file path or the encoded JPEG/PNG bytes (one code path for folders and records; `what` names it
+    in a refusal)."""
     from PIL import Image
 
     image = _open_rgb(source, what)
     top, left, h, w = crop_params(rng, image.height, image.width)
     out = np.asarray(image.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h)), np.uint8)
-    if flip and rng.random() < 0.5:
+    flipped = bool(flip and rng.random() < 0.5)
+    if flipped:
         out = out[:, ::-1]
-    return np.ascontiguousarray(out)
+    return np.ascontiguousarray(out), (top, left, h, w, int(flipped))
+
+
+def train_image(source, size: int, rng: np.random.Generator, flip: bool, what: str | None = None) -> np.ndarray:
+    """The image of `train_view`: uint8 (size, size, 3)."""
+    return train_view(source, size, rng, flip, what)[0]
+
+
+def pack_crop(top: int, left: int, h: int, w: int, flipped: int) -> np.int64:
+    """A crop's parameters in one int64, losslessly (15 bits each for top, left, h, w; 1 for the
+    flip): sides up to 32767 pixels, a one-line DataError beyond."""
+    if not all(0 <= v < 2**15 for v in (top, left, h, w)):
+        raise DataError(f'an image side exceeds 32767 pixels (crop {top, left, h, w}); resize the folder\'s images')
+    return np.int64((((top << 15 | left) << 15 | h) << 15 | w) << 1 | int(flipped))
 
 
 def eval_image(source, size: int, what: str | None = None) -> np.ndarray:
@@ -132,9 +148,10 @@ class _TrainExample:
     spawned workers; a deterministic repr, as Grain compares reprs)."""
 
     def __init__(self, split, global_batch: int, seed: int, steps_per_epoch: int, flip: bool,
-                 process_index: int, process_count: int):
+                 process_index: int, process_count: int, crops: bool = False):
         self.split, self.labels, self.size = split, split.labels, split.image_size
         self.global_batch, self.seed, self.spe, self.flip = global_batch, seed, steps_per_epoch, flip
+        self.crops = crops
         self.process_index, self.process_count = process_index, process_count
         self.per_process = global_batch // process_count
 
@@ -146,12 +163,15 @@ class _TrainExample:
                                   process_count=self.process_count)[row])
         rng = np.random.default_rng((self.seed, epoch, index, CROP_STREAM))
         source, what = self.split.encoded(index)
-        return {'image': train_image(source, self.size, rng, self.flip, what),
-                'label': np.int32(self.labels[index]), 'index': np.int32(index)}
+        image, crop = train_view(source, self.size, rng, self.flip, what)
+        example = {'image': image, 'label': np.int32(self.labels[index]), 'index': np.int32(index)}
+        if self.crops:
+            example['crop'] = pack_crop(*crop)
+        return example
 
     def __repr__(self):
         return (f'_TrainExample({self.split!r}, size={self.size}, batch={self.global_batch}, seed={self.seed}, '
-                f'flip={self.flip}, process={self.process_index}/{self.process_count})')
+                f'flip={self.flip}, process={self.process_index}/{self.process_count}, crops={self.crops})')
 
 
 class _EvalExample:
@@ -213,11 +233,12 @@ def default_workers() -> int:
 
 class TrainLoader:
     """This process's training batches from `start_step` to `total_steps`, in order (see the module
-    docstring); iterate it, and close it (or use it as a context manager) to end its workers."""
+    docstring); iterate it, and close it (or use it as a context manager) to end its workers.
+    `crops`: each batch also carries 'crop', int64 (b,), every example's `pack_crop`."""
 
     def __init__(self, split, global_batch: int, *, seed: int, start_step: int, total_steps: int,
                  steps_per_epoch: int, flip: bool, workers: int, process_index: int = 0, process_count: int = 1,
-                 buffer: int = 2):
+                 buffer: int = 2, crops: bool = False):
         import grain
 
         workers = check_workers(workers)
@@ -225,7 +246,7 @@ class TrainLoader:
             raise DataError(f'global batch size {global_batch} is not divisible by {process_count} processes')
         per = global_batch // process_count
         ds = grain.MapDataset.range(start_step * per, total_steps * per)
-        ds = ds.map(_TrainExample(split, global_batch, seed, steps_per_epoch, flip, process_index, process_count))
+        ds = ds.map(_TrainExample(split, global_batch, seed, steps_per_epoch, flip, process_index, process_count, crops))
         ds = ds.batch(per, drop_remainder=True)
         # One read thread per worker: Grain's default 16 threads in each worker oversubscribe the cores.
         it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=buffer))

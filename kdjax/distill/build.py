@@ -66,8 +66,19 @@ def get_config(method: str = "kd") -> ml_collections.ConfigDict:
     cfg.ce_weight = ml_collections.config_dict.placeholder(float)
     # Frozen teacher outputs computed once and reused every epoch: 'auto' (when the teacher's input
     # is the same every epoch, i.e. no augmentation, and they fit in memory), 'on' (refused with one
-    # line when invalid), 'off'. See kdjax.train.Stage._teacher_cache.
+    # line when invalid), 'off'. See kdjax.train.Stage._teacher_cache. On a streamed data set only
+    # 'on' stores them (per epoch-crop, below; 'auto' runs the teacher in the step there).
     cfg.cache_teacher = "auto"
+    # Streamed data sets (random-resized crops): the cache is a store of the teacher's logits under
+    # every epoch's crops, computed before the stage (kdjax.data.store, FKD; logits-only methods).
+    # cache_top_k keeps each crop's k largest logits, the other classes sharing the remaining
+    # probability mass equally (FKD's marginal smoothing); None: all classes, the teacher's exact
+    # logits (the run the teacher in the step gives). FKD's ImageNet soft labels keep 5 or 10.
+    cfg.cache_top_k = ml_collections.config_dict.placeholder(int)
+    # With the store ('on', streamed): a folder of stores shared between runs (keyed by the teacher's
+    # variables, the files, the crop seed, batch, k, ...), e.g. for several students of one teacher;
+    # '' = the stage's own <workdir>/<stage>/soft_labels.
+    cfg.cache_dir = ""
     # Modifiers of the logit methods (not methods; they change the chosen methods' terms):
     # logit_standardize: z-score the student's and the teacher's logits per sample before every
     #   term that reads both (kd, dkd, dist, wttm, nkd, mse_logits, fm, custom terms), as the
