@@ -21,6 +21,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # CLI subprocesses keep glibc's malloc, so that a machine with tcmalloc installed runs them as CI
 # does (without it, once each); tests/test_runtime.py tests the relaunch with its own setting.
 os.environ.setdefault("KDJAX_MALLOC", "system")
+# kdjax's caches on the machine (the tfds label cache, kdjax.data.records.cache_root): one fresh
+# folder per test session, never the user's ~/.cache.
+os.environ["KDJAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="kdjax-tests-cache-")
 
 
 @pytest.fixture(scope="module")

@@ -194,10 +194,50 @@ def test_features_and_splits_are_read_from_info(prepared):
     np.testing.assert_array_equal(means.argmax(-1), labels)
 
 
+def test_labels_are_kept_in_the_label_cache_and_only_a_matching_file_is_used(prepared, tmp_path, monkeypatch):
+    """The first load reads the labels from the records and keeps them; the next reads only the
+    cache file (shown by a doctored file being believed); a file that describes other files of the
+    split (a data set prepared again) is ignored and replaced; no writable cache still loads."""
+    from kdjax.data import records
+
+    monkeypatch.setenv("KDJAX_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+    read = records.read_labels
+    monkeypatch.setattr(records, "read_labels", lambda *a: calls.append(a[2]) or read(*a))
+    load = lambda: kdata.load("tfds:tiny_shapes", data_dir=_data_dir(prepared), image_size=8)
+    first = load()
+    assert calls == [3 * TRAIN_PER_CLASS, 3 * TEST_PER_CLASS]
+    kept = sorted((tmp_path / "cache" / "labels").iterdir())
+    assert len(kept) == 2 and all(p.suffix == ".npz" for p in kept)
+    second = load()
+    assert len(calls) == 2  # both splits from the cache
+    np.testing.assert_array_equal(second.train.labels, first.train.labels)
+    np.testing.assert_array_equal(second.test.labels, first.test.labels)
+    for path in kept:  # believed as long as it describes the split: the second load read only these files
+        with np.load(path) as z:
+            described = str(z["describes"])
+            assert json.loads(described)["files"] and json.loads(described)["records"] == len(z["labels"])
+            np.savez(path, labels=(z["labels"] + 1) % 3, describes=z["describes"])
+    np.testing.assert_array_equal(load().test.labels, (first.test.labels + 1) % 3)
+    assert len(calls) == 2
+    for path in kept:  # the same name, describing other files: read again, and replaced
+        with np.load(path) as z:
+            other = json.loads(str(z["describes"]))
+            other["files"][0][1] += 1
+            np.savez(path, labels=z["labels"], describes=np.array(json.dumps(other, sort_keys=True)))
+    np.testing.assert_array_equal(load().test.labels, first.test.labels)
+    assert len(calls) == 4
+    load()
+    assert len(calls) == 4
+    # a cache that cannot be written: loaded all the same, the records read each time
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("KDJAX_CACHE_DIR", str(tmp_path / "file"))
+    np.testing.assert_array_equal(load().train.labels, first.train.labels)
+    assert len(calls) == 6
+
+
 # ------------------------------------------------------------------------ end to end, no TensorFlow
 
-#: sitecustomize for the run's processes (the trainer and its spawned Grain workers): `import
-#: tensorflow` fails, and every attempt is appended to $KDJAX_TF_ATTEMPTS, even one caught by tfds.
 #: sitecustomize for the run's processes (the trainer and its spawned Grain workers): importing
 #: tensorflow fails and every attempt is appended to $KDJAX_TF_ATTEMPTS, even one that tfds would
 #: catch. Looking it up (importlib.util.find_spec, as availability checks do) is not an import and

@@ -22,10 +22,16 @@ What is read from the builder's ``info``:
   is ``validation``). ``dataset.val_size`` carves a validation split from train exactly as for an
   image folder (stratified, seeded).
 
-The labels of every record of both splits are read once when the data set is loaded (one pass
-over the records, image bytes not decoded: every process reads the labels, to order, carve and
-score examples as the in-memory path does; a cost that grows with the data set, docs/data.md).
-Training and evaluation then read, in each process, only that process's records by index.
+The labels of every record of both splits are needed when the data set is loaded (every process
+orders, carves and scores examples as the in-memory path does). The first load reads them in one
+pass over the records (image bytes not decoded; a cost that grows with the data set: it reads
+every record's bytes, docs/data.md) and keeps them in the label cache, ``labels/<key>.npz`` under
+``cache_root()`` ($KDJAX_CACHE_DIR, else $XDG_CACHE_HOME/kdjax, else ~/.cache/kdjax). The key
+names the data set's full name and version, the split, the label feature and the name and size of
+each of the split's ArrayRecord files, so a data set prepared again (other files) is read again; a
+cache file that does not describe the split is ignored and replaced. Later loads, on that
+machine, read only that file. Training and evaluation then read, in each process, only that
+process's records by index.
 
 Normalisation statistics: ImageNet's, as for an image folder (computing the data set's own would
 decode every image).
@@ -33,9 +39,12 @@ decode every image).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import threading
 import time
+import zipfile
 
 import numpy as np
 from absl import logging
@@ -174,6 +183,51 @@ def read_labels(source, label_key: str, n: int) -> np.ndarray:
     return labels
 
 
+def cache_root() -> str:
+    """The folder of kdjax's caches on this machine: $KDJAX_CACHE_DIR, else $XDG_CACHE_HOME/kdjax, else
+    ~/.cache/kdjax (a gs:// folder works too: everything goes through kdjax.paths)."""
+    explicit = os.environ.get('KDJAX_CACHE_DIR')
+    if explicit:
+        return os.path.expanduser(explicit)
+    return os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'kdjax')
+
+
+def _describe(builder, split: str, label_key: str, n: int) -> str:
+    """What identifies one split's labels (the label cache's key, see the module docstring)."""
+    from kdjax import paths
+
+    folder = str(builder.data_dir)
+    prefix = f'{builder.name}-{split}.array_record'
+    files = sorted(f for f in paths.listdir(folder) if f.startswith(prefix))
+    return json.dumps({'dataset': builder.info.full_name, 'split': split, 'label': label_key, 'records': n,
+                       'files': [[f, paths.getsize(f'{folder}/{f}')] for f in files]}, sort_keys=True)
+
+
+def split_labels(builder, split: str, label_key: str, source) -> tuple[np.ndarray, str]:
+    """(int32 labels of every record of `split`, where they came from, for the log). Read from the
+    label cache when it holds this split, else read from the records and kept there."""
+    from kdjax import paths
+
+    described = _describe(builder, split, label_key, len(source))
+    path = f'{cache_root()}/labels/{hashlib.sha256(described.encode()).hexdigest()[:32]}.npz'
+    try:
+        with paths.load_npz(path) as kept:
+            labels = np.asarray(kept['labels'], np.int32)
+            if str(kept['describes']) == described and labels.shape == (len(source),):
+                return labels, f'from the label cache {path}'
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        pass  # no cache yet, or one that does not hold this split: read the records
+    labels = read_labels(source, label_key, len(source))
+    try:
+        paths.makedirs(os.path.dirname(path))
+        paths.save_npz(path, labels=labels, describes=np.array(described))
+    except OSError as e:
+        logging.warning('could not keep the labels of %s %r in the label cache %s (%s); the next load reads the '
+                        'records again (set KDJAX_CACHE_DIR to a writable folder)', builder.name, split, path, e)
+        return labels, 'read from the records'
+    return labels, f'read from the records, kept in {path}'
+
+
 def load_records(name: str, data_dir, *, image_size: int | None = None, val_size: float | int = 0, seed: int = 0):
     """The ``Dataset`` of ``name`` ('tfds:<tfds name>') prepared as ArrayRecord in ``data_dir``.
     Raises DataError (one line) for a missing data_dir, a data set not prepared there or not as
@@ -216,12 +270,12 @@ def load_records(name: str, data_dir, *, image_size: int | None = None, val_size
     for split, train in (('train', True), (test_split, False)):
         start = time.perf_counter()
         source = open_source(tname, root, split, image_key)
-        labels = read_labels(source, label_key, len(source))
-        if not len(labels):
+        if not len(source):
             raise DataError(f'tfds data set {tname!r}: split {split!r} has no records')
+        labels, came = split_labels(builder, split, label_key, source)
         if labels.min() < 0 or labels.max() >= num_classes:
             raise DataError(f'tfds data set {tname!r} {split}: labels outside [0, {num_classes})')
-        logging.info('%s%s %r: read the labels of %d records in %.2f s', TFDS_PREFIX, tname, split, len(labels),
+        logging.info('%s%s %r: the labels of %d records %s in %.2f s', TFDS_PREFIX, tname, split, len(labels), came,
                      time.perf_counter() - start)
         made[split] = RecordSplit(tname, root, split, np.arange(len(labels)), labels, image_key, size, train)
     names = info.features[label_key].names
