@@ -18,7 +18,7 @@ import pytest
 from kdjax import config as kconfig
 from kdjax import data as kdata
 from kdjax.data import stream
-from tests.test_stream import _assert_same, _hashes
+from tests.test_stream import _assert_same, _assert_two_processes_split, _hashes
 
 tfds = pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("array_record")
@@ -172,13 +172,7 @@ def test_batches_do_not_depend_on_workers_processes_or_the_start_step(prepared):
     # Grain worker processes (each opens its own tfds.data_source): the same batches; resumed at step 5 too
     _assert_same(_hashes(stream.TrainLoader(ds.train, 32, start_step=5, workers=2, **common)), one[5:])
     # 2 processes: each reads only its half of every global batch; together they are the 1-process batch
-    parts = [_hashes(stream.TrainLoader(ds.train, 32, start_step=0, workers=0, process_index=p, process_count=2,
-                                        **common)) for p in range(2)]
-    for step in range(8):
-        first, second = parts[0][step], parts[1][step]
-        assert not set(first[0]) & set(second[0])
-        for k in range(3):
-            np.testing.assert_array_equal(np.concatenate([first[k], second[k]]), one[step][k])
+    _assert_two_processes_split(ds.train, common, one)
 
 
 def test_features_and_splits_are_read_from_info(prepared):

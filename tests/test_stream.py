@@ -63,6 +63,18 @@ def folder(tmp_path_factory):
     return root
 
 
+def _assert_two_processes_split(split, common, one, steps=8):
+    """Two processes' loaders of `split` read disjoint halves of every global batch of 32, which
+    together are `one` (the 1-process batches' hashes) for the first `steps` steps."""
+    parts = [_hashes(stream.TrainLoader(split, 32, start_step=0, workers=0, process_index=p, process_count=2,
+                                        **common)) for p in range(2)]
+    for step in range(steps):
+        first, second = parts[0][step], parts[1][step]
+        assert not set(first[0]) & set(second[0])
+        for k in range(3):
+            np.testing.assert_array_equal(np.concatenate([first[k], second[k]]), one[step][k])
+
+
 def _hashes(loader):
     with loader:
         return [(b["index"].copy(), b["label"].copy(), b["image"].copy()) for b in loader]
@@ -133,13 +145,7 @@ def test_batches_do_not_depend_on_workers_processes_or_the_start_step(folder):
     # Grain worker processes: the same batches, in the same order; a run resumed at step 5 too
     _assert_same(_hashes(stream.TrainLoader(ds.train, 32, start_step=5, workers=2, **common)), one[5:])
     # 2 processes: each reads only its half of every global batch; together they are the 1-process batch
-    parts = [_hashes(stream.TrainLoader(ds.train, 32, start_step=0, workers=0, process_index=p, process_count=2,
-                                        **common)) for p in range(2)]
-    for step in range(8):
-        first, second = parts[0][step], parts[1][step]
-        assert not set(first[0]) & set(second[0])
-        for k in range(3):
-            np.testing.assert_array_equal(np.concatenate([first[k], second[k]]), one[step][k])
+    _assert_two_processes_split(ds.train, common, one)
     # epochs differ in order and crops; the seed changes the crops of the same example
     other = _hashes(stream.TrainLoader(ds.train, 32, start_step=0, workers=0, **dict(common, seed=4)))
     assert not np.array_equal(other[0][2], one[0][2])

@@ -219,7 +219,6 @@ def split_labels(builder, split: str, label_key: str, source) -> tuple[np.ndarra
         pass  # no cache yet, or one that does not hold this split: read the records
     labels = read_labels(source, label_key, len(source))
     try:
-        paths.makedirs(os.path.dirname(path))
         paths.save_npz(path, labels=labels, describes=np.array(described))
     except OSError as e:
         logging.warning('could not keep the labels of %s %r in the label cache %s (%s); the next load reads the '
